@@ -1,0 +1,140 @@
+/**
+ * `npm run bench`: initial sync of a 4 GiB sparse file holding 1 GiB of
+ * text-like data in scattered extents, primary and secondary as separate
+ * processes on loopback, compared in the same run with `cp --sparse=always` of
+ * the same file. Prints the figures and writes them as JSON to bench/results/.
+ *
+ * Environment: TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { promises as fsp, readFileSync, statSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { DaemonProcess } from '../src/cli/daemon-process.js';
+import { freePort, sha256File, writePairConfigs } from '../src/cli/demo.js';
+import { createSampleVolume } from '../src/util/sample.js';
+import { formatBytes } from '../src/util/units.js';
+
+const GiB = 1024 ** 3;
+
+function peakRssBytes(pid: number): number {
+  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) * 1024 : NaN;
+}
+
+function timeCommand(cmd: string, args: string[]): number {
+  const t = process.hrtime.bigint();
+  const r = spawnSync(cmd, args, { stdio: 'inherit' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed with status ${r.status}`);
+  return Number(process.hrtime.bigint() - t) / 1e9;
+}
+
+async function main(): Promise<void> {
+  const size = Number(process.env.TM_BENCH_SIZE ?? 4 * GiB);
+  const allocated = Number(process.env.TM_BENCH_ALLOCATED ?? 1 * GiB);
+  const base = process.env.TM_BENCH_DIR ?? os.tmpdir();
+  const dir = await fsp.mkdtemp(path.join(base, 'tm-bench-'));
+  const daemons: DaemonProcess[] = [];
+  try {
+    const source = path.join(dir, 'source.img');
+    const target = path.join(dir, 'target.img');
+    const cpTarget = path.join(dir, 'cp-copy.img');
+    console.log(`bench: creating ${formatBytes(size)} sparse file with ${formatBytes(allocated)} of text-like data in 512 extents (${dir})`);
+    await createSampleVolume(source, { size, allocated, extents: 512, seed: 42, content: 'text' });
+    const srcAlloc = statSync(source).blocks * 512;
+
+    // The peer: cp --sparse=always, the source warm in the page cache for both runs.
+    const cpSeconds = timeCommand('cp', ['--sparse=always', source, cpTarget]);
+    const cpSyncSeconds = cpSeconds + timeCommand('sync', ['-d', cpTarget]);
+    const cpAlloc = statSync(cpTarget).blocks * 512;
+    await fsp.rm(cpTarget);
+    execFileSync('sync');
+
+    const port = await freePort();
+    const cfg = await writePairConfigs({ dir, mirror: 'bench', source, target, port, interval: '1h' });
+    const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
+    daemons.push(secondary);
+    await secondary.waitReady();
+    const t0 = process.hrtime.bigint();
+    const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(dir, 'primary.log'));
+    daemons.push(primary);
+    let lastPrint = 0;
+    const st = await primary.waitFor(
+      (s) => {
+        const m = s.mirrors[0]!;
+        if (m.error) throw new Error(`mirror failed: ${m.error.code}: ${m.error.message}`);
+        if (m.progress && Date.now() - lastPrint > 2000) {
+          lastPrint = Date.now();
+          console.log(`  sync ${((100 * m.progress.doneBytes) / m.progress.totalBytes).toFixed(0)}%  ${formatBytes(m.sentBytes)} sent`);
+        }
+        return m.committedGeneration >= 1 && m.state === 'in-sync';
+      },
+      600_000,
+      'the initial sync',
+      25,
+    );
+    const syncSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    const m = st.mirrors[0]!;
+    const rssPrimary = peakRssBytes(primary.pid);
+    const rssSecondary = peakRssBytes(secondary.pid);
+    await Promise.all(daemons.map((d) => d.stop()));
+    const identical = (await sha256File(source)) === (await sha256File(target));
+    const tgtAlloc = statSync(target).blocks * 512;
+
+    const result = {
+      date: new Date().toISOString(),
+      host: { cpus: os.cpus().length, model: os.cpus()[0]?.model, node: process.version, fs: spawnSync('findmnt', ['-n', '-o', 'FSTYPE', '-T', dir]).stdout?.toString().trim() },
+      volume: { sizeBytes: size, allocatedBytes: srcAlloc, extents: 512, content: 'text-like' },
+      thinmirror: {
+        seconds: syncSeconds,
+        allocatedMBps: srcAlloc / 1e6 / syncSeconds,
+        payloadBytes: m.sentBytes,
+        wireBytes: m.wireBytes,
+        wireRatio: m.wireBytes / srcAlloc,
+        peakRssPrimaryBytes: rssPrimary,
+        peakRssSecondaryBytes: rssSecondary,
+        targetAllocatedBytes: tgtAlloc,
+        identical,
+        note: 'time from starting the primary process to generation 1 committed (includes process start, handshake and the final fdatasync)',
+      },
+      peer: {
+        command: 'cp --sparse=always',
+        seconds: cpSeconds,
+        allocatedMBps: srcAlloc / 1e6 / cpSeconds,
+        secondsWithFsync: cpSyncSeconds,
+        allocatedMBpsWithFsync: srcAlloc / 1e6 / cpSyncSeconds,
+        targetAllocatedBytes: cpAlloc,
+      },
+      ratios: {
+        throughputVsCp: cpSeconds / syncSeconds,
+        throughputVsCpWithFsync: cpSyncSeconds / syncSeconds,
+      },
+      targets: { throughputVsCp: 0.8, wireRatio: 0.4, peakRssBytes: 200 * 1024 * 1024 },
+    };
+    const outDir = path.join(path.dirname(new URL(import.meta.url).pathname), 'results');
+    await fsp.mkdir(outDir, { recursive: true });
+    const out = path.join(outDir, `initial-sync-${result.date.replace(/[:.]/g, '-')}.json`);
+    await fsp.writeFile(out, JSON.stringify(result, null, 2) + '\n');
+
+    const mb = (x: number) => `${x.toFixed(0)} MB/s`;
+    console.log('');
+    console.log(`initial sync of ${formatBytes(size)} with ${formatBytes(srcAlloc)} allocated (text-like, 512 extents)`);
+    console.log(`  thinmirror            ${syncSeconds.toFixed(2)} s  ${mb(result.thinmirror.allocatedMBps)} of allocated data   identical=${identical}`);
+    console.log(`  cp --sparse=always    ${cpSeconds.toFixed(2)} s  ${mb(result.peer.allocatedMBps)}   (with fdatasync ${cpSyncSeconds.toFixed(2)} s, ${mb(result.peer.allocatedMBpsWithFsync)})`);
+    console.log(`  throughput vs cp      ${result.ratios.throughputVsCp.toFixed(2)} x (vs cp+fdatasync ${result.ratios.throughputVsCpWithFsync.toFixed(2)} x; target >= 0.8)`);
+    console.log(`  wire / allocated      ${result.thinmirror.wireRatio.toFixed(3)} (${formatBytes(m.wireBytes)} for ${formatBytes(srcAlloc)}; target <= 0.4)`);
+    console.log(`  peak RSS              primary ${formatBytes(rssPrimary)}, secondary ${formatBytes(rssSecondary)} (target <= 200 MiB each)`);
+    console.log(`  target allocated      ${formatBytes(tgtAlloc)} (cp: ${formatBytes(cpAlloc)})`);
+    console.log(`results: ${out}`);
+    if (!identical) process.exitCode = 1;
+  } finally {
+    await Promise.all(daemons.map((d) => d.stop()));
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

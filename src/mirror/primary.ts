@@ -1,0 +1,443 @@
+import { randomBytes } from 'node:crypto';
+import * as path from 'node:path';
+import type { Logger } from 'pino';
+import { WebSocket } from 'ws';
+import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import type { MirrorConfig } from '../daemon/config.js';
+import { BitmapStore, bitmapRuns, RoaringBitmap32 } from '../track/bitmap-store.js';
+import { ScanSource } from '../track/scan.js';
+import type { ChangeSource } from '../track/source.js';
+import { sleep } from '../util/sleep.js';
+import { compressPayload, crc32 } from '../wire/codec.js';
+import { primaryHandshake } from '../wire/handshake.js';
+import { MAX_EXTENT_BYTES, type ExtentMsg } from '../wire/messages.js';
+import { Session } from '../wire/session.js';
+import { SparseFileVolume } from '../volume/sparse-file.js';
+import { totalBytes, type ByteRange } from '../volume/volume.js';
+import { isAllZero } from '../volume/zero.js';
+import { FlowControl } from './flow.js';
+import { StateFile, STATE_FORMAT, type PrimaryState } from './state.js';
+import type { CycleReport, MirrorStatus, PrimaryPhase } from './status.js';
+
+/** Read requests prepared ahead of the socket (operations in flight on the read side). */
+const READ_AHEAD = 4;
+/** Codes after which retrying soon cannot help: back off to the maximum at once. */
+const REFUSALS = new Set<string>([
+  ErrorCodes.AUTH_FAILED,
+  ErrorCodes.VERSION_MISMATCH,
+  ErrorCodes.UNKNOWN_MIRROR,
+  ErrorCodes.SIZE_MISMATCH,
+  ErrorCodes.CHUNK_SIZE_MISMATCH,
+  ErrorCodes.IDENTITY_MISMATCH,
+]);
+
+type Segment = { hole: boolean; offset: number; length: number };
+type Prepared = Omit<ExtentMsg, 'seq'>;
+
+/** Everything needed to run a primary mirror besides its config entry. */
+export interface PrimaryContext {
+  nodeName: string;
+  stateDir: string;
+  psk: Buffer;
+  log: Logger;
+}
+
+/**
+ * The sending side of one mirror: keeps the secondary current by generations.
+ * Generation 1 is every chunk of the volume (the initial sync: allocated chunks
+ * as data or zeros, holes as trims); later generations are what the change
+ * source detects. A generation's bitmap is on disk before any of its data is
+ * sent and is removed only after the secondary's `committed`; after any
+ * interruption the generation is resent from the secondary's durable cursor.
+ */
+export class PrimaryMirror {
+  private readonly stateFile: StateFile<PrimaryState>;
+  private readonly bitmaps: BitmapStore;
+  private readonly log: Logger;
+  private volume!: SparseFileVolume;
+  private source!: ChangeSource;
+  private state!: PrimaryState;
+  private phase: PrimaryPhase = 'connecting';
+  private lastError: TmError | null = null;
+  private session: Session | null = null;
+  private readonly abort = new AbortController();
+  private loopDone: Promise<void> = Promise.resolve();
+  private sentBytes = 0;
+  private wireBytesBase = 0;
+  private allocatedBytes = 0;
+  private progress: { generation: number; doneBytes: number; totalBytes: number } | null = null;
+  private lastCycle: CycleReport | null = null;
+  private cycle: { generation: number; started: number; readBytes: number; changedBytes: number; wireAtStart: number } | null = null;
+  private lastDetectAt = 0;
+
+  constructor(
+    readonly config: MirrorConfig,
+    private readonly ctx: PrimaryContext,
+  ) {
+    const dir = path.join(ctx.stateDir, config.name);
+    this.stateFile = new StateFile(dir);
+    this.bitmaps = new BitmapStore(dir);
+    this.log = ctx.log;
+  }
+
+  get name(): string {
+    return this.config.name;
+  }
+
+  /** Open the volume and state, then replicate in the background until {@link stop}. */
+  async start(): Promise<void> {
+    const c = this.config;
+    await this.stateFile.init();
+    this.volume = await SparseFileVolume.open(c.volume, { readOnly: true });
+    let s = await this.stateFile.load('primary');
+    if (s && s.chunkSize !== c.chunkSize) {
+      throw new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${c.name}: state ${this.stateFile.file} was built with chunks of ${s.chunkSize} bytes but the config says ${c.chunkSize}`);
+    }
+    if (s && s.volumeSize !== this.volume.size) {
+      throw new TmError(ErrorCodes.SIZE_MISMATCH, `mirror ${c.name}: volume ${c.volume} has ${this.volume.size} bytes, the mirror was built for ${s.volumeSize}; resizing is not supported yet`);
+    }
+    if (!s) {
+      s = {
+        format: STATE_FORMAT,
+        role: 'primary',
+        volumeId: randomBytes(16).toString('hex'),
+        volumeSize: this.volume.size,
+        chunkSize: c.chunkSize,
+        generation: 0,
+        committedGeneration: 0,
+        pending: null,
+        cursor: 0,
+        oldestUncommittedAt: null,
+      };
+      await this.stateFile.save(s);
+    }
+    this.state = s;
+    this.source = new ScanSource(this.volume, c.chunkSize, this.stateFile.dir);
+    await this.source.open();
+    this.allocatedBytes = totalBytes(await this.volume.allocated());
+    this.log.info({ generation: s.generation, committedGeneration: s.committedGeneration, pending: s.pending, volumeBytes: s.volumeSize, allocatedBytes: this.allocatedBytes }, 'primary mirror ready');
+    this.loopDone = this.run();
+  }
+
+  /** Stop replicating; state is persisted; idempotent. */
+  async stop(): Promise<void> {
+    this.abort.abort();
+    this.session?.close();
+    await this.loopDone;
+    await this.source?.persist().catch((e) => this.log.warn({ err: e }, 'persisting tracking state failed'));
+    await this.volume?.close();
+    this.phase = 'stopped';
+  }
+
+  private get signal(): AbortSignal {
+    return this.abort.signal;
+  }
+
+  private async run(): Promise<void> {
+    let backoff = this.config.reconnectMin;
+    while (!this.signal.aborted) {
+      if (this.phase !== 'error') this.phase = 'connecting';
+      let session: Session | null = null;
+      try {
+        session = await this.connect();
+        this.session = session;
+        const { peerNode, ready } = await primaryHandshake(session, {
+          node: this.ctx.nodeName,
+          mirror: this.name,
+          psk: this.ctx.psk,
+          volumeSize: this.state.volumeSize,
+          chunkSize: this.state.chunkSize,
+          volumeId: this.state.volumeId,
+        });
+        backoff = this.config.reconnectMin;
+        this.lastError = null;
+        this.log.info({ peer: peerNode, committedGeneration: ready.committedGeneration, applying: ready.applying }, 'session established');
+        await this.replicate(session, ready.committedGeneration, ready.applying);
+      } catch (e) {
+        const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
+        if (this.signal.aborted) break;
+        session?.fail(err);
+        this.lastError = err;
+        this.phase = 'error';
+        this.log.error({ code: err.code, retryInSeconds: REFUSALS.has(err.code) ? this.config.reconnectMax : backoff }, err.message);
+        if (REFUSALS.has(err.code)) backoff = this.config.reconnectMax;
+        await sleep(backoff * 1000, this.signal);
+        backoff = Math.min(backoff * 2, this.config.reconnectMax);
+      } finally {
+        if (session) this.wireBytesBase += session.counters.bytesOut;
+        this.session = null;
+        this.progress = null;
+      }
+    }
+  }
+
+  private connect(): Promise<Session> {
+    const url = this.config.peer!;
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(url, { perMessageDeflate: false, handshakeTimeout: 10_000, maxPayload: MAX_EXTENT_BYTES + 65536 });
+      const onAbort = () => ws.terminate();
+      this.signal.addEventListener('abort', onAbort, { once: true });
+      ws.once('open', () => {
+        ws.removeAllListeners('error');
+        this.signal.removeEventListener('abort', onAbort);
+        resolve(new Session(ws, `secondary ${url}`));
+      });
+      ws.once('error', (err) => {
+        this.signal.removeEventListener('abort', onAbort);
+        reject(new TmError(ErrorCodes.CONNECTION, `cannot connect to ${url}: ${err.message}`, { cause: err }));
+      });
+    });
+  }
+
+  /** Send pending and new generations over an established session until it ends. */
+  private async replicate(session: Session, peerCommitted: number, applying: { generation: number; cursor: number } | null): Promise<void> {
+    const s = this.state;
+    if (s.pending !== null && peerCommitted >= s.pending) {
+      // The secondary committed it; the acknowledgement was lost with the last session.
+      await this.markCommitted(s.pending);
+    }
+    let resume = applying && applying.generation === s.pending ? applying.cursor : 0;
+    while (!this.signal.aborted) {
+      if (s.pending !== null) {
+        await this.sendGeneration(session, s.pending, resume);
+        resume = 0;
+        continue;
+      }
+      if (s.generation === 0) {
+        // Initial sync: generation 1 covers every chunk.
+        const all = new RoaringBitmap32();
+        all.addRange(0, Math.ceil(s.volumeSize / s.chunkSize));
+        await this.createGeneration(all, Date.now(), 0);
+        continue;
+      }
+      this.phase = 'in-sync';
+      const wait = Math.max(0, this.lastDetectAt + this.config.tracking.interval * 1000 - Date.now());
+      await sleep(wait, this.signal, session.closed);
+      if (this.signal.aborted) return;
+      if (!session.isOpen) throw (await session.closed) ?? new TmError(ErrorCodes.CONNECTION, 'session closed');
+      await this.detect();
+    }
+  }
+
+  /** One detection pass; a non-empty result becomes the next generation. */
+  private async detect(): Promise<void> {
+    const started = Date.now();
+    this.lastDetectAt = started;
+    const { bitmap, readBytes } = await this.source.detect(this.signal);
+    this.allocatedBytes = totalBytes(await this.volume.allocated());
+    if (bitmap.isEmpty) {
+      this.log.debug({ readBytes, ms: Date.now() - started }, 'no changes');
+      return;
+    }
+    await this.createGeneration(bitmap, started, readBytes);
+  }
+
+  private async createGeneration(bitmap: RoaringBitmap32, detectedAt: number, readBytes: number): Promise<void> {
+    const s = this.state;
+    const gen = s.generation + 1;
+    await this.bitmaps.save(gen, bitmap);
+    s.generation = gen;
+    s.pending = gen;
+    s.cursor = 0;
+    s.oldestUncommittedAt ??= detectedAt;
+    await this.stateFile.save(s);
+    this.cycle = { generation: gen, started: detectedAt, readBytes, changedBytes: this.bitmapBytes(bitmap), wireAtStart: this.wireBytes() };
+    this.log.info({ generation: gen, chunks: bitmap.size, changedBytes: this.cycle.changedBytes }, 'generation created');
+  }
+
+  private bitmapBytes(bitmap: RoaringBitmap32, fromChunk = 0): number {
+    const cs = this.state.chunkSize;
+    const n = Math.ceil(this.state.volumeSize / cs);
+    let bytes = bitmap.rangeCardinality(fromChunk, n) * cs;
+    if (bitmap.has(n - 1) && n - 1 >= fromChunk) bytes -= n * cs - this.state.volumeSize;
+    return bytes;
+  }
+
+  private async sendGeneration(session: Session, gen: number, resumeFrom: number): Promise<void> {
+    const s = this.state;
+    const cs = s.chunkSize;
+    const bitmap = await this.bitmaps.load(gen);
+    const total = this.bitmapBytes(bitmap);
+    const fromChunk = Math.ceil(resumeFrom / cs);
+    this.phase = s.committedGeneration === 0 ? 'initial-sync' : 'syncing';
+    this.progress = { generation: gen, doneBytes: total - this.bitmapBytes(bitmap, fromChunk), totalBytes: total };
+    this.cycle ??= { generation: gen, started: Date.now(), readBytes: 0, changedBytes: total, wireAtStart: this.wireBytes() };
+    this.log.info({ generation: gen, resumeFrom, totalBytes: total, doneBytes: this.progress.doneBytes }, resumeFrom > 0 ? 'resuming generation' : 'sending generation');
+
+    const flow = new FlowControl(this.config.maxInFlight);
+    let lastPersist = Date.now();
+    const reader = (async () => {
+      for (;;) {
+        const m = await session.next();
+        if (m.type === 'ack') {
+          flow.acked(m.seq);
+          if (this.progress) this.progress.doneBytes = total - this.bitmapBytes(bitmap, Math.ceil(flow.ackedEnd / cs));
+          if (m.durable > s.cursor) {
+            s.cursor = m.durable;
+            if (Date.now() - lastPersist >= this.config.checkpointInterval * 1000) {
+              lastPersist = Date.now();
+              await this.stateFile.save(s);
+              await this.source.persist();
+            }
+          }
+        } else if (m.type === 'committed') {
+          if (m.generation !== gen || !flow.drained) {
+            throw new TmError(ErrorCodes.PROTOCOL, `committed(${m.generation}) while generation ${gen} has extents unacknowledged`);
+          }
+          return;
+        } else {
+          throw new TmError(ErrorCodes.PROTOCOL, `unexpected ${m.type} frame from the secondary during generation ${gen}`);
+        }
+      }
+    })();
+    reader.catch((e) => flow.fail(asTmError(e, ErrorCodes.CONNECTION)));
+
+    session.send({ type: 'begin', generation: gen, resumeFrom });
+    let seq = 0;
+    for await (const ext of this.extents(bitmap, fromChunk)) {
+      await flow.ready();
+      if (this.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
+      const msg = { ...ext, seq: ++seq } as ExtentMsg;
+      const n = session.send(msg);
+      flow.sent(seq, n, msg.offset + msg.length);
+      if (msg.kind === 'data') this.sentBytes += msg.length;
+    }
+    session.send({ type: 'commit', generation: gen });
+    await reader;
+    await this.markCommitted(gen);
+  }
+
+  private async markCommitted(gen: number): Promise<void> {
+    const s = this.state;
+    // Digests first: a stale digest only causes a resend; the bitmap goes last.
+    await this.source.persist();
+    s.committedGeneration = gen;
+    s.pending = null;
+    s.cursor = 0;
+    s.oldestUncommittedAt = null;
+    await this.stateFile.save(s);
+    await this.bitmaps.remove(gen);
+    if (this.cycle && this.cycle.generation === gen) {
+      this.lastCycle = {
+        generation: gen,
+        changedBytes: this.cycle.changedBytes,
+        readBytes: this.cycle.readBytes,
+        wireBytes: this.wireBytes() - this.cycle.wireAtStart,
+        durationSeconds: (Date.now() - this.cycle.started) / 1000,
+      };
+    }
+    this.cycle = null;
+    this.progress = null;
+    this.phase = 'in-sync';
+    this.log.info({ generation: gen, lastCycle: this.lastCycle }, 'generation committed by the secondary');
+  }
+
+  /**
+   * The byte ranges of a generation, in ascending order, cut against the
+   * allocation map: holes (never read) and allocated pieces of at most
+   * `maxExtent` bytes.
+   */
+  private *segments(bitmap: RoaringBitmap32, alloc: ByteRange[], fromChunk: number): Generator<Segment> {
+    const cs = this.state.chunkSize;
+    const size = this.state.volumeSize;
+    const maxExtent = this.config.maxExtent;
+    let ai = 0;
+    for (const [a, b] of bitmapRuns(bitmap, fromChunk)) {
+      let pos = a * cs;
+      const end = Math.min(b * cs, size);
+      while (pos < end) {
+        while (ai < alloc.length && alloc[ai]!.offset + alloc[ai]!.length <= pos) ai++;
+        const r = alloc[ai];
+        if (!r || r.offset >= end) {
+          yield { hole: true, offset: pos, length: end - pos };
+          pos = end;
+        } else if (r.offset > pos) {
+          yield { hole: true, offset: pos, length: r.offset - pos };
+          pos = r.offset;
+        } else {
+          const stop = Math.min(end, r.offset + r.length, pos + maxExtent);
+          yield { hole: false, offset: pos, length: stop - pos };
+          pos = stop;
+        }
+      }
+    }
+  }
+
+  /** Extents of a generation with READ_AHEAD pieces read and compressed ahead of the socket. */
+  private async *extents(bitmap: RoaringBitmap32, fromChunk: number): AsyncGenerator<Prepared> {
+    const alloc = await this.volume.allocated(this.state.chunkSize);
+    const ahead: Promise<Prepared[]>[] = [];
+    for (const seg of this.segments(bitmap, alloc, fromChunk)) {
+      const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(seg);
+      p.catch(() => {}); // awaited below in order; avoid an unhandled rejection meanwhile
+      ahead.push(p);
+      if (ahead.length >= READ_AHEAD) yield* await ahead.shift()!;
+    }
+    while (ahead.length) yield* await ahead.shift()!;
+  }
+
+  private hole(seg: Segment): Prepared[] {
+    const cs = this.state.chunkSize;
+    this.source.recordSent(seg.offset / cs, null, Math.ceil(seg.length / cs));
+    return [{ type: 'extent', kind: 'trim', offset: seg.offset, length: seg.length }];
+  }
+
+  /** Read one allocated piece; all-zero chunks become zero extents, the rest data. */
+  private async prepare(seg: Segment): Promise<Prepared[]> {
+    const cs = this.state.chunkSize;
+    const buf = await this.volume.read(seg.offset, seg.length);
+    if (this.cycle) this.cycle.readBytes += seg.length;
+    const out: Prepared[] = [];
+    const runs: { zero: boolean; start: number; end: number }[] = [];
+    for (let at = 0; at < buf.length; at += cs) {
+      const chunk = buf.subarray(at, Math.min(at + cs, buf.length));
+      const zero = isAllZero(chunk);
+      this.source.recordSent((seg.offset + at) / cs, zero ? null : chunk);
+      const last = runs[runs.length - 1];
+      if (last && last.zero === zero) last.end = at + chunk.length;
+      else runs.push({ zero, start: at, end: at + chunk.length });
+    }
+    for (const r of runs) {
+      const offset = seg.offset + r.start;
+      const length = r.end - r.start;
+      if (r.zero) {
+        out.push({ type: 'extent', kind: 'zero', offset, length });
+      } else {
+        const raw = buf.subarray(r.start, r.end);
+        const { codec, payload } = await compressPayload(raw);
+        out.push({ type: 'extent', kind: 'data', offset, length, codec, crc32: crc32(raw), payload });
+      }
+    }
+    return out;
+  }
+
+  private wireBytes(): number {
+    return this.wireBytesBase + (this.session?.counters.bytesOut ?? 0);
+  }
+
+  status(): MirrorStatus {
+    const s = this.state;
+    const c = this.config;
+    const pendingBytes = this.progress ? this.progress.totalBytes - this.progress.doneBytes : 0;
+    return {
+      name: c.name,
+      role: 'primary',
+      state: this.phase,
+      volume: c.volume,
+      peer: c.peer ?? null,
+      trackingMode: this.source?.mode ?? c.tracking.mode,
+      chunkSize: c.chunkSize,
+      volumeBytes: s?.volumeSize ?? 0,
+      allocatedBytes: this.allocatedBytes,
+      sentBytes: this.sentBytes,
+      wireBytes: this.wireBytes(),
+      dirtyBytes: s?.pending != null ? pendingBytes || (this.cycle?.changedBytes ?? 0) : 0,
+      generation: s?.generation ?? 0,
+      committedGeneration: s?.committedGeneration ?? 0,
+      lagSeconds: !s ? null : s.oldestUncommittedAt === null ? 0 : (Date.now() - s.oldestUncommittedAt) / 1000,
+      progress: this.progress ? { ...this.progress } : null,
+      lastCycle: this.lastCycle,
+      error: this.lastError ? this.lastError.toJSON() : null,
+    };
+  }
+}

@@ -1,0 +1,302 @@
+import * as path from 'node:path';
+import type { Logger } from 'pino';
+import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import type { MirrorConfig } from '../daemon/config.js';
+import { decompressPayload } from '../wire/codec.js';
+import { refuse } from '../wire/handshake.js';
+import type { AuthMsg, ExtentMsg, HelloMsg } from '../wire/messages.js';
+import type { Session } from '../wire/session.js';
+import { SparseFileVolume } from '../volume/sparse-file.js';
+import { totalBytes } from '../volume/volume.js';
+import { StateFile, STATE_FORMAT, type SecondaryState } from './state.js';
+import type { MirrorStatus, SecondaryPhase } from './status.js';
+
+/**
+ * The receiving side of one mirror. Takes sessions the daemon has
+ * authenticated, checks the volume identity, then applies generations:
+ * extents in ascending order, acknowledged one by one; the durable cursor is
+ * persisted (after fdatasync) at least every `checkpointBytes` or
+ * `checkpointInterval`; `commit` flushes and persists before `committed` goes
+ * back. The target path comes from this host's config, never from the wire.
+ */
+export class SecondaryMirror {
+  private readonly stateFile: StateFile<SecondaryState>;
+  private state: SecondaryState | undefined;
+  private phase: SecondaryPhase = 'waiting';
+  private lastError: TmError | null = null;
+  private session: Session | null = null;
+  private sessionDone: Promise<void> = Promise.resolve();
+  private appliedBytes = 0;
+  private wireBytesBase = 0;
+  private allocatedCache: { at: number; bytes: number } = { at: 0, bytes: 0 };
+  private progress: MirrorStatus['progress'] = null;
+  private stopped = false;
+
+  constructor(
+    readonly config: MirrorConfig,
+    stateDir: string,
+    private readonly log: Logger,
+  ) {
+    this.stateFile = new StateFile(path.join(stateDir, config.name));
+  }
+
+  get name(): string {
+    return this.config.name;
+  }
+
+  async start(): Promise<void> {
+    await this.stateFile.init();
+    this.state = await this.stateFile.load('secondary');
+    this.log.info({ committedGeneration: this.state?.committedGeneration ?? 0, applying: this.state?.applying ?? null }, 'secondary mirror ready');
+  }
+
+  /**
+   * Take an authenticated session for this mirror. A session already running
+   * is replaced: its peer may be gone without the socket having noticed.
+   */
+  async accept(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
+    if (this.stopped) {
+      throw refuse(session, new TmError(ErrorCodes.CONNECTION, `mirror ${this.name} on this node is shutting down`));
+    }
+    if (this.session) {
+      this.log.warn({ peer: hello.node }, 'new session replaces the running one');
+      this.session.destroy(new TmError(ErrorCodes.CONNECTION, 'replaced by a new session'));
+      await this.sessionDone;
+    }
+    let volume: SparseFileVolume | undefined;
+    try {
+      volume = await this.openTarget(session, auth);
+      this.session = session;
+      const ready = await this.admit(session, hello, auth);
+      session.ctx.volumeSize = auth.volumeSize;
+      session.ctx.chunkSize = auth.chunkSize;
+      session.send(ready);
+    } catch (e) {
+      await volume?.close();
+      const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
+      if (session.isOpen) refuse(session, err);
+      this.setError(err);
+      if (this.session === session) this.session = null;
+      throw err;
+    }
+    this.phase = 'idle';
+    this.lastError = null;
+    this.log.info({ peer: hello.node, committedGeneration: this.state!.committedGeneration, applying: this.state!.applying }, 'session accepted');
+    const v = volume;
+    this.sessionDone = this.applyLoop(session, v)
+      .catch((e) => {
+        const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
+        if (session.isOpen) session.fail(err);
+        if (err.code === ErrorCodes.CONNECTION || err.code === ErrorCodes.ABORTED) {
+          this.log.info({ code: err.code }, err.message);
+          this.phase = 'waiting';
+        } else {
+          this.setError(err);
+        }
+      })
+      .finally(async () => {
+        this.wireBytesBase += session.counters.bytesIn;
+        if (this.session === session) this.session = null;
+        this.progress = null;
+        await v.close().catch(() => {});
+      });
+  }
+
+  private async openTarget(session: Session, auth: AuthMsg): Promise<SparseFileVolume> {
+    const target = this.config.volume;
+    let volume: SparseFileVolume;
+    try {
+      volume = await SparseFileVolume.open(target, { create: { size: auth.volumeSize } });
+    } catch (e) {
+      throw refuse(session, asTmError(e, ErrorCodes.VOLUME_IO, `target ${target}`));
+    }
+    if (volume.size !== auth.volumeSize) {
+      await volume.close();
+      throw refuse(
+        session,
+        new TmError(ErrorCodes.SIZE_MISMATCH, `mirror ${this.name}: the source volume has ${auth.volumeSize} bytes but the target ${target} has ${volume.size}; nothing was written`),
+      );
+    }
+    return volume;
+  }
+
+  /** Check identity against persisted state; returns the ready frame. */
+  private async admit(session: Session, hello: HelloMsg, auth: AuthMsg) {
+    let s = this.state;
+    if (s && s.volumeId === auth.volumeId && s.chunkSize !== auth.chunkSize) {
+      throw refuse(
+        session,
+        new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${this.name}: the primary uses chunks of ${auth.chunkSize} bytes, the replica was built with ${s.chunkSize}`),
+      );
+    }
+    if (s && s.volumeId !== auth.volumeId) {
+      // The primary lost its state or the source was replaced: what the target
+      // holds is no longer a known generation of this source.
+      this.log.warn({ was: s.volumeId, now: auth.volumeId }, 'source volume id changed: the replica restarts from generation 0');
+      s = undefined;
+    }
+    if (!s) {
+      s = {
+        format: STATE_FORMAT,
+        role: 'secondary',
+        volumeId: auth.volumeId,
+        volumeSize: auth.volumeSize,
+        chunkSize: auth.chunkSize,
+        primaryNode: hello.node,
+        committedGeneration: 0,
+        applying: null,
+        committedAt: null,
+      };
+      await this.stateFile.save(s);
+    }
+    this.state = s;
+    return { type: 'ready' as const, committedGeneration: s.committedGeneration, applying: s.applying };
+  }
+
+  private async applyLoop(session: Session, volume: SparseFileVolume): Promise<void> {
+    const s = this.state!;
+    let current: number | null = null;
+    let nextOffset = 0; // extents of a generation arrive in ascending order
+    let durable = 0;
+    let sinceCheckpoint = 0;
+    let lastCheckpointAt = Date.now();
+    const checkpoint = async () => {
+      await volume.flush();
+      s.applying = { generation: current!, cursor: nextOffset };
+      await this.stateFile.save(s);
+      durable = nextOffset;
+      sinceCheckpoint = 0;
+      lastCheckpointAt = Date.now();
+    };
+    for (;;) {
+      const msg = await session.next();
+      switch (msg.type) {
+        case 'begin': {
+          if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) while generation ${current} is open`);
+          if (msg.generation <= s.committedGeneration) {
+            throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) but generation ${s.committedGeneration} is already committed`);
+          }
+          if (msg.resumeFrom > 0) {
+            const a = s.applying;
+            if (!a || a.generation !== msg.generation || msg.resumeFrom > a.cursor) {
+              throw new TmError(
+                ErrorCodes.PROTOCOL,
+                `begin(${msg.generation}) resumes from ${msg.resumeFrom}, but only ${a ? `generation ${a.generation} up to ${a.cursor}` : 'nothing'} is durable here`,
+              );
+            }
+          }
+          current = msg.generation;
+          nextOffset = msg.resumeFrom;
+          durable = msg.resumeFrom;
+          if (!s.applying || s.applying.generation !== current) {
+            // From here the target is between committed and `current`.
+            s.applying = { generation: current, cursor: msg.resumeFrom };
+            await this.stateFile.save(s);
+          }
+          this.phase = 'receiving';
+          this.progress = { generation: current, doneBytes: msg.resumeFrom, totalBytes: s.volumeSize };
+          lastCheckpointAt = Date.now();
+          this.log.info({ generation: current, resumeFrom: msg.resumeFrom }, 'generation begins');
+          break;
+        }
+        case 'extent': {
+          if (current === null) throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} outside a generation`);
+          if (msg.offset < nextOffset) {
+            throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} is below ${nextOffset}: extents must arrive in ascending order`);
+          }
+          await this.applyExtent(volume, msg);
+          nextOffset = msg.offset + msg.length;
+          sinceCheckpoint += msg.length;
+          if (this.progress) this.progress.doneBytes = nextOffset;
+          if (sinceCheckpoint >= this.config.checkpointBytes || Date.now() - lastCheckpointAt >= this.config.checkpointInterval * 1000) {
+            await checkpoint();
+          }
+          session.send({ type: 'ack', seq: msg.seq, durable });
+          break;
+        }
+        case 'commit': {
+          if (current !== msg.generation) throw new TmError(ErrorCodes.PROTOCOL, `commit(${msg.generation}) but generation ${current} is open`);
+          await volume.flush();
+          s.committedGeneration = current;
+          s.applying = null;
+          s.committedAt = Date.now();
+          await this.stateFile.save(s);
+          this.log.info({ generation: current }, 'generation committed');
+          session.send({ type: 'committed', generation: current });
+          current = null;
+          this.phase = 'idle';
+          this.progress = null;
+          this.allocatedCache.at = 0;
+          break;
+        }
+        default:
+          throw new TmError(ErrorCodes.PROTOCOL, `unexpected ${msg.type} frame during replication`);
+      }
+    }
+  }
+
+  private async applyExtent(volume: SparseFileVolume, msg: ExtentMsg): Promise<void> {
+    try {
+      if (msg.kind === 'data') {
+        // Throws TM_ERR_CHECKSUM before anything is written.
+        const raw = decompressPayload(msg);
+        await volume.write(msg.offset, raw);
+        this.appliedBytes += raw.length;
+      } else {
+        await volume.zero(msg.offset, msg.length);
+      }
+    } catch (e) {
+      throw asTmError(e, ErrorCodes.VOLUME_IO, `mirror ${this.name}, target ${this.config.volume} at ${msg.offset}+${msg.length}`);
+    }
+  }
+
+  private setError(err: TmError): void {
+    this.lastError = err;
+    this.phase = 'error';
+    this.log.error({ code: err.code }, err.message);
+  }
+
+  async status(): Promise<MirrorStatus> {
+    const s = this.state;
+    if (s && Date.now() - this.allocatedCache.at > 2000) {
+      try {
+        const v = await SparseFileVolume.open(this.config.volume, { readOnly: true });
+        try {
+          this.allocatedCache = { at: Date.now(), bytes: totalBytes(await v.allocated()) };
+        } finally {
+          await v.close();
+        }
+      } catch {
+        // the target may not exist yet
+      }
+    }
+    return {
+      name: this.name,
+      role: 'secondary',
+      state: this.phase,
+      volume: this.config.volume,
+      peer: s?.primaryNode ?? null,
+      trackingMode: null,
+      chunkSize: s?.chunkSize ?? this.config.chunkSize,
+      volumeBytes: s?.volumeSize ?? 0,
+      allocatedBytes: this.allocatedCache.bytes,
+      sentBytes: this.appliedBytes,
+      wireBytes: this.wireBytesBase + (this.session?.counters.bytesIn ?? 0),
+      dirtyBytes: 0,
+      generation: s?.applying?.generation ?? s?.committedGeneration ?? 0,
+      committedGeneration: s?.committedGeneration ?? 0,
+      lagSeconds: null,
+      progress: this.progress ? { ...this.progress } : null,
+      lastCycle: null,
+      error: this.lastError ? this.lastError.toJSON() : null,
+    };
+  }
+
+  /** Stop: end the session (the primary resends from the durable cursor). Idempotent. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.session?.close();
+    await this.sessionDone;
+    this.phase = 'stopped';
+  }
+}

@@ -1,0 +1,140 @@
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { writeFileAtomic } from '../util/atomic.js';
+import type { Volume } from '../volume/volume.js';
+import { isAllZero } from '../volume/zero.js';
+import { RoaringBitmap32 } from './bitmap-store.js';
+import type { ChangeSource, Detection } from './source.js';
+
+/** Bytes per chunk digest: SHA-256 truncated to 128 bits. */
+export const DIGEST_BYTES = 16;
+/** The digest of a chunk that reads as zeros (hole or zero data). */
+const ZERO_DIGEST = Buffer.alloc(DIGEST_BYTES, 0);
+/** The digest of a chunk whose state is unknown: never equal to a computed digest in practice. */
+const UNKNOWN_DIGEST = Buffer.alloc(DIGEST_BYTES, 0xff);
+
+/** How much the scan reads per request (bytes); a multiple of the chunk size. */
+const SCAN_READ_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Digest of a chunk's content, ZERO_DIGEST for all-zero bytes. `out` receives
+ * DIGEST_BYTES at `at`.
+ */
+export function chunkDigest(data: Buffer, out: Buffer, at: number): void {
+  if (isAllZero(data)) {
+    out.fill(0, at, at + DIGEST_BYTES);
+    return;
+  }
+  const d = createHash('sha256').update(data).digest();
+  d.copy(out, at, 0, DIGEST_BYTES);
+  // A computed digest of all zero bytes would read as "zeros": keep it distinct.
+  if (out.compare(ZERO_DIGEST, 0, DIGEST_BYTES, at, at + DIGEST_BYTES) === 0) out[at] = 1;
+}
+
+/**
+ * `tracking.mode: scan`: each pass reads every allocated chunk, digests it and
+ * compares with the digest of what was last sent for that chunk; unallocated
+ * chunks count as zeros without being read. Converges under concurrent writes
+ * (a chunk written after it was read differs at the next pass); not a
+ * point-in-time image.
+ *
+ * State: `digests` in the mirror's state directory, DIGEST_BYTES per chunk.
+ * An entry may be older than what the secondary holds (then the chunk is sent
+ * again: harmless) but never newer than a generation that is pending or
+ * committed, because entries are recorded only for bytes being sent in a
+ * generation whose bitmap is already on disk.
+ */
+export class ScanSource implements ChangeSource {
+  readonly mode = 'scan';
+  private digests: Buffer;
+  private readonly file: string;
+  private dirty = false;
+
+  constructor(
+    private readonly volume: Volume,
+    private readonly chunkSize: number,
+    stateDir: string,
+  ) {
+    this.file = path.join(stateDir, 'digests');
+    this.digests = Buffer.alloc(this.chunkCount * DIGEST_BYTES, 0xff);
+  }
+
+  get chunkCount(): number {
+    return Math.ceil(this.volume.size / this.chunkSize);
+  }
+
+  async open(): Promise<void> {
+    let buf: Buffer;
+    try {
+      buf = await fsp.readFile(this.file);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw asTmError(e, ErrorCodes.STATE, `reading ${this.file}`);
+    }
+    if (buf.length !== this.digests.length) {
+      throw new TmError(ErrorCodes.STATE, `${this.file} holds ${buf.length} bytes, expected ${this.digests.length} for ${this.chunkCount} chunks; remove it to rescan`);
+    }
+    this.digests = buf;
+  }
+
+  async detect(signal?: AbortSignal): Promise<Detection> {
+    const cs = this.chunkSize;
+    const changed = new RoaringBitmap32();
+    const fresh = Buffer.alloc(DIGEST_BYTES);
+    let readBytes = 0;
+    const alloc = await this.volume.allocated(cs);
+    let next = 0; // first chunk not yet examined
+    const markZeroUpTo = (endChunk: number) => {
+      for (let c = next; c < endChunk; c++) {
+        if (this.digests.compare(ZERO_DIGEST, 0, DIGEST_BYTES, c * DIGEST_BYTES, (c + 1) * DIGEST_BYTES) !== 0) changed.add(c);
+      }
+    };
+    const step = Math.max(cs, Math.floor(SCAN_READ_BYTES / cs) * cs);
+    for (const r of alloc) {
+      signal?.throwIfAborted();
+      const firstChunk = r.offset / cs;
+      markZeroUpTo(firstChunk);
+      for (let off = r.offset; off < r.offset + r.length; off += step) {
+        signal?.throwIfAborted();
+        const len = Math.min(step, r.offset + r.length - off);
+        const buf = await this.volume.read(off, len);
+        readBytes += len;
+        for (let at = 0; at < len; at += cs) {
+          const c = (off + at) / cs;
+          chunkDigest(buf.subarray(at, Math.min(at + cs, len)), fresh, 0);
+          if (this.digests.compare(fresh, 0, DIGEST_BYTES, c * DIGEST_BYTES, (c + 1) * DIGEST_BYTES) !== 0) changed.add(c);
+        }
+      }
+      next = Math.ceil((r.offset + r.length) / cs);
+    }
+    markZeroUpTo(this.chunkCount);
+    return { bitmap: changed, readBytes };
+  }
+
+  recordSent(chunk: number, data: Buffer | null, count = 1): void {
+    const at = chunk * DIGEST_BYTES;
+    if (data === null) this.digests.fill(0, at, at + count * DIGEST_BYTES);
+    else chunkDigest(data, this.digests, at);
+    this.dirty = true;
+  }
+
+  async persist(): Promise<void> {
+    if (!this.dirty) return;
+    this.dirty = false;
+    await writeFileAtomic(this.file, this.digests);
+  }
+
+  async reset(): Promise<void> {
+    this.digests.fill(0xff);
+    this.dirty = true;
+    await this.persist();
+  }
+
+  async close(): Promise<void> {
+    await this.persist();
+  }
+}
+
+export { UNKNOWN_DIGEST, ZERO_DIGEST };

@@ -1,0 +1,77 @@
+/**
+ * The storage interface every backend implements (sparse file now; block device
+ * and LVM thin later). Offsets and lengths are bytes. A backend never knows
+ * about the network or about mirrors.
+ */
+
+/** A byte range [offset, offset + length). */
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
+/** What a backend can do, probed once at open and remembered. */
+export interface VolumeCapabilities {
+  /** Allocation map comes from the filesystem (SEEK_DATA/SEEK_HOLE); false means "all allocated". */
+  allocationMap: boolean;
+  /** Zeroing can deallocate (punch hole / discard). */
+  punchHole: boolean;
+  /** FALLOC_FL_ZERO_RANGE works. */
+  zeroRange: boolean;
+}
+
+export interface Volume {
+  readonly path: string;
+  /** Size in bytes; need not be a multiple of any chunk size. */
+  readonly size: number;
+  readonly kind: 'file' | 'block' | 'memory';
+  readonly capabilities: VolumeCapabilities;
+  /**
+   * Allocated ranges, ascending, non-overlapping, merged. With `alignTo`, every
+   * range is widened outward to multiples of `alignTo` (clipped to `size`) and
+   * ranges that then touch or overlap are merged.
+   */
+  allocated(alignTo?: number): Promise<ByteRange[]>;
+  /** Read exactly `length` bytes at `offset` (short only at end of volume is an error). */
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
+  write(offset: number, data: Buffer): Promise<void>;
+  /** Make the range read as zeros, deallocating where the backend can. */
+  zero(offset: number, length: number): Promise<void>;
+  /** Make data durable (fdatasync). */
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Merge ascending ranges that touch or overlap. Pure. */
+export function mergeRanges(ranges: ByteRange[]): ByteRange[] {
+  const out: ByteRange[] = [];
+  for (const r of ranges) {
+    if (r.length <= 0) continue;
+    const last = out[out.length - 1];
+    if (last && r.offset <= last.offset + last.length) {
+      const end = Math.max(last.offset + last.length, r.offset + r.length);
+      last.length = end - last.offset;
+    } else {
+      out.push({ offset: r.offset, length: r.length });
+    }
+  }
+  return out;
+}
+
+/** Widen ranges outward to multiples of `align`, clip to `size`, merge. Pure. */
+export function alignRanges(ranges: ByteRange[], align: number, size: number): ByteRange[] {
+  return mergeRanges(
+    ranges.map((r) => {
+      const start = Math.floor(r.offset / align) * align;
+      const end = Math.min(size, Math.ceil((r.offset + r.length) / align) * align);
+      return { offset: start, length: end - start };
+    }),
+  );
+}
+
+/** Sum of lengths. */
+export function totalBytes(ranges: ByteRange[]): number {
+  let n = 0;
+  for (const r of ranges) n += r.length;
+  return n;
+}

@@ -1,0 +1,145 @@
+/**
+ * thinmirror wire protocol, version 1: the message types. One WebSocket per
+ * mirror; every WebSocket message is one binary frame holding one msgpackr-encoded
+ * object with a `type` discriminant. docs/protocol.md describes the exchange.
+ *
+ * Units: every offset and length is in bytes; `chunkSize` is bytes;
+ * `generation` counts from 1; `seq` counts extents sent in a session from 1.
+ */
+
+export const PROTOCOL_VERSION = 1;
+
+/** Nonces and HMAC-SHA256 proofs are exactly this many bytes. */
+export const NONCE_BYTES = 32;
+export const PROOF_BYTES = 32;
+/** Longest node or mirror name accepted on the wire. */
+export const MAX_NAME_LENGTH = 128;
+/** Largest data extent payload (uncompressed) a peer may send: 8 MiB. */
+export const MAX_EXTENT_BYTES = 8 * 1024 * 1024;
+/** Longest error message carried on the wire. */
+export const MAX_ERROR_MESSAGE = 1024;
+
+/** Primary -> secondary, first frame of a session. */
+export interface HelloMsg {
+  type: 'hello';
+  version: number;
+  node: string;
+  mirror: string;
+  nonce: Buffer;
+}
+
+/** Secondary -> primary: its nonce and its proof of the key. */
+export interface ChallengeMsg {
+  type: 'challenge';
+  version: number;
+  node: string;
+  nonce: Buffer;
+  proof: Buffer;
+}
+
+/** Primary -> secondary: its proof of the key, and the volume's identity. */
+export interface AuthMsg {
+  type: 'auth';
+  proof: Buffer;
+  volumeSize: number;
+  chunkSize: number;
+  /** Random id of the source volume, fixed for the mirror's life (hex). */
+  volumeId: string;
+}
+
+/** Secondary -> primary: session accepted; where the secondary stands. */
+export interface ReadyMsg {
+  type: 'ready';
+  /** Last generation applied, flushed and persisted; 0 = none. */
+  committedGeneration: number;
+  /** A generation partly applied: every chunk of it below `cursor` (bytes) is durable. */
+  applying: { generation: number; cursor: number } | null;
+}
+
+/** Primary -> secondary: generation `generation` starts; extents below `resumeFrom` are not resent. */
+export interface BeginMsg {
+  type: 'begin';
+  generation: number;
+  resumeFrom: number;
+}
+
+export type ExtentKind = 'data' | 'zero' | 'trim';
+
+/** Primary -> secondary: one run of chunks. */
+export interface ExtentMsg {
+  type: 'extent';
+  seq: number;
+  kind: ExtentKind;
+  offset: number;
+  length: number;
+  /** data only: 'raw' or 'lz4' (payload compressed, decompresses to `length` bytes). */
+  codec?: 'raw' | 'lz4';
+  /** data only: CRC-32 (zlib) of the uncompressed bytes. */
+  crc32?: number;
+  /** data only. */
+  payload?: Buffer;
+}
+
+/** Primary -> secondary: all extents of the generation have been sent. */
+export interface CommitMsg {
+  type: 'commit';
+  generation: number;
+}
+
+/**
+ * Secondary -> primary: extents up to `seq` are applied (releases flow-control
+ * credit); `durable` is the cursor (bytes) below which the current generation is
+ * flushed and persisted.
+ */
+export interface AckMsg {
+  type: 'ack';
+  seq: number;
+  durable: number;
+}
+
+/** Secondary -> primary: generation applied, flushed, persisted. */
+export interface CommittedMsg {
+  type: 'committed';
+  generation: number;
+}
+
+/** Either side: the session ends because of this error. */
+export interface ErrorMsg {
+  type: 'error';
+  code: string;
+  message: string;
+}
+
+export type Message =
+  | HelloMsg
+  | ChallengeMsg
+  | AuthMsg
+  | ReadyMsg
+  | BeginMsg
+  | ExtentMsg
+  | CommitMsg
+  | AckMsg
+  | CommittedMsg
+  | ErrorMsg;
+
+export type MessageType = Message['type'];
+
+/**
+ * What the decoder knows about the session, so that it can check ranges before
+ * anything acts on a message. Before the handshake has settled the volume, both
+ * are undefined and range checks on extents fail.
+ */
+export interface DecodeContext {
+  volumeSize?: number;
+  chunkSize?: number;
+}
+
+/** WebSocket close codes used by thinmirror (4000-4999 are private use). */
+export const CloseCodes = {
+  /** Normal end. */
+  NORMAL: 1000,
+  /** The peer sent a coded error (see the preceding error frame). */
+  REFUSED: 4001,
+  /** Protocol violation detected locally. */
+  PROTOCOL: 4002,
+} as const;
