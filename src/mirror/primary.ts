@@ -265,7 +265,6 @@ export class PrimaryMirror {
     this.log.info({ generation: gen, resumeFrom, totalBytes: total, doneBytes: this.progress.doneBytes }, resumeFrom > 0 ? 'resuming generation' : 'sending generation');
 
     const flow = new FlowControl(this.config.maxInFlight);
-    let lastPersist = Date.now();
     const reader = (async () => {
       for (;;) {
         const m = await session.next();
@@ -273,12 +272,11 @@ export class PrimaryMirror {
           flow.acked(m.seq);
           if (this.progress) this.progress.doneBytes = total - this.bitmapBytes(bitmap, Math.ceil(flow.ackedEnd / cs));
           if (m.durable > s.cursor) {
+            // The secondary made a checkpoint: make ours too, so that after a crash
+            // neither the cursor nor the digests of what it holds are lost.
             s.cursor = m.durable;
-            if (Date.now() - lastPersist >= this.config.checkpointInterval * 1000) {
-              lastPersist = Date.now();
-              await this.stateFile.save(s);
-              await this.source.persist();
-            }
+            await this.source.persist();
+            await this.stateFile.save(s);
           }
         } else if (m.type === 'committed') {
           if (m.generation !== gen || !flow.drained) {

@@ -23,7 +23,8 @@ export class BitmapStore {
   async save(generation: number, bitmap: RoaringBitmap32): Promise<void> {
     bitmap.runOptimize();
     bitmap.shrinkToFit();
-    await writeFileAtomic(this.fileFor(generation), bitmap.serialize('portable'));
+    const bytes = bitmap.serialize('portable');
+    await writeFileAtomic(this.fileFor(generation), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
   }
 
   async load(generation: number): Promise<RoaringBitmap32> {
@@ -71,9 +72,10 @@ export function* bitmapRuns(bitmap: RoaringBitmap32, fromChunk = 0): Generator<[
   const WINDOW = 1 << 16;
   let runStart = -1;
   let runEnd = -1;
-  const max = bitmap.isEmpty ? -1 : bitmap.maximum();
-  for (let lo = fromChunk; lo <= max; lo += WINDOW) {
-    const values = bitmap.rangeUint32Array(lo, Math.min(lo + WINDOW, max + 1));
+  // rangeUint32Array(index, count) pages by rank: start at the first value >= fromChunk.
+  let index = fromChunk > 0 ? bitmap.rank(fromChunk - 1) : 0;
+  for (;;) {
+    const values = bitmap.rangeUint32Array(index, WINDOW);
     for (let i = 0; i < values.length; i++) {
       const v = values[i]!;
       if (v === runEnd) {
@@ -84,6 +86,8 @@ export function* bitmapRuns(bitmap: RoaringBitmap32, fromChunk = 0): Generator<[
         runEnd = v + 1;
       }
     }
+    if (values.length < WINDOW) break;
+    index += values.length;
   }
   if (runStart >= 0) yield [runStart, runEnd];
 }

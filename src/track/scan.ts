@@ -50,7 +50,10 @@ export class ScanSource implements ChangeSource {
   readonly mode = 'scan';
   private digests: Buffer;
   private readonly file: string;
-  private dirty = false;
+  /** Chunk range [dirtyFrom, dirtyTo) whose digests changed since the last persist. */
+  private dirtyFrom = Infinity;
+  private dirtyTo = 0;
+  private fileComplete = false;
 
   constructor(
     private readonly volume: Volume,
@@ -77,6 +80,7 @@ export class ScanSource implements ChangeSource {
       throw new TmError(ErrorCodes.STATE, `${this.file} holds ${buf.length} bytes, expected ${this.digests.length} for ${this.chunkCount} chunks; remove it to rescan`);
     }
     this.digests = buf;
+    this.fileComplete = true;
   }
 
   async detect(signal?: AbortSignal): Promise<Detection> {
@@ -117,18 +121,43 @@ export class ScanSource implements ChangeSource {
     const at = chunk * DIGEST_BYTES;
     if (data === null) this.digests.fill(0, at, at + count * DIGEST_BYTES);
     else chunkDigest(data, this.digests, at);
-    this.dirty = true;
+    this.dirtyFrom = Math.min(this.dirtyFrom, chunk);
+    this.dirtyTo = Math.max(this.dirtyTo, chunk + count);
   }
 
+  /**
+   * Write the changed digests in place and fdatasync. The file is created whole
+   * (atomically) the first time; afterwards only the dirty range is rewritten,
+   * so a checkpoint costs what changed, not the volume's chunk count. A torn
+   * in-place write can only make entries differ from the content, which makes
+   * those chunks count as changed: a resend, never a missed change.
+   */
   async persist(): Promise<void> {
-    if (!this.dirty) return;
-    this.dirty = false;
-    await writeFileAtomic(this.file, this.digests);
+    if (!this.fileComplete) {
+      await writeFileAtomic(this.file, this.digests);
+      this.fileComplete = true;
+    } else if (this.dirtyTo > this.dirtyFrom) {
+      const from = this.dirtyFrom * DIGEST_BYTES;
+      const to = Math.min(this.dirtyTo * DIGEST_BYTES, this.digests.length);
+      const fh = await fsp.open(this.file, 'r+').catch((e) => {
+        throw asTmError(e, ErrorCodes.STATE, `opening ${this.file}`);
+      });
+      try {
+        await fh.write(this.digests, from, to - from, from);
+        await fh.datasync();
+      } catch (e) {
+        throw asTmError(e, ErrorCodes.STATE, `writing ${this.file}`);
+      } finally {
+        await fh.close();
+      }
+    }
+    this.dirtyFrom = Infinity;
+    this.dirtyTo = 0;
   }
 
   async reset(): Promise<void> {
     this.digests.fill(0xff);
-    this.dirty = true;
+    this.fileComplete = false;
     await this.persist();
   }
 

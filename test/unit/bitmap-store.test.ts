@@ -69,4 +69,17 @@ describe('bitmap-store: generation bitmaps on disk', () => {
     ]);
     expect([...bitmapRuns(new RoaringBitmap32())]).to.deep.equal([]);
   });
+
+  it('bitmapRuns pages through bitmaps of more values than one window holds', () => {
+    const b = new RoaringBitmap32();
+    b.addRange(0, 200_000); // one run spanning several pages
+    for (let i = 0; i < 70_000; i++) b.add(300_000 + 2 * i); // isolated values over two pages
+    const runs = [...bitmapRuns(b, 5)];
+    expect(runs[0]).to.deep.equal([5, 200_000]);
+    expect(runs.length).to.equal(1 + 70_000);
+    expect(runs[runs.length - 1]).to.deep.equal([300_000 + 2 * 69_999, 300_000 + 2 * 69_999 + 1]);
+    let total = 0;
+    for (const [a, c] of runs) total += c - a;
+    expect(total).to.equal(b.size - 5);
+  });
 });

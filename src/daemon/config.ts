@@ -1,0 +1,229 @@
+import { promises as fsp, type Stats } from 'node:fs';
+import * as path from 'node:path';
+import { isNode, LineCounter, parseDocument, type Document } from 'yaml';
+import { z } from 'zod';
+import { ErrorCodes, TmError } from '../errors.js';
+import { isValidChunkSize, parseDuration, parseSize } from '../util/units.js';
+
+/** Every default of the config in one place. Sizes in bytes, durations in seconds. */
+export const DEFAULTS = {
+  logLevel: 'info',
+  chunkSize: 64 * 1024,
+  maxInFlight: 16 * 1024 * 1024,
+  maxExtent: 1024 * 1024,
+  checkpointBytes: 64 * 1024 * 1024,
+  checkpointInterval: 5,
+  reconnectMin: 1,
+  reconnectMax: 30,
+  trackingMode: 'scan',
+  trackingInterval: 30,
+} as const;
+
+export interface MirrorConfig {
+  name: string;
+  role: 'primary' | 'secondary';
+  /** Absolute path of the volume (source on a primary, target on a secondary). */
+  volume: string;
+  /** ws:// or wss:// URL of the secondary (primary only). */
+  peer?: string;
+  chunkSize: number;
+  maxInFlight: number;
+  maxExtent: number;
+  checkpointBytes: number;
+  checkpointInterval: number;
+  reconnectMin: number;
+  reconnectMax: number;
+  tracking: { mode: 'scan'; interval: number };
+}
+
+export interface DaemonConfig {
+  node: { name: string; stateDir: string; logLevel: string };
+  listen?: { host: string; port: number };
+  auth: { pskFile: string };
+  mirrors: MirrorConfig[];
+  /** The file this config was read from. */
+  sourcePath: string;
+}
+
+const NAME = /^[A-Za-z0-9._-]{1,64}$/;
+
+const name = z.string().regex(NAME, 'expected 1..64 characters of A-Z a-z 0-9 . _ -');
+const size = z.union([z.string(), z.number()]).transform((v, ctx) => {
+  try {
+    return parseSize(v);
+  } catch (e) {
+    ctx.addIssue({ code: 'custom', message: (e as Error).message });
+    return z.NEVER;
+  }
+});
+const duration = z.union([z.string(), z.number()]).transform((v, ctx) => {
+  try {
+    const s = parseDuration(v);
+    if (s <= 0) throw new Error(`expected a duration above zero, got ${JSON.stringify(v)}`);
+    return s;
+  } catch (e) {
+    ctx.addIssue({ code: 'custom', message: (e as Error).message });
+    return z.NEVER;
+  }
+});
+const chunkSize = size.refine(isValidChunkSize, { message: 'expected a power of two between 4KiB and 4MiB' });
+const pathString = z.string().min(1, 'expected a path');
+
+const mirrorSchema = z.strictObject({
+  name,
+  role: z.enum(['primary', 'secondary']),
+  volume: pathString,
+  peer: z
+    .string()
+    .regex(/^wss?:\/\/[^\s/]+(\/\S*)?$/, 'expected a ws:// or wss:// URL such as ws://10.0.0.2:7890')
+    .optional(),
+  chunkSize: chunkSize.optional(),
+  maxInFlight: size.optional(),
+  maxExtent: size.optional(),
+  checkpoint: z.strictObject({ bytes: size.optional(), interval: duration.optional() }).optional(),
+  reconnect: z.strictObject({ min: duration.optional(), max: duration.optional() }).optional(),
+  tracking: z.strictObject({ mode: z.enum(['scan']).optional(), interval: duration.optional() }).optional(),
+});
+
+const configSchema = z.strictObject({
+  node: z.strictObject({
+    name,
+    stateDir: pathString,
+    logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).optional(),
+  }),
+  listen: z.strictObject({ host: z.string().min(1), port: z.number().int().min(1).max(65535) }).optional(),
+  auth: z.strictObject({ pskFile: pathString }),
+  mirrors: z.array(mirrorSchema).min(1, 'expected at least one mirror'),
+});
+
+type Problem = { path: (string | number)[]; message: string };
+
+/** "mirrors[1].chunkSize" */
+function keyPath(p: (string | number)[]): string {
+  return p.map((k, i) => (typeof k === 'number' ? `[${k}]` : i === 0 ? k : `.${k}`)).join('') || '(top level)';
+}
+
+/** Line:column of the deepest node that exists along `p`. */
+function position(doc: Document, lc: LineCounter, p: (string | number)[]): string {
+  for (let n = p.length; n >= 0; n--) {
+    const node = n === 0 ? doc.contents : doc.getIn(p.slice(0, n), true);
+    if (isNode(node) && node.range) {
+      const { line, col } = lc.linePos(node.range[0]);
+      return `${line}:${col}`;
+    }
+  }
+  return '1:1';
+}
+
+/**
+ * Parse and validate a config. Every problem is reported (one line each) in one
+ * TmError(TM_ERR_CONFIG) naming the file, line:column, key and what was expected.
+ * Relative paths resolve against the config file's directory.
+ */
+export function parseConfig(text: string, sourcePath: string): DaemonConfig {
+  const lc = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
+  if (doc.errors.length > 0) {
+    const lines = doc.errors.map((e) => {
+      const pos = e.linePos?.[0];
+      return `${sourcePath}:${pos ? `${pos.line}:${pos.col}` : '?'}: YAML: ${e.message.split('\n')[0]}`;
+    });
+    throw new TmError(ErrorCodes.CONFIG, `invalid config:\n${lines.join('\n')}`);
+  }
+  const raw = doc.toJS() as unknown;
+  const parsed = configSchema.safeParse(raw ?? {});
+  const problems: Problem[] = [];
+  if (!parsed.success) {
+    for (const issue of parsed.error.issues) {
+      const p = issue.path.filter((k): k is string | number => typeof k !== 'symbol');
+      if (issue.code === 'unrecognized_keys') {
+        for (const k of issue.keys) problems.push({ path: [...p, k], message: `unknown key (a typo?)` });
+      } else {
+        problems.push({ path: p, message: issue.message });
+      }
+    }
+  }
+  const dir = path.dirname(path.resolve(sourcePath));
+  const abs = (p: string) => path.resolve(dir, p);
+  let config: DaemonConfig | undefined;
+  if (parsed.success) {
+    const c = parsed.data;
+    const mirrors: MirrorConfig[] = c.mirrors.map((m) => ({
+      name: m.name,
+      role: m.role,
+      volume: abs(m.volume),
+      ...(m.peer !== undefined ? { peer: m.peer } : {}),
+      chunkSize: m.chunkSize ?? DEFAULTS.chunkSize,
+      maxInFlight: m.maxInFlight ?? DEFAULTS.maxInFlight,
+      maxExtent: m.maxExtent ?? DEFAULTS.maxExtent,
+      checkpointBytes: m.checkpoint?.bytes ?? DEFAULTS.checkpointBytes,
+      checkpointInterval: m.checkpoint?.interval ?? DEFAULTS.checkpointInterval,
+      reconnectMin: m.reconnect?.min ?? DEFAULTS.reconnectMin,
+      reconnectMax: m.reconnect?.max ?? DEFAULTS.reconnectMax,
+      tracking: { mode: m.tracking?.mode ?? DEFAULTS.trackingMode, interval: m.tracking?.interval ?? DEFAULTS.trackingInterval },
+    }));
+    config = {
+      node: { name: c.node.name, stateDir: abs(c.node.stateDir), logLevel: c.node.logLevel ?? DEFAULTS.logLevel },
+      ...(c.listen ? { listen: c.listen } : {}),
+      auth: { pskFile: abs(c.auth.pskFile) },
+      mirrors,
+      sourcePath: path.resolve(sourcePath),
+    };
+    // Rules across keys.
+    const names = new Map<string, number>();
+    const volumes = new Map<string, number>();
+    mirrors.forEach((m, i) => {
+      const at = (k: string) => ['mirrors', i, k];
+      if (names.has(m.name)) problems.push({ path: at('name'), message: `duplicate mirror name "${m.name}" (also mirrors[${names.get(m.name)}])` });
+      names.set(m.name, i);
+      if (volumes.has(m.volume)) problems.push({ path: at('volume'), message: `volume ${m.volume} is already used by mirrors[${volumes.get(m.volume)}]` });
+      volumes.set(m.volume, i);
+      if (m.role === 'primary' && !m.peer) problems.push({ path: ['mirrors', i], message: 'a primary mirror needs peer: (the secondary\'s ws:// URL)' });
+      if (m.role === 'secondary' && m.peer) problems.push({ path: at('peer'), message: 'a secondary mirror takes no peer: the primary connects to it' });
+      if (m.maxExtent % m.chunkSize !== 0 || m.maxExtent > 8 * 1024 * 1024) {
+        problems.push({ path: at('maxExtent'), message: `expected a multiple of chunkSize (${m.chunkSize}) of at most 8MiB, got ${m.maxExtent}` });
+      }
+      if (m.maxInFlight < m.maxExtent) problems.push({ path: at('maxInFlight'), message: `expected at least maxExtent (${m.maxExtent} bytes), got ${m.maxInFlight}` });
+      if (m.reconnectMin > m.reconnectMax) problems.push({ path: at('reconnect'), message: 'min must not exceed max' });
+    });
+    if (!config.listen && mirrors.some((m) => m.role === 'secondary')) {
+      problems.push({ path: [], message: 'listen: { host, port } is required on a host with secondary mirrors' });
+    }
+  }
+  if (problems.length > 0) {
+    const lines = problems.map((p) => `${sourcePath}:${position(doc, lc, p.path)}: ${keyPath(p.path)}: ${p.message}`);
+    throw new TmError(ErrorCodes.CONFIG, `invalid config:\n${lines.join('\n')}`);
+  }
+  return config!;
+}
+
+/** Read and validate a config file. */
+export async function loadConfig(file: string): Promise<DaemonConfig> {
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (e) {
+    throw new TmError(ErrorCodes.CONFIG, `cannot read config ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
+  }
+  return parseConfig(text, file);
+}
+
+/** Read the pre-shared key: the file's bytes without a trailing newline, at least 16 bytes. */
+export async function readPsk(file: string): Promise<Buffer> {
+  let buf: Buffer;
+  try {
+    buf = await fsp.readFile(file);
+  } catch (e) {
+    throw new TmError(ErrorCodes.CONFIG, `cannot read the pre-shared key file ${file} (auth.pskFile): ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
+  }
+  let end = buf.length;
+  while (end > 0 && (buf[end - 1] === 0x0a || buf[end - 1] === 0x0d)) end--;
+  const key = buf.subarray(0, end);
+  if (key.length < 16) throw new TmError(ErrorCodes.CONFIG, `pre-shared key file ${file} holds ${key.length} bytes; expected at least 16 (e.g. head -c 32 /dev/urandom | base64 > ${file})`);
+  return key;
+}
+
+/** A warning when the key file can be read by group or others, else null. */
+export function pskFileWarning(file: string, st: Stats): string | null {
+  return (st.mode & 0o077) !== 0 ? `pre-shared key file ${file} is readable by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it` : null;
+}

@@ -1,0 +1,227 @@
+/*
+ * thinmirror's N-API addon: the system calls Node does not offer.
+ *   seekData(fd, offset) / seekHole(fd, offset)  lseek SEEK_DATA / SEEK_HOLE; -1 on ENXIO
+ *   punchHole(fd, offset, length)                fallocate PUNCH_HOLE|KEEP_SIZE   (Promise, threadpool)
+ *   zeroRange(fd, offset, length)                fallocate ZERO_RANGE|KEEP_SIZE   (Promise, threadpool)
+ *   blkGetSize64(fd)                             ioctl BLKGETSIZE64
+ *   blkDiscard(fd, offset, length)               ioctl BLKDISCARD                 (Promise, threadpool)
+ * Errors are Node-style: message "<syscall> failed: <strerror>", code "E...", errno, syscall.
+ * Offsets and lengths are JS numbers (exact up to 2^53 bytes).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+static const char *errno_name(int e) {
+  switch (e) {
+    case EPERM: return "EPERM";
+    case ENOENT: return "ENOENT";
+    case EIO: return "EIO";
+    case EBADF: return "EBADF";
+    case EAGAIN: return "EAGAIN";
+    case ENOMEM: return "ENOMEM";
+    case EACCES: return "EACCES";
+    case EFAULT: return "EFAULT";
+    case EBUSY: return "EBUSY";
+    case EEXIST: return "EEXIST";
+    case ENODEV: return "ENODEV";
+    case EISDIR: return "EISDIR";
+    case EINVAL: return "EINVAL";
+    case EFBIG: return "EFBIG";
+    case ENOSPC: return "ENOSPC";
+    case ESPIPE: return "ESPIPE";
+    case EROFS: return "EROFS";
+    case ENOTTY: return "ENOTTY";
+    case ENXIO: return "ENXIO";
+    case EINTR: return "EINTR";
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+    case ENOSYS: return "ENOSYS";
+    case EDQUOT: return "EDQUOT";
+    case EOVERFLOW: return "EOVERFLOW";
+    default: return NULL;
+  }
+}
+
+static napi_value make_error(napi_env env, const char *syscall, int err) {
+  char msg[256];
+  char codebuf[32];
+  const char *code = errno_name(err);
+  if (!code) {
+    snprintf(codebuf, sizeof codebuf, "E%d", err);
+    code = codebuf;
+  }
+  snprintf(msg, sizeof msg, "%s failed: %s", syscall, strerror(err));
+  napi_value jmsg, jcode, error, jerrno, jsys;
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &jmsg);
+  napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &jcode);
+  napi_create_error(env, jcode, jmsg, &error);
+  napi_create_int32(env, err, &jerrno);
+  napi_set_named_property(env, error, "errno", jerrno);
+  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &jsys);
+  napi_set_named_property(env, error, "syscall", jsys);
+  return error;
+}
+
+static void throw_errno(napi_env env, const char *syscall, int err) {
+  napi_throw(env, make_error(env, syscall, err));
+}
+
+/* Read args as int64; throws TypeError and returns 0 on a bad argument. */
+static int get_args(napi_env env, napi_callback_info info, size_t want, int64_t *out) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < want) {
+    napi_throw_type_error(env, NULL, "missing arguments");
+    return 0;
+  }
+  for (size_t i = 0; i < want; i++) {
+    napi_valuetype t;
+    napi_typeof(env, argv[i], &t);
+    if (t != napi_number) {
+      napi_throw_type_error(env, NULL, "arguments must be numbers");
+      return 0;
+    }
+    double d;
+    napi_get_value_double(env, argv[i], &d);
+    if (d < 0 || d != (double)(int64_t)d || d > 9007199254740992.0) {
+      napi_throw_type_error(env, NULL, "arguments must be non-negative integers");
+      return 0;
+    }
+    out[i] = (int64_t)d;
+  }
+  return 1;
+}
+
+static napi_value number(napi_env env, double v) {
+  napi_value r;
+  napi_create_double(env, v, &r);
+  return r;
+}
+
+static napi_value do_seek(napi_env env, napi_callback_info info, int whence, const char *name) {
+  int64_t a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  off_t r = lseek((int)a[0], (off_t)a[1], whence);
+  if (r < 0) {
+    if (errno == ENXIO) return number(env, -1);
+    throw_errno(env, name, errno);
+    return NULL;
+  }
+  return number(env, (double)r);
+}
+
+static napi_value SeekData(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_DATA, "lseek(SEEK_DATA)"); }
+static napi_value SeekHole(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)"); }
+
+static napi_value BlkGetSize64(napi_env env, napi_callback_info info) {
+  int64_t a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  uint64_t size = 0;
+  if (ioctl((int)a[0], BLKGETSIZE64, &size) < 0) {
+    throw_errno(env, "ioctl(BLKGETSIZE64)", errno);
+    return NULL;
+  }
+  return number(env, (double)size);
+}
+
+/* ---- asynchronous range operations on the libuv threadpool ---- */
+
+enum op { OP_PUNCH, OP_ZERO, OP_DISCARD };
+
+struct work {
+  napi_async_work work;
+  napi_deferred deferred;
+  enum op op;
+  int fd;
+  int64_t offset, length;
+  int err;
+};
+
+static const char *op_name(enum op op) {
+  switch (op) {
+    case OP_PUNCH: return "fallocate(PUNCH_HOLE)";
+    case OP_ZERO: return "fallocate(ZERO_RANGE)";
+    default: return "ioctl(BLKDISCARD)";
+  }
+}
+
+static void execute(napi_env env, void *data) {
+  struct work *w = data;
+  int r;
+  switch (w->op) {
+    case OP_PUNCH:
+      do r = fallocate(w->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, w->offset, w->length);
+      while (r < 0 && errno == EINTR);
+      break;
+    case OP_ZERO:
+      do r = fallocate(w->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, w->offset, w->length);
+      while (r < 0 && errno == EINTR);
+      break;
+    default: {
+      uint64_t range[2] = {(uint64_t)w->offset, (uint64_t)w->length};
+      r = ioctl(w->fd, BLKDISCARD, range);
+    }
+  }
+  w->err = r < 0 ? errno : 0;
+}
+
+static void complete(napi_env env, napi_status status, void *data) {
+  struct work *w = data;
+  if (w->err == 0 && status == napi_ok) {
+    napi_value undef;
+    napi_get_undefined(env, &undef);
+    napi_resolve_deferred(env, w->deferred, undef);
+  } else {
+    napi_reject_deferred(env, w->deferred, make_error(env, op_name(w->op), w->err ? w->err : EIO));
+  }
+  napi_delete_async_work(env, w->work);
+  free(w);
+}
+
+static napi_value start_op(napi_env env, napi_callback_info info, enum op op) {
+  int64_t a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  struct work *w = calloc(1, sizeof *w);
+  if (!w) {
+    throw_errno(env, op_name(op), ENOMEM);
+    return NULL;
+  }
+  w->op = op;
+  w->fd = (int)a[0];
+  w->offset = a[1];
+  w->length = a[2];
+  napi_value promise, name;
+  napi_create_promise(env, &w->deferred, &promise);
+  napi_create_string_utf8(env, op_name(op), NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, execute, complete, w, &w->work);
+  napi_queue_async_work(env, w->work);
+  return promise;
+}
+
+static napi_value PunchHole(napi_env env, napi_callback_info info) { return start_op(env, info, OP_PUNCH); }
+static napi_value ZeroRange(napi_env env, napi_callback_info info) { return start_op(env, info, OP_ZERO); }
+static napi_value BlkDiscard(napi_env env, napi_callback_info info) { return start_op(env, info, OP_DISCARD); }
+
+static napi_value Init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"seekData", NULL, SeekData, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seekHole", NULL, SeekHole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"punchHole", NULL, PunchHole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"blkGetSize64", NULL, BlkGetSize64, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"blkDiscard", NULL, BlkDiscard, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, Init)
