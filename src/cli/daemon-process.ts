@@ -29,7 +29,9 @@ export class DaemonProcess {
   ) {
     const fd = openSync(logFile, 'a');
     try {
-      this.child = spawn(process.execPath, [cliPath(), 'run', '--config', configPath, ...extraArgs], {
+      // TM_DAEMON_NODE_ARGS: extra node options for the child (e.g. --cpu-prof when profiling).
+      const nodeArgs = (process.env.TM_DAEMON_NODE_ARGS ?? '').split(' ').filter(Boolean);
+      this.child = spawn(process.execPath, [...nodeArgs, cliPath(), 'run', '--config', configPath, ...extraArgs], {
         stdio: ['ignore', fd, fd],
         env: { ...process.env },
       });

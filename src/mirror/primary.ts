@@ -265,6 +265,24 @@ export class PrimaryMirror {
     this.log.info({ generation: gen, resumeFrom, totalBytes: total, doneBytes: this.progress.doneBytes }, resumeFrom > 0 ? 'resuming generation' : 'sending generation');
 
     const flow = new FlowControl(this.config.maxInFlight);
+    // Our own checkpoint follows each of the secondary's, beside the ack loop:
+    // digests first, then the cursor. One at a time; a later one coalesces.
+    let persisting: Promise<void> | null = null;
+    let persistAgain = false;
+    const persistSoon = () => {
+      if (persisting) {
+        persistAgain = true;
+        return;
+      }
+      persisting = (async () => {
+        do {
+          persistAgain = false;
+          await this.source.persist();
+          await this.stateFile.save(s);
+        } while (persistAgain);
+      })().finally(() => (persisting = null));
+      persisting.catch((e) => flow.fail(asTmError(e, ErrorCodes.STATE, `mirror ${this.name}`)));
+    };
     const reader = (async () => {
       for (;;) {
         const m = await session.next();
@@ -275,8 +293,7 @@ export class PrimaryMirror {
             // The secondary made a checkpoint: make ours too, so that after a crash
             // neither the cursor nor the digests of what it holds are lost.
             s.cursor = m.durable;
-            await this.source.persist();
-            await this.stateFile.save(s);
+            persistSoon();
           }
         } else if (m.type === 'committed') {
           if (m.generation !== gen || !flow.drained) {
@@ -301,7 +318,11 @@ export class PrimaryMirror {
       if (msg.kind === 'data') this.sentBytes += msg.length;
     }
     session.send({ type: 'commit', generation: gen });
-    await reader;
+    try {
+      await reader;
+    } finally {
+      if (persisting) await persisting;
+    }
     await this.markCommitted(gen);
   }
 

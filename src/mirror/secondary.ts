@@ -160,78 +160,105 @@ export class SecondaryMirror {
     let durable = 0;
     let sinceCheckpoint = 0;
     let lastCheckpointAt = Date.now();
-    const checkpoint = async () => {
-      await volume.flush();
-      s.applying = { generation: current!, cursor: nextOffset };
-      await this.stateFile.save(s);
-      durable = nextOffset;
+    // One checkpoint at a time runs beside the apply loop: fdatasync, then the
+    // cursor it covers goes to state.json. Writes below the cursor completed
+    // before the fdatasync began, so the cursor never claims more than is durable.
+    let flushing: Promise<void> | null = null;
+    let flushError: unknown = null;
+    const startCheckpoint = () => {
+      const gen = current!;
+      const cursor = nextOffset;
       sinceCheckpoint = 0;
       lastCheckpointAt = Date.now();
+      flushing = (async () => {
+        await volume.flush();
+        s.applying = { generation: gen, cursor };
+        await this.stateFile.save(s);
+        durable = cursor;
+      })()
+        .catch((e) => {
+          flushError = e;
+        })
+        .finally(() => {
+          flushing = null;
+        });
     };
-    for (;;) {
-      const msg = await session.next();
-      switch (msg.type) {
-        case 'begin': {
-          if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) while generation ${current} is open`);
-          if (msg.generation <= s.committedGeneration) {
-            throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) but generation ${s.committedGeneration} is already committed`);
-          }
-          if (msg.resumeFrom > 0) {
-            const a = s.applying;
-            if (!a || a.generation !== msg.generation || msg.resumeFrom > a.cursor) {
-              throw new TmError(
-                ErrorCodes.PROTOCOL,
-                `begin(${msg.generation}) resumes from ${msg.resumeFrom}, but only ${a ? `generation ${a.generation} up to ${a.cursor}` : 'nothing'} is durable here`,
-              );
+    const settle = async () => {
+      if (flushing) await flushing;
+      if (flushError) throw asTmError(flushError, ErrorCodes.VOLUME_IO, `mirror ${this.name}: checkpoint of ${this.config.volume}`);
+    };
+    try {
+      for (;;) {
+        const msg = await session.next();
+        if (flushError) await settle();
+        switch (msg.type) {
+          case 'begin': {
+            await settle();
+            if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) while generation ${current} is open`);
+            if (msg.generation <= s.committedGeneration) {
+              throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) but generation ${s.committedGeneration} is already committed`);
             }
+            if (msg.resumeFrom > 0) {
+              const a = s.applying;
+              if (!a || a.generation !== msg.generation || msg.resumeFrom > a.cursor) {
+                throw new TmError(
+                  ErrorCodes.PROTOCOL,
+                  `begin(${msg.generation}) resumes from ${msg.resumeFrom}, but only ${a ? `generation ${a.generation} up to ${a.cursor}` : 'nothing'} is durable here`,
+                );
+              }
+            }
+            current = msg.generation;
+            nextOffset = msg.resumeFrom;
+            durable = msg.resumeFrom;
+            if (!s.applying || s.applying.generation !== current) {
+              // From here the target is between committed and `current`.
+              s.applying = { generation: current, cursor: msg.resumeFrom };
+              await this.stateFile.save(s);
+            }
+            this.phase = 'receiving';
+            this.progress = { generation: current, doneBytes: msg.resumeFrom, totalBytes: s.volumeSize };
+            lastCheckpointAt = Date.now();
+            this.log.info({ generation: current, resumeFrom: msg.resumeFrom }, 'generation begins');
+            break;
           }
-          current = msg.generation;
-          nextOffset = msg.resumeFrom;
-          durable = msg.resumeFrom;
-          if (!s.applying || s.applying.generation !== current) {
-            // From here the target is between committed and `current`.
-            s.applying = { generation: current, cursor: msg.resumeFrom };
+          case 'extent': {
+            if (current === null) throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} outside a generation`);
+            if (msg.offset < nextOffset) {
+              throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} is below ${nextOffset}: extents must arrive in ascending order`);
+            }
+            await this.applyExtent(volume, msg);
+            nextOffset = msg.offset + msg.length;
+            sinceCheckpoint += msg.length;
+            if (this.progress) this.progress.doneBytes = nextOffset;
+            if (!flushing && (sinceCheckpoint >= this.config.checkpointBytes || Date.now() - lastCheckpointAt >= this.config.checkpointInterval * 1000)) {
+              startCheckpoint();
+            }
+            session.send({ type: 'ack', seq: msg.seq, durable });
+            break;
+          }
+          case 'commit': {
+            if (current !== msg.generation) throw new TmError(ErrorCodes.PROTOCOL, `commit(${msg.generation}) but generation ${current} is open`);
+            await settle();
+            await volume.flush();
+            s.committedGeneration = current;
+            s.applying = null;
+            s.committedAt = Date.now();
             await this.stateFile.save(s);
+            this.log.info({ generation: current }, 'generation committed');
+            session.send({ type: 'committed', generation: current });
+            current = null;
+            this.phase = 'idle';
+            this.progress = null;
+            this.allocatedCache.at = 0;
+            break;
           }
-          this.phase = 'receiving';
-          this.progress = { generation: current, doneBytes: msg.resumeFrom, totalBytes: s.volumeSize };
-          lastCheckpointAt = Date.now();
-          this.log.info({ generation: current, resumeFrom: msg.resumeFrom }, 'generation begins');
-          break;
+          default:
+            throw new TmError(ErrorCodes.PROTOCOL, `unexpected ${msg.type} frame during replication`);
         }
-        case 'extent': {
-          if (current === null) throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} outside a generation`);
-          if (msg.offset < nextOffset) {
-            throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} is below ${nextOffset}: extents must arrive in ascending order`);
-          }
-          await this.applyExtent(volume, msg);
-          nextOffset = msg.offset + msg.length;
-          sinceCheckpoint += msg.length;
-          if (this.progress) this.progress.doneBytes = nextOffset;
-          if (sinceCheckpoint >= this.config.checkpointBytes || Date.now() - lastCheckpointAt >= this.config.checkpointInterval * 1000) {
-            await checkpoint();
-          }
-          session.send({ type: 'ack', seq: msg.seq, durable });
-          break;
-        }
-        case 'commit': {
-          if (current !== msg.generation) throw new TmError(ErrorCodes.PROTOCOL, `commit(${msg.generation}) but generation ${current} is open`);
-          await volume.flush();
-          s.committedGeneration = current;
-          s.applying = null;
-          s.committedAt = Date.now();
-          await this.stateFile.save(s);
-          this.log.info({ generation: current }, 'generation committed');
-          session.send({ type: 'committed', generation: current });
-          current = null;
-          this.phase = 'idle';
-          this.progress = null;
-          this.allocatedCache.at = 0;
-          break;
-        }
-        default:
-          throw new TmError(ErrorCodes.PROTOCOL, `unexpected ${msg.type} frame during replication`);
       }
+    } finally {
+      // Let a running checkpoint finish before the next session reads the state.
+      if (flushing) await flushing;
     }
   }
 

@@ -13,30 +13,35 @@ export function prng(seed: number): () => number {
   };
 }
 
-const WORDS = (
-  'volume chunk extent mirror primary secondary generation commit replica thin sparse allocation bitmap ' +
-  'the of and to in is that for it as with was on be by at this from or have an they which one you were ' +
-  'error status cursor journal snapshot failover failback drill resume network daemon config checksum ' +
-  'INFO WARN 2026-11-23T04:12:55Z request=GET /api/v1/items?page= 200 404 user_id= session= latency_ms='
-).split(' ');
+const LEVELS = ['INFO', 'INFO', 'INFO', 'INFO', 'DEBUG', 'WARN', 'ERROR'];
+const METHODS = ['GET', 'GET', 'GET', 'POST', 'PUT', 'DELETE'];
+const PATHS = ['/api/v1/items', '/api/v1/users', '/api/v1/orders', '/static/app.js', '/healthz', '/api/v1/search', '/login'];
+const MESSAGES = [
+  'request completed',
+  'cache miss, fetching from origin',
+  'connection reset by peer, retrying',
+  'slow query detected on table orders',
+  'session refreshed for user',
+  'rate limit applied to client',
+];
 
 /**
- * `length` bytes of text-like data (log lines, words, numbers): compresses
- * with lz4 to roughly a third, as ordinary file data does.
+ * `length` bytes of text-like data: application log lines (ISO timestamps that
+ * advance, a few levels, request paths, numeric fields with realistic ranges).
+ * Like real logs it is redundant: lz4 keeps roughly a third of it.
  */
 export function textLike(length: number, rnd: () => number): Buffer {
   const buf = Buffer.allocUnsafe(length);
   let pos = 0;
-  let line = 0;
+  let t = Date.UTC(2026, 10, 23) + Math.floor(rnd() * 1e9);
   while (pos < length) {
-    let s = `${1700000000 + Math.floor(rnd() * 1e8)} ${line++} `;
-    const n = 4 + Math.floor(rnd() * 12);
-    for (let i = 0; i < n; i++) {
-      s += WORDS[Math.floor(rnd() * WORDS.length)]!;
-      s += rnd() < 0.3 ? String(Math.floor(rnd() * 100000)) : ' ';
-    }
-    s += '\n';
-    pos += buf.write(s, pos, 'latin1');
+    t += Math.floor(rnd() * 50);
+    const pick = <T>(a: T[]) => a[Math.floor(rnd() * a.length)]!;
+    const line =
+      `${new Date(t).toISOString()} ${pick(LEVELS).padEnd(5)} [worker-${Math.floor(rnd() * 8)}] ${pick(METHODS)} ${pick(PATHS)}/${Math.floor(rnd() * 5000)} ` +
+      `status=${rnd() < 0.9 ? 200 : pick([301, 404, 500])} bytes=${Math.floor(rnd() * 20000)} latency_ms=${Math.floor(rnd() * rnd() * 900)} ` +
+      `user=u${Math.floor(rnd() * 2000)} msg="${pick(MESSAGES)}"\n`;
+    pos += buf.write(line, pos, 'latin1');
   }
   return buf;
 }
