@@ -23,6 +23,14 @@ function peakRssBytes(pid: number): number {
   return m ? Number(m[1]) * 1024 : NaN;
 }
 
+/** User + system CPU seconds a live process has used (its threads included). */
+function cpuSeconds(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  if (process.env.TM_BENCH_DEBUG) console.log(`pid ${pid} utime ${Number(fields[11]) / 100} s, stime ${Number(fields[12]) / 100} s`);
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
+}
+
 function timeCommand(cmd: string, args: string[]): number {
   const t = process.hrtime.bigint();
   const r = spawnSync(cmd, args, { stdio: 'inherit' });
@@ -78,6 +86,8 @@ async function main(): Promise<void> {
     const m = st.mirrors[0]!;
     const rssPrimary = peakRssBytes(primary.pid);
     const rssSecondary = peakRssBytes(secondary.pid);
+    const cpuPrimary = cpuSeconds(primary.pid);
+    const cpuSecondary = cpuSeconds(secondary.pid);
     await Promise.all(daemons.map((d) => d.stop()));
     const identical = (await sha256File(source)) === (await sha256File(target));
     const tgtAlloc = statSync(target).blocks * 512;
@@ -94,6 +104,8 @@ async function main(): Promise<void> {
         wireRatio: m.wireBytes / srcAlloc,
         peakRssPrimaryBytes: rssPrimary,
         peakRssSecondaryBytes: rssSecondary,
+        cpuSecondsPrimary: cpuPrimary,
+        cpuSecondsSecondary: cpuSecondary,
         targetAllocatedBytes: tgtAlloc,
         identical,
         note: 'time from starting the primary process to generation 1 committed (includes process start, handshake and the final fdatasync)',
@@ -125,12 +137,14 @@ async function main(): Promise<void> {
     console.log(`  throughput vs cp      ${result.ratios.throughputVsCp.toFixed(2)} x (vs cp+fdatasync ${result.ratios.throughputVsCpWithFsync.toFixed(2)} x; target >= 0.8)`);
     console.log(`  wire / allocated      ${result.thinmirror.wireRatio.toFixed(3)} (${formatBytes(m.wireBytes)} for ${formatBytes(srcAlloc)}; target <= 0.4)`);
     console.log(`  peak RSS              primary ${formatBytes(rssPrimary)}, secondary ${formatBytes(rssSecondary)} (target <= 200 MiB each)`);
+    console.log(`  CPU                   primary ${cpuPrimary.toFixed(2)} s, secondary ${cpuSecondary.toFixed(2)} s (user+system, 2 cores shared by both)`);
     console.log(`  target allocated      ${formatBytes(tgtAlloc)} (cp: ${formatBytes(cpAlloc)})`);
     console.log(`results: ${out}`);
     if (!identical) process.exitCode = 1;
   } finally {
     await Promise.all(daemons.map((d) => d.stop()));
-    await fsp.rm(dir, { recursive: true, force: true });
+    if (process.env.TM_BENCH_KEEP) console.log(`kept ${dir}`);
+    else await fsp.rm(dir, { recursive: true, force: true });
   }
 }
 

@@ -174,7 +174,15 @@ export class PrimaryMirror {
   private connect(): Promise<Session> {
     const url = this.config.peer!;
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(url, { perMessageDeflate: false, handshakeTimeout: 10_000, maxPayload: MAX_EXTENT_BYTES + 65536 });
+      const ws = new WebSocket(url, {
+        perMessageDeflate: false,
+        handshakeTimeout: 10_000,
+        maxPayload: MAX_EXTENT_BYTES + 65536,
+        // A zero mask makes ws skip masking (a copy and XOR of every payload byte).
+        // Masking protects HTTP intermediaries from scripts in browsers; a daemon
+        // talking to a daemon (inside TLS in production) has no use for it.
+        generateMask: (mask: Buffer) => void mask.fill(0),
+      });
       const onAbort = () => ws.terminate();
       this.signal.addEventListener('abort', onAbort, { once: true });
       ws.once('open', () => {
