@@ -125,8 +125,8 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
   const doc = parseDocument(text, { lineCounter: lc, prettyErrors: false, uniqueKeys: true });
   if (doc.errors.length > 0) {
     const lines = doc.errors.map((e) => {
-      const pos = e.linePos?.[0];
-      return `${sourcePath}:${pos ? `${pos.line}:${pos.col}` : '?'}: YAML: ${e.message.split('\n')[0]}`;
+      const pos = lc.linePos(e.pos[0]);
+      return `${sourcePath}:${pos.line}:${pos.col}: YAML: ${e.message.split('\n')[0]}`;
     });
     throw new TmError(ErrorCodes.CONFIG, `invalid config:\n${lines.join('\n')}`);
   }

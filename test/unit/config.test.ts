@@ -1,0 +1,140 @@
+import { expect } from 'chai';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { DEFAULTS, loadConfig, parseConfig, readPsk } from '../../src/daemon/config.js';
+import { TmError } from '../../src/errors.js';
+
+const EXAMPLE = `node: { name: site-b, stateDir: /var/lib/thinmirror }
+listen: { host: 127.0.0.1, port: 7890 }   # only on a host that receives mirrors
+auth: { pskFile: /etc/thinmirror/psk }
+mirrors:
+  - name: vm1
+    role: secondary
+    volume: /srv/replica/vm1.img
+  - name: db1
+    role: primary
+    volume: /var/lib/images/db1.img
+    peer: ws://10.0.0.2:7890
+    chunkSize: 64KiB                      # the default
+    tracking: { mode: scan, interval: 30s }   # the default
+`;
+
+/** Parse and return the coded error's message (fails when parsing succeeds). */
+function problems(text: string, file = '/etc/tm.yaml'): string {
+  try {
+    parseConfig(text, file);
+  } catch (e) {
+    expect(e).to.be.instanceOf(TmError);
+    expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
+    return (e as Error).message;
+  }
+  return expect.fail('the config was accepted');
+}
+
+describe('config: YAML validated at start, errors name file, line and key', () => {
+  it('parses the documented example with the defaults filled in', () => {
+    const c = parseConfig(EXAMPLE, '/etc/thinmirror/thinmirror.yaml');
+    expect(c.node).to.deep.equal({ name: 'site-b', stateDir: '/var/lib/thinmirror', logLevel: 'info' });
+    expect(c.listen).to.deep.equal({ host: '127.0.0.1', port: 7890 });
+    expect(c.auth.pskFile).to.equal('/etc/thinmirror/psk');
+    expect(c.mirrors).to.have.length(2);
+    expect(c.mirrors[0]).to.deep.include({ name: 'vm1', role: 'secondary', volume: '/srv/replica/vm1.img', chunkSize: DEFAULTS.chunkSize });
+    expect(c.mirrors[1]).to.deep.include({
+      name: 'db1',
+      role: 'primary',
+      peer: 'ws://10.0.0.2:7890',
+      chunkSize: 65536,
+      maxInFlight: 16 * 1024 * 1024,
+      maxExtent: 1024 * 1024,
+      checkpointBytes: 64 * 1024 * 1024,
+      checkpointInterval: 5,
+      tracking: { mode: 'scan', interval: 30 },
+    });
+  });
+
+  it('resolves relative paths against the config file directory', () => {
+    const c = parseConfig(EXAMPLE.replace('/var/lib/thinmirror', 'state').replace('/srv/replica/vm1.img', '../img/vm1.img'), '/etc/thinmirror/tm.yaml');
+    expect(c.node.stateDir).to.equal('/etc/thinmirror/state');
+    expect(c.mirrors[0]!.volume).to.equal('/etc/img/vm1.img');
+  });
+
+  it('names the line, column and key of a bad chunk size', () => {
+    const msg = problems(EXAMPLE.replace('chunkSize: 64KiB', 'chunkSize: 3000'));
+    expect(msg).to.match(/\/etc\/tm\.yaml:12:\d+: mirrors\[1\]\.chunkSize: expected a power of two between 4KiB and 4MiB/);
+  });
+
+  it('reports every problem at once, one line each', () => {
+    const bad = EXAMPLE.replace('port: 7890', 'port: 70000').replace('role: primary', 'role: master').replace('interval: 30s', 'interval: soon');
+    const msg = problems(bad);
+    expect(msg).to.contain('listen.port');
+    expect(msg).to.contain('mirrors[1].role');
+    expect(msg).to.contain('mirrors[1].tracking.interval');
+    expect(msg.split('\n').filter((l) => l.startsWith('/etc/tm.yaml:'))).to.have.length(3);
+    expect(msg).to.match(/:2:\d+: listen\.port/);
+    expect(msg).to.match(/:9:\d+: mirrors\[1\]\.role/);
+  });
+
+  it('refuses unknown keys (typos) with their line', () => {
+    const msg = problems(EXAMPLE.replace('    peer: ws', '    peeer: ws://x\n    peer: ws'));
+    expect(msg).to.match(/:11:\d+: mirrors\[1\]\.peeer: unknown key/);
+  });
+
+  it('cross-key rules: peer on a primary only, listen for secondaries, unique names and volumes', () => {
+    expect(problems(EXAMPLE.replace('    peer: ws://10.0.0.2:7890\n', ''))).to.contain('mirrors[1]: a primary mirror needs peer');
+    expect(problems(EXAMPLE.replace('    volume: /srv/replica/vm1.img', '    volume: /srv/replica/vm1.img\n    peer: ws://x:1'))).to.contain('mirrors[0].peer');
+    expect(problems(EXAMPLE.replace('listen: { host: 127.0.0.1, port: 7890 }', ''))).to.contain('listen: { host, port } is required');
+    expect(problems(EXAMPLE.replace('name: db1', 'name: vm1'))).to.contain('duplicate mirror name "vm1"');
+    expect(problems(EXAMPLE.replace('/var/lib/images/db1.img', '/srv/replica/vm1.img'))).to.contain('mirrors[1].volume');
+    expect(problems(EXAMPLE.replace('name: db1', 'name: "db 1"'))).to.contain('mirrors[1].name');
+    expect(problems(EXAMPLE.replace('peer: ws://10.0.0.2:7890', 'peer: http://10.0.0.2:7890'))).to.contain('mirrors[1].peer');
+    expect(problems(EXAMPLE.replace('chunkSize: 64KiB', 'chunkSize: 64KiB\n    maxExtent: 100KiB'))).to.contain('mirrors[1].maxExtent');
+    expect(problems(EXAMPLE.replace('mode: scan', 'mode: psychic'))).to.contain('mirrors[1].tracking.mode');
+    expect(problems('node: { name: a, stateDir: /s }\nauth: { pskFile: /k }\nmirrors: []\n')).to.contain('mirrors');
+  });
+
+  it('a YAML syntax error names its line', () => {
+    const msg = problems('node: { name: a\nmirrors:\n  - [\n');
+    expect(msg).to.match(/\/etc\/tm\.yaml:\d+:\d+: YAML:/);
+  });
+
+  describe('files', () => {
+    let dir: string;
+    before(() => (dir = mkdtempSync(path.join(os.tmpdir(), 'tm-cfg-'))));
+    after(() => rmSync(dir, { recursive: true, force: true }));
+
+    it('a missing config file is TM_ERR_CONFIG naming it', async () => {
+      const f = path.join(dir, 'missing.yaml');
+      try {
+        await loadConfig(f);
+        expect.fail('should throw');
+      } catch (e) {
+        expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
+        expect((e as Error).message).to.contain(f).and.contain('ENOENT');
+      }
+    });
+
+    it('loads a file and reads the pre-shared key without its newline', async () => {
+      const f = path.join(dir, 'tm.yaml');
+      writeFileSync(f, EXAMPLE);
+      expect((await loadConfig(f)).sourcePath).to.equal(f);
+      const k = path.join(dir, 'psk');
+      writeFileSync(k, 'a-secret-key-of-enough-length\n');
+      expect((await readPsk(k)).toString()).to.equal('a-secret-key-of-enough-length');
+    });
+
+    it('refuses a short, empty or missing key file', async () => {
+      const k = path.join(dir, 'short');
+      writeFileSync(k, 'short\n');
+      for (const f of [k, path.join(dir, 'nokey')]) {
+        try {
+          await readPsk(f);
+          expect.fail('should throw');
+        } catch (e) {
+          expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
+          expect((e as Error).message).to.contain(f);
+        }
+      }
+    });
+  });
+});
