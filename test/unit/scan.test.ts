@@ -1,0 +1,74 @@
+import { expect } from 'chai';
+import { mkdtempSync, rmSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ScanSource } from '../../src/track/scan.js';
+import { SparseFileVolume } from '../../src/volume/sparse-file.js';
+
+const KiB = 1024;
+const CS = 64 * KiB;
+
+describe('scan change source: digests of allocated chunks vs. what was sent', () => {
+  let dir: string;
+  let vol: SparseFileVolume;
+  beforeEach(async () => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'tm-scan-'));
+    vol = await SparseFileVolume.open(path.join(dir, 'v.img'), { create: { size: 16 * CS + 100 } });
+  });
+  afterEach(async () => {
+    await vol.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Record the volume's current content as sent, as the mirror does during a generation. */
+  async function sendAll(src: ScanSource): Promise<void> {
+    for (let c = 0; c * CS < vol.size; c++) {
+      const len = Math.min(CS, vol.size - c * CS);
+      src.recordSent(c, await vol.read(c * CS, len));
+    }
+  }
+
+  it('without state every chunk is unknown; after sending, nothing changed', async () => {
+    await vol.write(3 * CS, Buffer.alloc(CS, 1));
+    const src = new ScanSource(vol, CS, dir);
+    await src.open();
+    expect((await src.detect()).bitmap.size).to.equal(17);
+    await sendAll(src);
+    const d = await src.detect();
+    expect(d.bitmap.size).to.equal(0);
+    expect(d.readBytes).to.equal(CS); // only the allocated chunk was read
+  });
+
+  it('finds written chunks, a new extent, a punched hole and the partial tail; not zeros over a hole', async () => {
+    await vol.write(2 * CS, Buffer.alloc(2 * CS, 5));
+    const src = new ScanSource(vol, CS, dir);
+    await sendAll(src);
+    await vol.write(2 * CS + 10, Buffer.from('x')); // change inside
+    await vol.write(9 * CS, Buffer.alloc(4096, 9)); // new extent
+    await vol.write(16 * CS + 50, Buffer.from('tail')); // the partial last chunk
+    await vol.zero(3 * CS, CS); // punched hole
+    await vol.write(12 * CS, Buffer.alloc(CS)); // zeros written over a hole: reads the same
+    expect((await src.detect()).bitmap.toArray()).to.deep.equal([2, 3, 9, 16]);
+  });
+
+  it('digests survive a restart (persist + open); a torn/foreign digest file size is a coded error', async () => {
+    await vol.write(5 * CS, Buffer.alloc(CS, 3));
+    const a = new ScanSource(vol, CS, dir);
+    await sendAll(a);
+    await a.persist();
+    await vol.write(5 * CS, Buffer.alloc(10, 4));
+    const b = new ScanSource(vol, CS, dir);
+    await b.open();
+    expect((await b.detect()).bitmap.toArray()).to.deep.equal([5]);
+    // In-place persistence of a dirty range only.
+    b.recordSent(5, await vol.read(5 * CS, CS));
+    await b.persist();
+    const c = new ScanSource(vol, CS, dir);
+    await c.open();
+    expect((await c.detect()).bitmap.size).to.equal(0);
+    // A digest file for another chunk count.
+    const other = new ScanSource(vol, 4 * CS, dir);
+    const e = await other.open().then(() => null, (x: unknown) => x);
+    expect(e).to.have.property('code', 'TM_ERR_STATE');
+  });
+});
