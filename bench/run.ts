@@ -13,7 +13,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
 import { freePort, sha256File, writePairConfigs } from '../src/cli/demo.js';
-import { createSampleVolume } from '../src/util/sample.js';
+import { createSampleVolume, prng } from '../src/util/sample.js';
+import { describeMap } from '../src/volume/map.js';
 import { formatBytes } from '../src/util/units.js';
 
 const GiB = 1024 ** 3;
@@ -38,6 +39,49 @@ function timeCommand(cmd: string, args: string[]): number {
   return Number(process.hrtime.bigint() - t) / 1e9;
 }
 
+/**
+ * Allocation map of a 1 TiB sparse file with 300 extents of 4 KiB..1 MiB:
+ * `describeMap` (SEEK_DATA/SEEK_HOLE) against `filefrag -e` (FIEMAP) on the same file.
+ */
+async function mapBench(dir: string) {
+  const file = path.join(dir, 'map-1TiB.img');
+  const size = 1024 * GiB;
+  const rnd = prng(5);
+  const fh = await fsp.open(file, 'w');
+  try {
+    await fh.truncate(size);
+    const slot = size / 300;
+    for (let i = 0; i < 300; i++) {
+      const len = 4096 * (1 + Math.floor(rnd() * 256));
+      const off = Math.floor((i * slot + rnd() * (slot - len)) / 4096) * 4096;
+      await fh.write(Buffer.alloc(len, 0x5a), 0, len, off);
+    }
+  } finally {
+    await fh.close();
+  }
+  const runs: number[] = [];
+  let extents = 0;
+  for (let i = 0; i < 5; i++) {
+    const t = process.hrtime.bigint();
+    const m = await describeMap(file, 64 * 1024);
+    runs.push(Number(process.hrtime.bigint() - t) / 1e9);
+    extents = m.extents.length;
+  }
+  let filefragSeconds: number | null = null;
+  const which = spawnSync('sh', ['-c', 'command -v filefrag']);
+  if (which.status === 0) {
+    const t = process.hrtime.bigint();
+    spawnSync('filefrag', ['-e', file], { stdio: 'ignore' });
+    filefragSeconds = Number(process.hrtime.bigint() - t) / 1e9;
+  } else {
+    console.log('  (filefrag not found: apt-get install e2fsprogs to compare)');
+  }
+  await fsp.rm(file);
+  const best = Math.min(...runs);
+  console.log(`map of a 1 TiB sparse file with 300 written extents: ${extents} chunk-aligned extents in ${(best * 1000).toFixed(1)} ms (best of 5; first ${(runs[0]! * 1000).toFixed(1)} ms); filefrag -e: ${filefragSeconds === null ? 'n/a' : `${(filefragSeconds * 1000).toFixed(1)} ms (process included)`}`);
+  return { sizeBytes: size, writtenExtents: 300, mapExtents: extents, seconds: best, firstSeconds: runs[0], peer: { command: 'filefrag -e', seconds: filefragSeconds } };
+}
+
 async function main(): Promise<void> {
   const size = Number(process.env.TM_BENCH_SIZE ?? 4 * GiB);
   const allocated = Number(process.env.TM_BENCH_ALLOCATED ?? 1 * GiB);
@@ -45,6 +89,7 @@ async function main(): Promise<void> {
   const dir = await fsp.mkdtemp(path.join(base, 'tm-bench-'));
   const daemons: DaemonProcess[] = [];
   try {
+    const map = await mapBench(dir);
     const source = path.join(dir, 'source.img');
     const target = path.join(dir, 'target.img');
     const cpTarget = path.join(dir, 'cp-copy.img');
@@ -118,6 +163,7 @@ async function main(): Promise<void> {
         allocatedMBpsWithFsync: srcAlloc / 1e6 / cpSyncSeconds,
         targetAllocatedBytes: cpAlloc,
       },
+      map,
       ratios: {
         throughputVsCp: cpSeconds / syncSeconds,
         throughputVsCpWithFsync: cpSyncSeconds / syncSeconds,
