@@ -65,6 +65,15 @@ export class SecondaryMirror {
     }
     let volume: SparseFileVolume | undefined;
     try {
+      if (auth.chunkSize !== this.config.chunkSize) {
+        throw refuse(
+          session,
+          new TmError(
+            ErrorCodes.CHUNK_SIZE_MISMATCH,
+            `mirror ${this.name}: the primary uses chunks of ${auth.chunkSize} bytes, this node's config says ${this.config.chunkSize} (chunkSize must match on both sides)`,
+          ),
+        );
+      }
       volume = await this.openTarget(session, auth);
       this.session = session;
       const ready = await this.admit(session, hello, auth);

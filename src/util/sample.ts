@@ -1,3 +1,4 @@
+import { randomFillSync } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import type { ByteRange } from '../volume/volume.js';
 
@@ -52,7 +53,7 @@ export interface SampleVolumeOptions {
   allocated: number;
   extents: number;
   seed?: number;
-  /** 'text' (compressible) or 'random' (incompressible). */
+  /** 'text' (log-like, compressible, reproducible from the seed) or 'random' (incompressible). */
   content?: 'text' | 'random';
   /** Align extent offsets and lengths to this many bytes (default 4096). */
   align?: number;
@@ -82,7 +83,7 @@ export async function createSampleVolume(path: string, o: SampleVolumeOptions): 
     for (const r of ranges) {
       for (let done = 0; done < r.length; done += 1 << 20) {
         const len = Math.min(1 << 20, r.length - done);
-        const data = o.content === 'random' ? randomBuffer(len, rnd) : textLike(len, rnd);
+        const data = o.content === 'random' ? randomBuffer(len) : textLike(len, rnd);
         await fh.write(data, 0, len, r.offset + done);
       }
     }
@@ -93,9 +94,7 @@ export async function createSampleVolume(path: string, o: SampleVolumeOptions): 
   return ranges;
 }
 
-function randomBuffer(n: number, rnd: () => number): Buffer {
-  const b = Buffer.allocUnsafe(n);
-  for (let i = 0; i + 4 <= n; i += 4) b.writeUInt32LE((rnd() * 4294967296) >>> 0, i);
-  for (let i = n - (n % 4); i < n; i++) b[i] = (rnd() * 256) | 0;
-  return b;
+/** Incompressible bytes (not reproducible from the seed: speed matters more here). */
+function randomBuffer(n: number): Buffer {
+  return randomFillSync(Buffer.allocUnsafe(n));
 }

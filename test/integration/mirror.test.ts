@@ -174,4 +174,16 @@ describe('integration: sparse file to sparse file, two daemons on loopback', fun
     expect(st.mirrors[0]!.error!.code).to.equal('TM_ERR_UNKNOWN_MIRROR');
     expect(existsSync(pair.target)).to.equal(false);
   });
+
+  it('a chunk size that differs between the two configs is refused (TM_ERR_CHUNK_SIZE_MISMATCH)', async () => {
+    pair = await Pair.create();
+    await createSampleVolume(pair.source, { size: 16 * MiB, allocated: 1 * MiB, extents: 1 });
+    await pair.writeConfigs({ chunkSize: '128KiB' }); // the secondary keeps the default 64KiB
+    await pair.startSecondary().waitReady();
+    await pair.startPrimary().waitReady();
+    const st = await pair.primary!.waitFor((s) => s.mirrors[0]!.error !== null, 20_000, 'a refusal');
+    expect(st.mirrors[0]!.error!.code).to.equal('TM_ERR_CHUNK_SIZE_MISMATCH');
+    expect((await pair.secondaryMirror()).error?.code).to.equal('TM_ERR_CHUNK_SIZE_MISMATCH');
+    expect(existsSync(pair.target), 'nothing written before the refusal').to.equal(false);
+  });
 });
