@@ -105,7 +105,9 @@ async function main(): Promise<void> {
     execFileSync('sync');
 
     const port = await freePort();
-    const cfg = await writePairConfigs({ dir, mirror: 'bench', source, target, port, interval: '1h' });
+    const extra = process.env.TM_BENCH_PRIMARY_EXTRA ? (JSON.parse(process.env.TM_BENCH_PRIMARY_EXTRA) as Record<string, unknown>) : undefined;
+    const extraS = process.env.TM_BENCH_SECONDARY_EXTRA ? (JSON.parse(process.env.TM_BENCH_SECONDARY_EXTRA) as Record<string, unknown>) : undefined;
+    const cfg = await writePairConfigs({ dir, mirror: 'bench', source, target, port, interval: '1h', extraPrimary: extra, extraSecondary: extraS });
     const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
     daemons.push(secondary);
     await secondary.waitReady();

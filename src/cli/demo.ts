@@ -113,12 +113,12 @@ export async function runDemo(o: { size?: number; keep: boolean }): Promise<numb
     const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
     daemons.push(secondary);
     await secondary.waitReady();
+    const t0 = Date.now();
     const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(dir, 'primary.log'));
     daemons.push(primary);
     await primary.waitReady();
     say(`secondary (site-b) listening on 127.0.0.1:${port}, primary (site-a) started; logs in ${dir}`);
 
-    const t0 = Date.now();
     let lastPrint = 0;
     const first = await primary.waitFor(
       (st) => {
@@ -141,7 +141,7 @@ export async function runDemo(o: { size?: number; keep: boolean }): Promise<numb
     const syncSeconds = (Date.now() - t0) / 1000;
     const m1 = first.mirrors[0]!;
     if (tty) process.stdout.write(`\r${' '.repeat(110)}\r`);
-    say(`initial sync done: generation 1 committed in ${syncSeconds.toFixed(2)} s`);
+    say(`initial sync done: generation 1 committed ${syncSeconds.toFixed(2)} s after the primary started`);
     await compareImages(source, target, say);
 
     // Change some chunks, add an extent, punch a hole: the next generation carries them.
