@@ -86,9 +86,19 @@ export class PrimaryMirror {
 
   /** Open the volume and state, then replicate in the background until {@link stop}. */
   async start(): Promise<void> {
-    const c = this.config;
     await this.stateFile.init();
-    this.volume = await SparseFileVolume.open(c.volume, { readOnly: true });
+    this.volume = await SparseFileVolume.open(this.config.volume, { readOnly: true });
+    try {
+      await this.load();
+    } catch (e) {
+      await this.volume.close();
+      throw e;
+    }
+    this.loopDone = this.run();
+  }
+
+  private async load(): Promise<void> {
+    const c = this.config;
     let s = await this.stateFile.load('primary');
     if (s && s.chunkSize !== c.chunkSize) {
       throw new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${c.name}: state ${this.stateFile.file} was built with chunks of ${s.chunkSize} bytes but the config says ${c.chunkSize}`);
@@ -116,7 +126,6 @@ export class PrimaryMirror {
     await this.source.open();
     this.allocatedBytes = totalBytes(await this.volume.allocated());
     this.log.info({ generation: s.generation, committedGeneration: s.committedGeneration, pending: s.pending, volumeBytes: s.volumeSize, allocatedBytes: this.allocatedBytes }, 'primary mirror ready');
-    this.loopDone = this.run();
   }
 
   /** Stop replicating; state is persisted; idempotent. */
@@ -203,6 +212,19 @@ export class PrimaryMirror {
     if (s.pending !== null && peerCommitted >= s.pending) {
       // The secondary committed it; the acknowledgement was lost with the last session.
       await this.markCommitted(s.pending);
+    }
+    if (peerCommitted < s.committedGeneration && s.pending === null) {
+      // The secondary lost its state (or its replica): nothing it holds is known.
+      // Until digests can be compared with the secondary, every chunk is sent again;
+      // never assume it still holds what it acknowledged.
+      this.log.warn(
+        { peerCommitted, committedGeneration: s.committedGeneration },
+        'the secondary reports an older generation than it acknowledged: its state was lost; resending every chunk',
+      );
+      await this.source.reset();
+      const all = new RoaringBitmap32();
+      all.addRange(0, Math.ceil(s.volumeSize / s.chunkSize));
+      await this.createGeneration(all, Date.now(), 0);
     }
     let resume = applying && applying.generation === s.pending ? applying.cursor : 0;
     while (!this.signal.aborted) {

@@ -26,6 +26,7 @@ export class SecondaryMirror {
   private lastError: TmError | null = null;
   private session: Session | null = null;
   private sessionDone: Promise<void> = Promise.resolve();
+  private accepting: Promise<void> = Promise.resolve();
   private appliedBytes = 0;
   private wireBytesBase = 0;
   private allocatedCache: { at: number; bytes: number } = { at: 0, bytes: 0 };
@@ -54,7 +55,15 @@ export class SecondaryMirror {
    * Take an authenticated session for this mirror. A session already running
    * is replaced: its peer may be gone without the socket having noticed.
    */
-  async accept(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
+  accept(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
+    // One accept at a time: two sessions racing through the checks must not
+    // both end up applying to the target.
+    const run = this.accepting.then(() => this.acceptNow(session, hello, auth));
+    this.accepting = run.catch(() => {});
+    return run;
+  }
+
+  private async acceptNow(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
     if (this.stopped) {
       throw refuse(session, new TmError(ErrorCodes.CONNECTION, `mirror ${this.name} on this node is shutting down`));
     }

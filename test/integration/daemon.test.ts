@@ -1,4 +1,5 @@
 import { expect } from 'chai';
+import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { DaemonProcess } from '../../src/cli/daemon-process.js';
 import { createSampleVolume } from '../../src/util/sample.js';
@@ -45,5 +46,24 @@ describe('integration: daemon lifecycle', function () {
     expect(second.logTail()).to.contain('TM_ERR_LOCKED').and.contain(`pid ${first.pid}`);
     expect(first.running).to.equal(true);
     await first.status(); // the first one still answers
+  });
+
+  it('a secondary that lost its state is detected and brought back, not trusted', async () => {
+    pair = await Pair.create();
+    await createSampleVolume(pair.source, { size: 32 * MiB, allocated: 4 * MiB, extents: 4 });
+    await pair.writeConfigs();
+    await pair.startSecondary().waitReady();
+    await pair.startPrimary().waitReady();
+    await pair.waitInSync(1);
+    await pair.secondary!.stop();
+    await fsp.rm(pair.cfg.secondaryState, { recursive: true });
+    // Damage the replica too: a stale secondary must not be believed.
+    const fh = await fsp.open(pair.target, 'r+');
+    await fh.write(Buffer.alloc(65536, 0x77), 0, 65536, 0);
+    await fh.close();
+    await pair.startSecondary().waitReady();
+    await pair.primary!.waitFor((s) => s.mirrors[0]!.committedGeneration >= 2 && s.mirrors[0]!.state === 'in-sync', 30_000, 'the resend');
+    expect(await sha256File(pair.target)).to.equal(await sha256File(pair.source));
+    expect(pair.primary!.logTail(40)).to.contain('its state was lost');
   });
 });
