@@ -222,9 +222,7 @@ export class PrimaryMirror {
         'the secondary reports an older generation than it acknowledged: its state was lost; resending every chunk',
       );
       await this.source.reset();
-      const all = new RoaringBitmap32();
-      all.addRange(0, Math.ceil(s.volumeSize / s.chunkSize));
-      await this.createGeneration(all, Date.now(), 0);
+      await this.createGeneration(this.allChunks(), Date.now(), 0);
     }
     let resume = applying && applying.generation === s.pending ? applying.cursor : 0;
     while (!this.signal.aborted) {
@@ -235,9 +233,7 @@ export class PrimaryMirror {
       }
       if (s.generation === 0) {
         // Initial sync: generation 1 covers every chunk.
-        const all = new RoaringBitmap32();
-        all.addRange(0, Math.ceil(s.volumeSize / s.chunkSize));
-        await this.createGeneration(all, Date.now(), 0);
+        await this.createGeneration(this.allChunks(), Date.now(), 0);
         continue;
       }
       this.phase = 'in-sync';
@@ -247,6 +243,13 @@ export class PrimaryMirror {
       if (!session.isOpen) throw (await session.closed) ?? new TmError(ErrorCodes.CONNECTION, 'session closed');
       await this.detect();
     }
+  }
+
+  /** A bitmap of every chunk of the volume. */
+  private allChunks(): RoaringBitmap32 {
+    const all = new RoaringBitmap32();
+    all.addRange(0, Math.ceil(this.state.volumeSize / this.state.chunkSize));
+    return all;
   }
 
   /** One detection pass; a non-empty result becomes the next generation. */
