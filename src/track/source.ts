@@ -1,25 +1,48 @@
+import type { Volume } from '../volume/volume.js';
 import type { RoaringBitmap32 } from './bitmap-store.js';
 
 /** What one detection pass found and cost. */
 export interface Detection {
-  /** Chunk indices whose content or allocation changed since the previous pass. */
+  /** Chunk indices whose content or allocation changed since the previous generation's view. */
   bitmap: RoaringBitmap32;
-  /** Bytes read from the volume to find them. */
+  /** Bytes read from the volume to find them (0 for metadata-based sources). */
   readBytes: number;
 }
 
+export interface DetectOptions {
+  /**
+   * Every chunk counts as changed (initial sync, tracking state lost): the view
+   * is still frozen, but nothing is compared.
+   */
+  all?: boolean;
+  signal?: AbortSignal;
+}
+
 /**
- * A change source: the plug-in point for `tracking.mode`. It yields a roaring
- * bitmap of chunks per cycle; the mirror persists that bitmap as a generation
- * before sending it. Sources that learn from content (scan) are told what was
- * sent for each chunk so that the next pass compares against it.
+ * A change source: the plug-in point for `tracking.mode`.
+ *
+ * Life of a generation N, as the primary drives it:
+ * 1. `detect(N)` freezes the view generation N will be read from (a snapshot,
+ *    or the live volume for sources that are not point-in-time) and returns the
+ *    chunks that differ from generation N-1's view. Calling `detect(N)` again
+ *    (after a crash before N was recorded) replaces that view.
+ * 2. The primary writes bitmap N to disk, then reads N's chunks from `view(N)`
+ *    (again after any restart, until N is committed).
+ * 3. After the secondary's `committed(N)` the primary calls `committed(N)`:
+ *    views older than N may go; N's view is the base of the next comparison.
+ *
+ * Sources that learn from content (scan) are told what was sent for each chunk
+ * through `recordSent`; metadata sources ignore it.
  */
 export interface ChangeSource {
   readonly mode: string;
-  /** Load persisted tracking state. */
-  open(): Promise<void>;
-  /** Chunks changed since the last pass. */
-  detect(signal?: AbortSignal): Promise<Detection>;
+  /** Load persisted tracking state. `generation`: the last generation created (0: none). */
+  open(generation: number, committedGeneration: number): Promise<void>;
+  detect(generation: number, opts?: DetectOptions): Promise<Detection>;
+  /** The volume generation `generation` is read from. Owned by the source (do not close it). */
+  view(generation: number): Promise<Volume>;
+  /** The secondary made `generation` durable. */
+  committed(generation: number): Promise<void>;
   /**
    * The sender read these bytes for chunk `chunk` and is sending them
    * (`data` null: `count` chunks from `chunk` travel as zeros / a hole).
