@@ -47,8 +47,14 @@ export const ErrorCodes = {
   LOCKED: 'TM_ERR_LOCKED',
   /** The daemon's control socket is not reachable. */
   CONTROL: 'TM_ERR_CONTROL',
+  /** An LVM, device-mapper or thin-provisioning-tools command failed (the command, its exit status and stderr are named). */
+  LVM: 'TM_ERR_LVM',
+  /** An external program thinmirror runs is not installed (the message names the package). */
+  TOOL_MISSING: 'TM_ERR_TOOL_MISSING',
   /** The operation was aborted (shutdown). */
   ABORTED: 'TM_ERR_ABORTED',
+  /** A change source cannot work here (no reflink, snapshot missing, FIEMAP failed). */
+  TRACKING: 'TM_ERR_TRACKING',
   /** The two images differ (demo / verify). */
   VERIFY: 'TM_ERR_VERIFY',
   /** An invariant was violated: a bug. */

@@ -15,7 +15,7 @@ export const DEFAULTS = {
   checkpointInterval: 5,
   reconnectMin: 1,
   reconnectMax: 30,
-  trackingMode: 'scan',
+  trackingMode: 'auto',
   trackingInterval: 30,
 } as const;
 
@@ -33,8 +33,14 @@ export interface MirrorConfig {
   checkpointInterval: number;
   reconnectMin: number;
   reconnectMax: number;
-  tracking: { mode: 'scan'; interval: number };
+  tracking: { mode: TrackingMode; interval: number };
+  /** LVM thin pool of the volume (`tracking.mode: lvm-thin`): volume group and pool name. */
+  lvm?: { vg: string; pool: string };
 }
+
+export const TRACKING_MODES = ['auto', 'scan', 'reflink', 'lvm-thin'] as const;
+/** `auto`: reflink where the volume's filesystem has it, scan elsewhere. */
+export type TrackingMode = (typeof TRACKING_MODES)[number];
 
 export interface DaemonConfig {
   node: { name: string; stateDir: string; logLevel: string };
@@ -82,7 +88,8 @@ const mirrorSchema = z.strictObject({
   maxExtent: size.optional(),
   checkpoint: z.strictObject({ bytes: size.optional(), interval: duration.optional() }).optional(),
   reconnect: z.strictObject({ min: duration.optional(), max: duration.optional() }).optional(),
-  tracking: z.strictObject({ mode: z.enum(['scan']).optional(), interval: duration.optional() }).optional(),
+  tracking: z.strictObject({ mode: z.enum(TRACKING_MODES).optional(), interval: duration.optional() }).optional(),
+  lvm: z.strictObject({ pool: z.string().regex(/^[A-Za-z0-9+_.-]+\/[A-Za-z0-9+_.-]+$/, 'expected VG/POOL, e.g. vg0/pool0') }).optional(),
 });
 
 const configSchema = z.strictObject({
@@ -161,6 +168,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       reconnectMin: m.reconnect?.min ?? DEFAULTS.reconnectMin,
       reconnectMax: m.reconnect?.max ?? DEFAULTS.reconnectMax,
       tracking: { mode: m.tracking?.mode ?? DEFAULTS.trackingMode, interval: m.tracking?.interval ?? DEFAULTS.trackingInterval },
+      ...(m.lvm ? { lvm: { vg: m.lvm.pool.split('/')[0]!, pool: m.lvm.pool.split('/')[1]! } } : {}),
     }));
     config = {
       node: { name: c.node.name, stateDir: abs(c.node.stateDir), logLevel: c.node.logLevel ?? DEFAULTS.logLevel },
@@ -184,6 +192,13 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
         problems.push({ path: at('maxExtent'), message: `expected a multiple of chunkSize (${m.chunkSize}) of at most 8MiB, got ${m.maxExtent}` });
       }
       if (m.maxInFlight < m.maxExtent) problems.push({ path: at('maxInFlight'), message: `expected at least maxExtent (${m.maxExtent} bytes), got ${m.maxInFlight}` });
+      if (m.tracking.mode === 'lvm-thin') {
+        if (m.role !== 'primary') problems.push({ path: at('tracking'), message: 'tracking applies to primary mirrors only' });
+        if (!m.lvm) problems.push({ path: ['mirrors', i], message: 'tracking.mode lvm-thin needs lvm: { pool: VG/POOL }' });
+        if (!/^\/dev\/[^/]+\/[^/]+$/.test(m.volume)) problems.push({ path: at('volume'), message: `tracking.mode lvm-thin needs volume: /dev/VG/LV, got ${m.volume}` });
+      } else if (m.lvm) {
+        problems.push({ path: at('lvm'), message: 'lvm: is used only with tracking.mode lvm-thin' });
+      }
       if (m.reconnectMin > m.reconnectMax) problems.push({ path: at('reconnect'), message: 'min must not exceed max' });
     });
     if (!config.listen && mirrors.some((m) => m.role === 'secondary')) {

@@ -5,7 +5,7 @@ import { WebSocket } from 'ws';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import type { MirrorConfig } from '../daemon/config.js';
 import { BitmapStore, bitmapRuns, RoaringBitmap32 } from '../track/bitmap-store.js';
-import { ScanSource } from '../track/scan.js';
+import { createSource } from '../track/index.js';
 import type { ChangeSource } from '../track/source.js';
 import { sleep } from '../util/sleep.js';
 import { compressPayload, crc32 } from '../wire/codec.js';
@@ -13,7 +13,7 @@ import { primaryHandshake } from '../wire/handshake.js';
 import { MAX_EXTENT_BYTES, type ExtentMsg } from '../wire/messages.js';
 import { Session } from '../wire/session.js';
 import { SparseFileVolume } from '../volume/sparse-file.js';
-import { totalBytes, type ByteRange } from '../volume/volume.js';
+import { totalBytes, type ByteRange, type Volume } from '../volume/volume.js';
 import { isAllZero } from '../volume/zero.js';
 import { FlowControl } from './flow.js';
 import { StateFile, STATE_FORMAT, type PrimaryState } from './state.js';
@@ -122,8 +122,10 @@ export class PrimaryMirror {
       await this.stateFile.save(s);
     }
     this.state = s;
-    this.source = new ScanSource(this.volume, c.chunkSize, this.stateFile.dir);
-    await this.source.open();
+    const picked = await createSource(c, this.volume, this.stateFile.dir);
+    this.source = picked.source;
+    if (picked.reason) this.log.info({ trackingMode: picked.source.mode }, `tracking.mode auto: ${picked.reason}`);
+    await this.source.open(s.generation, s.committedGeneration);
     this.allocatedBytes = totalBytes(await this.volume.allocated());
     this.log.info({ generation: s.generation, committedGeneration: s.committedGeneration, pending: s.pending, volumeBytes: s.volumeSize, allocatedBytes: this.allocatedBytes }, 'primary mirror ready');
   }
@@ -133,7 +135,7 @@ export class PrimaryMirror {
     this.abort.abort();
     this.session?.close();
     await this.loopDone;
-    await this.source?.persist().catch((e) => this.log.warn({ err: e }, 'persisting tracking state failed'));
+    await this.source?.close().catch((e) => this.log.warn({ err: e }, 'persisting tracking state failed'));
     await this.volume?.close();
     this.phase = 'stopped';
   }
@@ -222,7 +224,7 @@ export class PrimaryMirror {
         'the secondary reports an older generation than it acknowledged: its state was lost; resending every chunk',
       );
       await this.source.reset();
-      await this.createGeneration(this.allChunks(), Date.now(), 0);
+      await this.newGeneration(true);
     }
     let resume = applying && applying.generation === s.pending ? applying.cursor : 0;
     while (!this.signal.aborted) {
@@ -233,7 +235,7 @@ export class PrimaryMirror {
       }
       if (s.generation === 0) {
         // Initial sync: generation 1 covers every chunk.
-        await this.createGeneration(this.allChunks(), Date.now(), 0);
+        await this.newGeneration(true);
         continue;
       }
       this.phase = 'in-sync';
@@ -241,22 +243,22 @@ export class PrimaryMirror {
       await sleep(wait, this.signal, session.closed);
       if (this.signal.aborted) return;
       if (!session.isOpen) throw (await session.closed) ?? new TmError(ErrorCodes.CONNECTION, 'session closed');
-      await this.detect();
+      await this.newGeneration(false);
     }
   }
 
-  /** A bitmap of every chunk of the volume. */
-  private allChunks(): RoaringBitmap32 {
-    const all = new RoaringBitmap32();
-    all.addRange(0, Math.ceil(this.state.volumeSize / this.state.chunkSize));
-    return all;
-  }
-
-  /** One detection pass; a non-empty result becomes the next generation. */
-  private async detect(): Promise<void> {
+  /**
+   * One detection pass (`all`: every chunk, e.g. the initial sync); a
+   * non-empty result becomes the next generation.
+   */
+  private async newGeneration(all: boolean): Promise<void> {
     const started = Date.now();
     this.lastDetectAt = started;
-    const { bitmap, readBytes } = await this.source.detect(this.signal);
+    const gen = this.state.generation + 1;
+    const { bitmap, readBytes, baseLost } = await this.source.detect(gen, { all, signal: this.signal });
+    if (baseLost) {
+      this.log.warn({ generation: gen, trackingMode: this.source.mode }, 'tracking state was lost (no base to compare with): every chunk is sent again');
+    }
     this.allocatedBytes = totalBytes(await this.volume.allocated());
     if (bitmap.isEmpty) {
       this.log.debug({ readBytes, ms: Date.now() - started }, 'no changes');
@@ -290,6 +292,7 @@ export class PrimaryMirror {
     const s = this.state;
     const cs = s.chunkSize;
     const bitmap = await this.bitmaps.load(gen);
+    const view = await this.source.view(gen);
     const total = this.bitmapBytes(bitmap);
     const fromChunk = Math.ceil(resumeFrom / cs);
     this.phase = s.committedGeneration === 0 ? 'initial-sync' : 'syncing';
@@ -342,7 +345,7 @@ export class PrimaryMirror {
 
     session.send({ type: 'begin', generation: gen, resumeFrom });
     let seq = 0;
-    for await (const ext of this.extents(bitmap, fromChunk)) {
+    for await (const ext of this.extents(view, bitmap, fromChunk)) {
       await flow.ready();
       if (this.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
       const msg = { ...ext, seq: ++seq } as ExtentMsg;
@@ -368,6 +371,7 @@ export class PrimaryMirror {
     s.cursor = 0;
     s.oldestUncommittedAt = null;
     await this.stateFile.save(s);
+    await this.source.committed(gen);
     await this.bitmaps.remove(gen);
     if (this.cycle && this.cycle.generation === gen) {
       this.lastCycle = {
@@ -416,11 +420,11 @@ export class PrimaryMirror {
   }
 
   /** Extents of a generation with READ_AHEAD pieces read and compressed ahead of the socket. */
-  private async *extents(bitmap: RoaringBitmap32, fromChunk: number): AsyncGenerator<Prepared> {
-    const alloc = await this.volume.allocated(this.state.chunkSize);
+  private async *extents(view: Volume, bitmap: RoaringBitmap32, fromChunk: number): AsyncGenerator<Prepared> {
+    const alloc = await view.allocated(this.state.chunkSize);
     const ahead: Promise<Prepared[]>[] = [];
     for (const seg of this.segments(bitmap, alloc, fromChunk)) {
-      const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(seg);
+      const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(view, seg);
       p.catch(() => {}); // awaited below in order; avoid an unhandled rejection meanwhile
       ahead.push(p);
       if (ahead.length >= READ_AHEAD) yield* await ahead.shift()!;
@@ -435,9 +439,9 @@ export class PrimaryMirror {
   }
 
   /** Read one allocated piece; all-zero chunks become zero extents, the rest data. */
-  private async prepare(seg: Segment): Promise<Prepared[]> {
+  private async prepare(view: Volume, seg: Segment): Promise<Prepared[]> {
     const cs = this.state.chunkSize;
-    const buf = await this.volume.read(seg.offset, seg.length);
+    const buf = await view.read(seg.offset, seg.length);
     if (this.cycle) this.cycle.readBytes += seg.length;
     const out: Prepared[] = [];
     const runs: { zero: boolean; start: number; end: number }[] = [];

@@ -18,6 +18,48 @@ export interface NativeOps {
   blkGetSize64(fd: number): number;
   /** ioctl BLKDISCARD. */
   blkDiscard(fd: number, offset: number, length: number): Promise<void>;
+  /** ioctl FICLONE: make `destFd` share every extent of `srcFd` (reflink; same filesystem). */
+  ficlone(destFd: number, srcFd: number): Promise<void>;
+  /**
+   * ioctl FS_IOC_FIEMAP over [offset, offset + length): every mapped extent as
+   * 4 numbers (logical, physical, length, flags). `sync` sets FIEMAP_FLAG_SYNC.
+   */
+  fiemap(fd: number, offset: number, length: number, sync: number): Promise<Float64Array>;
+  /** sd_notify: send `message` to the NOTIFY_SOCKET path; false when the path is empty. */
+  sdNotify(socketPath: string, message: string): boolean;
+}
+
+/** FIEMAP extent flags (linux/fiemap.h). */
+export const FiemapFlags = {
+  LAST: 0x1,
+  UNKNOWN: 0x2,
+  DELALLOC: 0x4,
+  ENCODED: 0x8,
+  DATA_ENCRYPTED: 0x80,
+  NOT_ALIGNED: 0x100,
+  DATA_INLINE: 0x200,
+  DATA_TAIL: 0x400,
+  UNWRITTEN: 0x800,
+  MERGED: 0x1000,
+  SHARED: 0x2000,
+} as const;
+
+/** One FIEMAP extent, bytes. */
+export interface FiemapExtent {
+  logical: number;
+  physical: number;
+  length: number;
+  flags: number;
+}
+
+/** FIEMAP of a whole file (or a range) as objects. */
+export async function fiemap(fd: number, offset = 0, length = Number.MAX_SAFE_INTEGER - offset, sync = false): Promise<FiemapExtent[]> {
+  const raw = await native().fiemap(fd, offset, length, sync ? 1 : 0);
+  const out: FiemapExtent[] = [];
+  for (let i = 0; i < raw.length; i += 4) {
+    out.push({ logical: raw[i]!, physical: raw[i + 1]!, length: raw[i + 2]!, flags: raw[i + 3]! });
+  }
+  return out;
 }
 
 function packageRoot(): string {

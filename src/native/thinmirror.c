@@ -11,13 +11,17 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fiemap.h>
 #include <linux/fs.h>
 #include <node_api.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 static const char *errno_name(int e) {
@@ -46,6 +50,10 @@ static const char *errno_name(int e) {
     case ENOSYS: return "ENOSYS";
     case EDQUOT: return "EDQUOT";
     case EOVERFLOW: return "EOVERFLOW";
+    case EXDEV: return "EXDEV";
+    case ENAMETOOLONG: return "ENAMETOOLONG";
+    case ECONNREFUSED: return "ECONNREFUSED";
+    case ETXTBSY: return "ETXTBSY";
     default: return NULL;
   }
 }
@@ -135,7 +143,7 @@ static napi_value BlkGetSize64(napi_env env, napi_callback_info info) {
 
 /* ---- asynchronous range operations on the libuv threadpool ---- */
 
-enum op { OP_PUNCH, OP_ZERO, OP_DISCARD };
+enum op { OP_PUNCH, OP_ZERO, OP_DISCARD, OP_CLONE, OP_FIEMAP };
 
 struct work {
   napi_async_work work;
@@ -144,12 +152,65 @@ struct work {
   int fd;
   int64_t offset, length;
   int err;
+  int sync;                 /* OP_FIEMAP: FIEMAP_FLAG_SYNC */
+  double *extents;          /* OP_FIEMAP: logical, physical, length, flags per extent */
+  size_t count, cap;
 };
+
+/* FIEMAP over [offset, offset+length): every mapped extent, batch after batch. */
+static int do_fiemap(struct work *w) {
+  enum { BATCH = 512 };
+  size_t sz = sizeof(struct fiemap) + BATCH * sizeof(struct fiemap_extent);
+  struct fiemap *fm = malloc(sz);
+  if (!fm) return ENOMEM;
+  uint64_t pos = (uint64_t)w->offset, end = (uint64_t)w->offset + (uint64_t)w->length;
+  int err = 0, flags = w->sync ? FIEMAP_FLAG_SYNC : 0;
+  while (pos < end) {
+    memset(fm, 0, sz);
+    fm->fm_start = pos;
+    fm->fm_length = end - pos;
+    fm->fm_flags = flags;
+    fm->fm_extent_count = BATCH;
+    if (ioctl(w->fd, FS_IOC_FIEMAP, fm) < 0) {
+      err = errno;
+      break;
+    }
+    flags = 0; /* synced once is enough */
+    if (fm->fm_mapped_extents == 0) break;
+    int last = 0;
+    for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
+      struct fiemap_extent *e = &fm->fm_extents[i];
+      if (w->count == w->cap) {
+        size_t cap = w->cap ? w->cap * 2 : 64;
+        double *n = realloc(w->extents, cap * 4 * sizeof(double));
+        if (!n) {
+          free(fm);
+          return ENOMEM;
+        }
+        w->extents = n;
+        w->cap = cap;
+      }
+      double *d = w->extents + w->count * 4;
+      d[0] = (double)e->fe_logical;
+      d[1] = (double)e->fe_physical;
+      d[2] = (double)e->fe_length;
+      d[3] = (double)e->fe_flags;
+      w->count++;
+      if (e->fe_flags & FIEMAP_EXTENT_LAST) last = 1;
+      pos = e->fe_logical + e->fe_length;
+    }
+    if (last) break;
+  }
+  free(fm);
+  return err;
+}
 
 static const char *op_name(enum op op) {
   switch (op) {
     case OP_PUNCH: return "fallocate(PUNCH_HOLE)";
     case OP_ZERO: return "fallocate(ZERO_RANGE)";
+    case OP_CLONE: return "ioctl(FICLONE)";
+    case OP_FIEMAP: return "ioctl(FS_IOC_FIEMAP)";
     default: return "ioctl(BLKDISCARD)";
   }
 }
@@ -166,6 +227,12 @@ static void execute(napi_env env, void *data) {
       do r = fallocate(w->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, w->offset, w->length);
       while (r < 0 && errno == EINTR);
       break;
+    case OP_CLONE:
+      r = ioctl(w->fd, FICLONE, (int)w->offset);
+      break;
+    case OP_FIEMAP:
+      w->err = do_fiemap(w);
+      return;
     default: {
       uint64_t range[2] = {(uint64_t)w->offset, (uint64_t)w->length};
       r = ioctl(w->fd, BLKDISCARD, range);
@@ -177,19 +244,29 @@ static void execute(napi_env env, void *data) {
 static void complete(napi_env env, napi_status status, void *data) {
   struct work *w = data;
   if (w->err == 0 && status == napi_ok) {
-    napi_value undef;
-    napi_get_undefined(env, &undef);
-    napi_resolve_deferred(env, w->deferred, undef);
+    napi_value result;
+    if (w->op == OP_FIEMAP) {
+      napi_value ab;
+      void *mem;
+      napi_create_arraybuffer(env, w->count * 4 * sizeof(double), &mem, &ab);
+      if (w->count) memcpy(mem, w->extents, w->count * 4 * sizeof(double));
+      napi_create_typedarray(env, napi_float64_array, w->count * 4, ab, 0, &result);
+    } else {
+      napi_get_undefined(env, &result);
+    }
+    napi_resolve_deferred(env, w->deferred, result);
   } else {
     napi_reject_deferred(env, w->deferred, make_error(env, op_name(w->op), w->err ? w->err : EIO));
   }
   napi_delete_async_work(env, w->work);
+  free(w->extents);
   free(w);
 }
 
 static napi_value start_op(napi_env env, napi_callback_info info, enum op op) {
-  int64_t a[3];
-  if (!get_args(env, info, 3, a)) return NULL;
+  int64_t a[4] = {0, 0, 0, 0};
+  size_t want = op == OP_CLONE ? 2 : op == OP_FIEMAP ? 4 : 3;
+  if (!get_args(env, info, want, a)) return NULL;
   struct work *w = calloc(1, sizeof *w);
   if (!w) {
     throw_errno(env, op_name(op), ENOMEM);
@@ -199,6 +276,7 @@ static napi_value start_op(napi_env env, napi_callback_info info, enum op op) {
   w->fd = (int)a[0];
   w->offset = a[1];
   w->length = a[2];
+  w->sync = a[3] != 0;
   napi_value promise, name;
   napi_create_promise(env, &w->deferred, &promise);
   napi_create_string_utf8(env, op_name(op), NAPI_AUTO_LENGTH, &name);
@@ -210,6 +288,56 @@ static napi_value start_op(napi_env env, napi_callback_info info, enum op op) {
 static napi_value PunchHole(napi_env env, napi_callback_info info) { return start_op(env, info, OP_PUNCH); }
 static napi_value ZeroRange(napi_env env, napi_callback_info info) { return start_op(env, info, OP_ZERO); }
 static napi_value BlkDiscard(napi_env env, napi_callback_info info) { return start_op(env, info, OP_DISCARD); }
+static napi_value Ficlone(napi_env env, napi_callback_info info) { return start_op(env, info, OP_CLONE); }
+static napi_value Fiemap(napi_env env, napi_callback_info info) { return start_op(env, info, OP_FIEMAP); }
+
+/*
+ * sd_notify(3) without libsystemd: one datagram to the unix socket systemd
+ * names in NOTIFY_SOCKET ("@" = abstract namespace). Node has no unix datagram
+ * sockets. Returns false when no socket path is given.
+ */
+static napi_value SdNotify(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  char msg[4096];
+  size_t plen = 0, mlen = 0;
+  if (argc < 2 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &plen) != napi_ok ||
+      napi_get_value_string_utf8(env, argv[1], msg, sizeof msg, &mlen) != napi_ok) {
+    napi_throw_type_error(env, NULL, "sdNotify(socketPath: string, message: string)");
+    return NULL;
+  }
+  napi_value r;
+  if (plen == 0) {
+    napi_get_boolean(env, false, &r);
+    return r;
+  }
+  if (plen >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+    throw_errno(env, "sd_notify", ENAMETOOLONG);
+    return NULL;
+  }
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  memcpy(sa.sun_path, path, plen);
+  if (path[0] == '@') sa.sun_path[0] = 0;
+  socklen_t salen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    throw_errno(env, "socket", errno);
+    return NULL;
+  }
+  ssize_t n = sendto(fd, msg, mlen, MSG_NOSIGNAL, (struct sockaddr *)&sa, salen);
+  int e = errno;
+  close(fd);
+  if (n < 0) {
+    throw_errno(env, "sendto(NOTIFY_SOCKET)", e);
+    return NULL;
+  }
+  napi_get_boolean(env, true, &r);
+  return r;
+}
 
 static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
@@ -219,6 +347,9 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blkGetSize64", NULL, BlkGetSize64, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blkDiscard", NULL, BlkDiscard, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ficlone", NULL, Ficlone, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fiemap", NULL, Fiemap, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sdNotify", NULL, SdNotify, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

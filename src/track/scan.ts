@@ -6,7 +6,7 @@ import { writeFileAtomic } from '../util/atomic.js';
 import type { Volume } from '../volume/volume.js';
 import { isAllZero } from '../volume/zero.js';
 import { RoaringBitmap32 } from './bitmap-store.js';
-import type { ChangeSource, Detection } from './source.js';
+import type { ChangeSource, DetectOptions, Detection } from './source.js';
 
 /** Bytes per chunk digest: SHA-256 truncated to 128 bits. */
 export const DIGEST_BYTES = 16;
@@ -83,7 +83,22 @@ export class ScanSource implements ChangeSource {
     this.fileComplete = true;
   }
 
-  async detect(signal?: AbortSignal): Promise<Detection> {
+  /** Not point-in-time: every generation reads the live volume. */
+  async view(): Promise<Volume> {
+    return this.volume;
+  }
+
+  async committed(): Promise<void> {}
+
+  async detect(_generation: number, opts: DetectOptions = {}): Promise<Detection> {
+    const signal = opts.signal;
+    if (opts.all) {
+      // Every chunk is sent; what is read for it becomes its digest.
+      await this.reset();
+      const all = new RoaringBitmap32();
+      all.addRange(0, this.chunkCount);
+      return { bitmap: all, readBytes: 0 };
+    }
     const cs = this.chunkSize;
     const changed = new RoaringBitmap32();
     const fresh = Buffer.alloc(DIGEST_BYTES);

@@ -7,6 +7,12 @@ export interface Detection {
   bitmap: RoaringBitmap32;
   /** Bytes read from the volume to find them (0 for metadata-based sources). */
   readBytes: number;
+  /**
+   * The source had no base to compare with (its tracking state was lost):
+   * `bitmap` is every chunk, and the caller should find out what really
+   * differs by comparing digests with the secondary instead of sending it all.
+   */
+  baseLost?: boolean;
 }
 
 export interface DetectOptions {

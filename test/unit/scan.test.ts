@@ -32,9 +32,9 @@ describe('scan change source: digests of allocated chunks vs. what was sent', ()
     await vol.write(3 * CS, Buffer.alloc(CS, 1));
     const src = new ScanSource(vol, CS, dir);
     await src.open();
-    expect((await src.detect()).bitmap.size).to.equal(17);
+    expect((await src.detect(1)).bitmap.size).to.equal(17);
     await sendAll(src);
-    const d = await src.detect();
+    const d = await src.detect(1);
     expect(d.bitmap.size).to.equal(0);
     expect(d.readBytes).to.equal(CS); // only the allocated chunk was read
   });
@@ -48,7 +48,7 @@ describe('scan change source: digests of allocated chunks vs. what was sent', ()
     await vol.write(16 * CS + 50, Buffer.from('tail')); // the partial last chunk
     await vol.zero(3 * CS, CS); // punched hole
     await vol.write(12 * CS, Buffer.alloc(CS)); // zeros written over a hole: reads the same
-    expect((await src.detect()).bitmap.toArray()).to.deep.equal([2, 3, 9, 16]);
+    expect((await src.detect(1)).bitmap.toArray()).to.deep.equal([2, 3, 9, 16]);
   });
 
   it('digests survive a restart (persist + open); a torn/foreign digest file size is a coded error', async () => {
@@ -59,13 +59,13 @@ describe('scan change source: digests of allocated chunks vs. what was sent', ()
     await vol.write(5 * CS, Buffer.alloc(10, 4));
     const b = new ScanSource(vol, CS, dir);
     await b.open();
-    expect((await b.detect()).bitmap.toArray()).to.deep.equal([5]);
+    expect((await b.detect(1)).bitmap.toArray()).to.deep.equal([5]);
     // In-place persistence of a dirty range only.
     b.recordSent(5, await vol.read(5 * CS, CS));
     await b.persist();
     const c = new ScanSource(vol, CS, dir);
     await c.open();
-    expect((await c.detect()).bitmap.size).to.equal(0);
+    expect((await c.detect(1)).bitmap.size).to.equal(0);
     // A digest file for another chunk count.
     const other = new ScanSource(vol, 4 * CS, dir);
     const e = await other.open().then(() => null, (x: unknown) => x);
