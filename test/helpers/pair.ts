@@ -33,8 +33,9 @@ export class Pair {
     this.target = path.join(dir, 'target.img');
   }
 
-  static async create(name = 'vm1'): Promise<Pair> {
-    const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'tm-it-'));
+  /** `baseDir`: where the pair's temp dir goes (e.g. a loop-mounted XFS for reflink). */
+  static async create(name = 'vm1', baseDir = os.tmpdir()): Promise<Pair> {
+    const dir = await fsp.mkdtemp(path.join(baseDir, 'tm-it-'));
     return new Pair(dir, name);
   }
 
