@@ -10,14 +10,17 @@ import type { ChangeSource } from '../track/source.js';
 import { sleep } from '../util/sleep.js';
 import { compressPayload, crc32 } from '../wire/codec.js';
 import { primaryHandshake } from '../wire/handshake.js';
-import { MAX_EXTENT_BYTES, type ExtentMsg } from '../wire/messages.js';
+import { DIGEST_BYTES, MAX_DIGEST_RANGE, MAX_EXTENT_BYTES, type ExtentMsg } from '../wire/messages.js';
+import { chunkDigest } from '../track/scan.js';
 import { Session } from '../wire/session.js';
 import { SparseFileVolume } from '../volume/sparse-file.js';
 import { totalBytes, type ByteRange, type Volume } from '../volume/volume.js';
 import { isAllZero } from '../volume/zero.js';
 import { FlowControl } from './flow.js';
 import { StateFile, STATE_FORMAT, type PrimaryState } from './state.js';
-import type { CycleReport, MirrorStatus, PrimaryPhase } from './status.js';
+import type { CycleReport, MirrorStatus, PrimaryPhase, ReconcileReport } from './status.js';
+
+const ZERO16 = Buffer.alloc(DIGEST_BYTES);
 
 /** Read requests prepared ahead of the socket (operations in flight on the read side). */
 const READ_AHEAD = 4;
@@ -69,6 +72,7 @@ export class PrimaryMirror {
   private lastCycle: CycleReport | null = null;
   private cycle: { generation: number; started: number; readBytes: number; changedBytes: number; wireAtStart: number } | null = null;
   private lastDetectAt = 0;
+  private reconcileReport: ReconcileReport | null = null;
 
   constructor(
     readonly config: MirrorConfig,
@@ -159,6 +163,7 @@ export class PrimaryMirror {
           volumeSize: this.state.volumeSize,
           chunkSize: this.state.chunkSize,
           volumeId: this.state.volumeId,
+          fresh: this.state.generation === 0 && this.state.committedGeneration === 0,
         });
         backoff = this.config.reconnectMin;
         this.lastError = null;
@@ -215,22 +220,28 @@ export class PrimaryMirror {
       // The secondary committed it; the acknowledgement was lost with the last session.
       await this.markCommitted(s.pending);
     }
+    if (s.generation === 0 && s.pending === null && (peerCommitted > 0 || applying !== null)) {
+      // This primary has no tracking state but the secondary holds a replica
+      // (it adopted our volume id): continue its numbering, compare digests.
+      s.generation = s.committedGeneration = peerCommitted;
+      s.reconcile = `this primary has no tracking state; the secondary holds generation ${peerCommitted}${applying ? ` and part of ${applying.generation}` : ''}`;
+      await this.stateFile.save(s);
+    }
     if (peerCommitted < s.committedGeneration && s.pending === null) {
       // The secondary lost its state (or its replica): nothing it holds is known.
-      // Until digests can be compared with the secondary, every chunk is sent again;
-      // never assume it still holds what it acknowledged.
-      this.log.warn(
-        { peerCommitted, committedGeneration: s.committedGeneration },
-        'the secondary reports an older generation than it acknowledged: its state was lost; resending every chunk',
-      );
-      await this.source.reset();
-      await this.newGeneration(true);
+      // Never assume it still holds what it acknowledged: compare digests.
+      s.reconcile = `the secondary reports generation ${peerCommitted} but acknowledged ${s.committedGeneration}: its state was lost`;
+      await this.stateFile.save(s);
     }
     let resume = applying && applying.generation === s.pending ? applying.cursor : 0;
     while (!this.signal.aborted) {
       if (s.pending !== null) {
         await this.sendGeneration(session, s.pending, resume);
         resume = 0;
+        continue;
+      }
+      if (s.reconcile) {
+        await this.reconcile(session, s.reconcile);
         continue;
       }
       if (s.generation === 0) {
@@ -257,7 +268,9 @@ export class PrimaryMirror {
     const gen = this.state.generation + 1;
     const { bitmap, readBytes, baseLost } = await this.source.detect(gen, { all, signal: this.signal });
     if (baseLost) {
-      this.log.warn({ generation: gen, trackingMode: this.source.mode }, 'tracking state was lost (no base to compare with): every chunk is sent again');
+      this.state.reconcile = `the ${this.source.mode} change source lost its tracking state (no base to compare with)`;
+      await this.stateFile.save(this.state);
+      return;
     }
     this.allocatedBytes = totalBytes(await this.volume.allocated());
     if (bitmap.isEmpty) {
@@ -275,9 +288,86 @@ export class PrimaryMirror {
     s.pending = gen;
     s.cursor = 0;
     s.oldestUncommittedAt ??= detectedAt;
+    s.reconcile = null;
     await this.stateFile.save(s);
     this.cycle = { generation: gen, started: detectedAt, readBytes, changedBytes: this.bitmapBytes(bitmap), wireAtStart: this.wireBytes() };
     this.log.info({ generation: gen, chunks: bitmap.size, changedBytes: this.cycle.changedBytes }, 'generation created');
+  }
+
+  /**
+   * Tracking state was lost: freeze a view as the next generation, ask the
+   * secondary for the digests of its chunks, compare with ours and make the
+   * chunks that differ that generation (possibly empty: it still commits, so
+   * the view becomes the base). One window is requested ahead so that both
+   * sides read at once. Costs a read of the allocated data on both sides and
+   * 16 bytes per chunk on the wire, never a copy of everything.
+   */
+  private async reconcile(session: Session, reason: string): Promise<void> {
+    const s = this.state;
+    const cs = s.chunkSize;
+    const size = s.volumeSize;
+    const gen = s.generation + 1;
+    const started = Date.now();
+    this.phase = 'reconciling';
+    this.lastDetectAt = started;
+    const report: ReconcileReport = { reason, generation: gen, doneBytes: 0, totalBytes: size, differingBytes: 0, finished: false };
+    this.reconcileReport = report;
+    this.log.warn({ reason, generation: gen }, 'tracking state lost: comparing digests with the secondary');
+    await this.source.detect(gen, { all: true, signal: this.signal });
+    const view = await this.source.view(gen);
+    const alloc = await view.allocated(cs);
+    const bitmap = new RoaringBitmap32();
+    const windows: [number, number][] = [];
+    for (let off = 0; off < size; off += MAX_DIGEST_RANGE) windows.push([off, Math.min(MAX_DIGEST_RANGE, size - off)]);
+    const request = (i: number) => session.send({ type: 'digest-req', offset: windows[i]![0], length: windows[i]![1] });
+    if (windows.length > 0) request(0);
+    let readBytes = 0;
+    const mine = Buffer.alloc(DIGEST_BYTES);
+    let ai = 0;
+    for (let i = 0; i < windows.length; i++) {
+      if (i + 1 < windows.length) request(i + 1);
+      const [off, len] = windows[i]!;
+      const m = await session.next();
+      if (m.type !== 'digests' || m.offset !== off || m.length !== len) {
+        throw new TmError(ErrorCodes.PROTOCOL, `expected the digests of ${off}+${len} from the secondary, got ${m.type}${m.type === 'digests' ? ` of ${m.offset}+${m.length}` : ''}`);
+      }
+      this.signal.throwIfAborted();
+      const theirs = m.digests;
+      const differs = (c: number) => mine.compare(theirs, (c - off / cs) * DIGEST_BYTES, (c - off / cs + 1) * DIGEST_BYTES) !== 0;
+      const end = off + len;
+      let pos = off;
+      while (pos < end) {
+        while (ai < alloc.length && alloc[ai]!.offset + alloc[ai]!.length <= pos) ai++;
+        const r = alloc[ai];
+        const holeEnd = !r || r.offset >= end ? end : Math.max(pos, r.offset);
+        if (holeEnd > pos) {
+          // Unallocated here: zeros without reading.
+          mine.fill(0);
+          for (let c = pos / cs; c < Math.ceil(holeEnd / cs); c++) {
+            if (differs(c)) bitmap.add(c);
+            else this.source.recordSent(c, null);
+          }
+          pos = holeEnd;
+          continue;
+        }
+        const stop = Math.min(end, r!.offset + r!.length, pos + MAX_EXTENT_BYTES);
+        const buf = await view.read(pos, stop - pos);
+        readBytes += buf.length;
+        for (let at = 0; at < buf.length; at += cs) {
+          const chunk = buf.subarray(at, Math.min(at + cs, buf.length));
+          const c = (pos + at) / cs;
+          chunkDigest(chunk, mine, 0);
+          if (differs(c)) bitmap.add(c);
+          else this.source.recordSent(c, mine.equals(ZERO16) ? null : chunk);
+        }
+        pos = stop;
+      }
+      report.doneBytes = end;
+      report.differingBytes = this.bitmapBytes(bitmap);
+    }
+    await this.createGeneration(bitmap, started, readBytes);
+    report.finished = true;
+    this.log.info({ generation: gen, differingBytes: report.differingBytes, readBytes, seconds: (Date.now() - started) / 1000 }, 'digests compared: the chunks that differ become the next generation');
   }
 
   private bitmapBytes(bitmap: RoaringBitmap32, fromChunk = 0): number {
@@ -493,6 +583,7 @@ export class PrimaryMirror {
       lagSeconds: !s ? null : s.oldestUncommittedAt === null ? 0 : (Date.now() - s.oldestUncommittedAt) / 1000,
       progress: this.progress ? { ...this.progress } : null,
       lastCycle: this.lastCycle,
+      reconcile: this.reconcileReport ? { ...this.reconcileReport } : null,
       error: this.lastError ? this.lastError.toJSON() : null,
     };
   }

@@ -4,12 +4,16 @@ import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import type { MirrorConfig } from '../daemon/config.js';
 import { decompressPayload } from '../wire/codec.js';
 import { refuse } from '../wire/handshake.js';
-import type { AuthMsg, ExtentMsg, HelloMsg } from '../wire/messages.js';
+import { DIGEST_BYTES, type AuthMsg, type ExtentMsg, type HelloMsg } from '../wire/messages.js';
+import { chunkDigest } from '../track/scan.js';
 import type { Session } from '../wire/session.js';
 import { SparseFileVolume } from '../volume/sparse-file.js';
 import { totalBytes } from '../volume/volume.js';
 import { StateFile, STATE_FORMAT, type SecondaryState } from './state.js';
 import type { MirrorStatus, SecondaryPhase } from './status.js';
+
+/** Bytes read per request when computing digests of the target (a multiple of every chunk size). */
+const DIGEST_READ_BYTES = 4 * 1024 * 1024;
 
 /**
  * The receiving side of one mirror. Takes sessions the daemon has
@@ -148,10 +152,21 @@ export class SecondaryMirror {
       );
     }
     if (s && s.volumeId !== auth.volumeId) {
-      // The primary lost its state or the source was replaced: what the target
-      // holds is no longer a known generation of this source.
-      this.log.warn({ was: s.volumeId, now: auth.volumeId }, 'source volume id changed: the replica restarts from generation 0');
-      s = undefined;
+      if (!auth.fresh) {
+        throw refuse(
+          session,
+          new TmError(
+            ErrorCodes.IDENTITY_MISMATCH,
+            `mirror ${this.name}: the primary's volume id ${auth.volumeId} is not ${s.volumeId}, the volume this replica holds; nothing was written (remove ${this.stateFile.file} to replace the replica)`,
+          ),
+        );
+      }
+      // The primary lost its tracking state (or is new) and says so: keep the
+      // replica and its generation numbers; the primary compares digests with it.
+      this.log.warn({ was: s.volumeId, now: auth.volumeId, committedGeneration: s.committedGeneration }, 'the primary has no tracking state: adopting its volume id; it will compare digests with this replica');
+      s.volumeId = auth.volumeId;
+      s.primaryNode = hello.node;
+      await this.stateFile.save(s);
     }
     if (!s) {
       s = {
@@ -270,6 +285,11 @@ export class SecondaryMirror {
             this.allocatedCache.at = 0;
             break;
           }
+          case 'digest-req': {
+            if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `digest-req while generation ${current} is open`);
+            session.send({ type: 'digests', offset: msg.offset, length: msg.length, digests: await this.digests(volume, msg.offset, msg.length) });
+            break;
+          }
           default:
             throw new TmError(ErrorCodes.PROTOCOL, `unexpected ${msg.type} frame during replication`);
         }
@@ -278,6 +298,27 @@ export class SecondaryMirror {
       // Let a running checkpoint finish before the next session reads the state.
       if (flushing) await flushing;
     }
+  }
+
+  /** Digests of the target's chunks in a range: holes and zeros as the zero digest, never read. */
+  private async digests(volume: SparseFileVolume, offset: number, length: number): Promise<Buffer> {
+    const cs = this.state!.chunkSize;
+    const out = Buffer.alloc(Math.ceil(length / cs) * DIGEST_BYTES, 0);
+    const end = offset + length;
+    try {
+      for (const r of await volume.allocated(cs)) {
+        const from = Math.max(r.offset, offset);
+        const to = Math.min(r.offset + r.length, end);
+        for (let pos = from; pos < to; pos += DIGEST_READ_BYTES) {
+          const n = Math.min(DIGEST_READ_BYTES, to - pos);
+          const buf = await volume.read(pos, n);
+          for (let at = 0; at < n; at += cs) chunkDigest(buf.subarray(at, Math.min(at + cs, n)), out, ((pos + at - offset) / cs) * DIGEST_BYTES);
+        }
+      }
+    } catch (e) {
+      throw asTmError(e, ErrorCodes.VOLUME_IO, `mirror ${this.name}: digests of ${this.config.volume} at ${offset}+${length}`);
+    }
+    return out;
   }
 
   private async applyExtent(volume: SparseFileVolume, msg: ExtentMsg): Promise<void> {

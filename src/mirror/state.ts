@@ -21,6 +21,11 @@ export interface PrimaryState {
   pending: number | null;
   /** For `pending`: bytes below which the secondary reported it durable. */
   cursor: number;
+  /**
+   * Why the next generation must come from comparing digests with the
+   * secondary (tracking state lost), or null/absent.
+   */
+  reconcile?: string | null;
   /** Unix ms of the oldest change not yet committed on the secondary (lag), or null. */
   oldestUncommittedAt: number | null;
 }

@@ -1,6 +1,17 @@
 import type { ErrorCode } from '../errors.js';
 
-export type PrimaryPhase = 'connecting' | 'initial-sync' | 'syncing' | 'in-sync' | 'error' | 'stopped';
+export type PrimaryPhase = 'connecting' | 'reconciling' | 'initial-sync' | 'syncing' | 'in-sync' | 'error' | 'stopped';
+
+/** A comparison of digests with the secondary after tracking state was lost (the last one, kept). */
+export interface ReconcileReport {
+  reason: string;
+  generation: number;
+  doneBytes: number;
+  totalBytes: number;
+  /** Bytes of the chunks found different (sent as `generation`). */
+  differingBytes: number;
+  finished: boolean;
+}
 export type SecondaryPhase = 'waiting' | 'receiving' | 'idle' | 'error' | 'stopped';
 
 /** Cost of the last completed cycle (primary). */
@@ -36,5 +47,7 @@ export interface MirrorStatus {
   /** Progress of the generation being sent or applied. */
   progress: { generation: number; doneBytes: number; totalBytes: number } | null;
   lastCycle: CycleReport | null;
+  /** Primary only: the last reconciliation by digests, null when there was none in this daemon's life. */
+  reconcile?: ReconcileReport | null;
   error: { code: ErrorCode; message: string } | null;
 }

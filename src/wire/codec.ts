@@ -3,6 +3,8 @@ import { compress, uncompressSync } from 'lz4-napi';
 import * as zlib from 'node:zlib';
 import { ErrorCodes, TmError } from '../errors.js';
 import {
+  DIGEST_BYTES,
+  MAX_DIGEST_RANGE,
   MAX_ERROR_MESSAGE,
   MAX_EXTENT_BYTES,
   MAX_NAME_LENGTH,
@@ -169,7 +171,7 @@ function validate(v: unknown, mode: Mode): Message {
         proof: bytes(v, t, 'proof', PROOF_BYTES),
       };
     case 'auth': {
-      checkKeys(v, t, ['type', 'proof', 'volumeSize', 'chunkSize', 'volumeId']);
+      checkKeys(v, t, ['type', 'proof', 'volumeSize', 'chunkSize', 'volumeId'], ['fresh']);
       const proof = bytes(v, t, 'proof', PROOF_BYTES);
       const volumeSize = uint(v, t, 'volumeSize', 1);
       const chunkSize = uint(v, t, 'chunkSize', 1);
@@ -178,7 +180,8 @@ function validate(v: unknown, mode: Mode): Message {
       if (typeof id !== 'string' || id.length < 1 || id.length > VOLUME_ID_MAX || !VOLUME_ID_RE.test(id)) {
         fail(`auth.volumeId must be 1..${VOLUME_ID_MAX} lowercase hex digits, got ${describe(id)}`);
       }
-      return { type: t, proof, volumeSize, chunkSize, volumeId: id };
+      if (Object.hasOwn(v, 'fresh') && typeof v.fresh !== 'boolean') fail(`auth.fresh must be a boolean, got ${describe(v.fresh)}`);
+      return { type: t, proof, volumeSize, chunkSize, volumeId: id, ...(v.fresh === true ? { fresh: true } : {}) };
     }
     case 'ready': {
       checkKeys(v, t, ['type', 'committedGeneration', 'applying']);
@@ -212,6 +215,23 @@ function validate(v: unknown, mode: Mode): Message {
       checkCursor(t, 'durable', durable, volumeOf(mode.ctx));
       return { type: t, seq, durable };
     }
+    case 'digest-req':
+    case 'digests': {
+      checkKeys(v, t, t === 'digests' ? ['type', 'offset', 'length', 'digests'] : ['type', 'offset', 'length']);
+      const offset = uint(v, t, 'offset');
+      const length = uint(v, t, 'length', 1);
+      if (length > MAX_DIGEST_RANGE) fail(`${t}.length ${length} exceeds ${MAX_DIGEST_RANGE} bytes`);
+      const vol = volumeOf(mode.ctx);
+      if (vol) checkRange(t, offset, length, vol);
+      else if (mode.needVolume) fail(`${t} before the handshake settled the volume`);
+      if (t === 'digest-req') return { type: t, offset, length };
+      const digests = bytes(v, t, 'digests');
+      const want = vol ? Math.ceil(length / vol.cs) * DIGEST_BYTES : null;
+      if (want !== null ? digests.length !== want : digests.length % DIGEST_BYTES !== 0) {
+        fail(`digests.digests holds ${digests.length} bytes, expected ${want ?? `a multiple of ${DIGEST_BYTES}`}`);
+      }
+      return { type: t, offset, length, digests };
+    }
     case 'error': {
       checkKeys(v, t, ['type', 'code', 'message']);
       const code = v.code;
@@ -224,6 +244,17 @@ function validate(v: unknown, mode: Mode): Message {
     }
     default:
       fail(`unknown frame type ${describe(t)}`);
+  }
+}
+
+/** [offset, offset + length) is chunk-aligned inside the volume (the tail may end at its size). */
+function checkRange(t: string, offset: number, length: number, { size, cs }: { size: number; cs: number }): void {
+  if (offset % cs !== 0) fail(`${t}.offset ${offset} is not a multiple of the chunk size ${cs}`);
+  // Subtraction, not offset + length: the sum of two safe integers may not be one.
+  if (offset >= size) fail(`${t}.offset ${offset} is beyond the end of the volume (${size} bytes)`);
+  if (length > size - offset) fail(`${t}.length ${length} at offset ${offset} reaches beyond the end of the volume (${size} bytes)`);
+  if (length % cs !== 0 && length !== size - offset) {
+    fail(`${t}.length ${length} is not a multiple of the chunk size ${cs} and the range does not end the volume (${size} bytes)`);
   }
 }
 
@@ -243,14 +274,7 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
   const length = uint(o, t, 'length', 1);
   const vol = volumeOf(mode.ctx);
   if (vol) {
-    const { size, cs } = vol;
-    if (offset % cs !== 0) fail(`extent.offset ${offset} is not a multiple of the chunk size ${cs}`);
-    // Subtraction, not offset + length: the sum of two safe integers may not be one.
-    if (offset >= size) fail(`extent.offset ${offset} is beyond the end of the volume (${size} bytes)`);
-    if (length > size - offset) fail(`extent.length ${length} at offset ${offset} reaches beyond the end of the volume (${size} bytes)`);
-    if (length % cs !== 0 && length !== size - offset) {
-      fail(`extent.length ${length} is not a multiple of the chunk size ${cs} and the extent does not end the volume (${size} bytes)`);
-    }
+    checkRange(t, offset, length, vol);
   } else if (mode.needVolume) {
     fail('extent before the handshake settled the volume');
   } else if (offset % MIN_CHUNK_SIZE !== 0) {

@@ -22,6 +22,8 @@ export interface PrimaryHandshakeParams {
   volumeSize: number;
   chunkSize: number;
   volumeId: string;
+  /** The primary has no tracking state for this mirror (see AuthMsg.fresh). */
+  fresh?: boolean;
 }
 
 /**
@@ -50,6 +52,7 @@ export async function primaryHandshake(session: Session, p: PrimaryHandshakePara
     volumeSize: p.volumeSize,
     chunkSize: p.chunkSize,
     volumeId: p.volumeId,
+    ...(p.fresh ? { fresh: true } : {}),
   });
   session.ctx.volumeSize = p.volumeSize;
   session.ctx.chunkSize = p.chunkSize;

@@ -45,6 +45,13 @@ export interface AuthMsg {
   chunkSize: number;
   /** Random id of the source volume, fixed for the mirror's life (hex). */
   volumeId: string;
+  /**
+   * The primary has no tracking state for this mirror (new, or its state
+   * directory was lost): a secondary that holds a replica under another volume
+   * id may adopt this id, and the two compare digests instead of starting over.
+   * Absent or false: a different volume id is refused (TM_ERR_IDENTITY_MISMATCH).
+   */
+  fresh?: boolean;
 }
 
 /** Secondary -> primary: session accepted; where the secondary stands. */
@@ -103,6 +110,29 @@ export interface CommittedMsg {
   generation: number;
 }
 
+/** Largest range one digest-req may ask for: 64 MiB. */
+export const MAX_DIGEST_RANGE = 64 * 1024 * 1024;
+/** Bytes per chunk digest (SHA-256 truncated; all-zero chunks: 16 zero bytes). */
+export const DIGEST_BYTES = 16;
+
+/**
+ * Primary -> secondary, between generations: send the digests of the target's
+ * chunks in [offset, offset + length) (reconciliation after lost tracking state).
+ */
+export interface DigestReqMsg {
+  type: 'digest-req';
+  offset: number;
+  length: number;
+}
+
+/** Secondary -> primary: DIGEST_BYTES per chunk of the requested range, in order. */
+export interface DigestsMsg {
+  type: 'digests';
+  offset: number;
+  length: number;
+  digests: Buffer;
+}
+
 /** Either side: the session ends because of this error. */
 export interface ErrorMsg {
   type: 'error';
@@ -120,6 +150,8 @@ export type Message =
   | CommitMsg
   | AckMsg
   | CommittedMsg
+  | DigestReqMsg
+  | DigestsMsg
   | ErrorMsg;
 
 export type MessageType = Message['type'];

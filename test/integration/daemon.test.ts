@@ -48,7 +48,7 @@ describe('integration: daemon lifecycle', function () {
     await first.status(); // the first one still answers
   });
 
-  it('a secondary that lost its state is detected and brought back, not trusted', async () => {
+  it('a secondary that lost its state is detected and reconciled by digests: only the chunk that differs is sent', async () => {
     pair = await Pair.create();
     await createSampleVolume(pair.source, { size: 32 * MiB, allocated: 4 * MiB, extents: 4 });
     await pair.writeConfigs();
@@ -62,8 +62,67 @@ describe('integration: daemon lifecycle', function () {
     await fh.write(Buffer.alloc(65536, 0x77), 0, 65536, 0);
     await fh.close();
     await pair.startSecondary().waitReady();
-    await pair.primary!.waitFor((s) => s.mirrors[0]!.committedGeneration >= 2 && s.mirrors[0]!.state === 'in-sync', 30_000, 'the resend');
+    const st = await pair.primary!.waitFor(
+      (s) => s.mirrors[0]!.committedGeneration >= 2 && s.mirrors[0]!.state === 'in-sync' && s.mirrors[0]!.reconcile?.finished === true,
+      30_000,
+      'the reconciliation',
+    );
+    const m = st.mirrors[0]!;
     expect(await sha256File(pair.target)).to.equal(await sha256File(pair.source));
-    expect(pair.primary!.logTail(40)).to.contain('its state was lost');
+    expect(m.reconcile!.reason).to.contain('its state was lost');
+    expect(m.reconcile!.differingBytes).to.equal(65536);
+    expect(m.lastCycle!.changedBytes).to.equal(65536);
+    // 16 bytes per chunk of digests one way, one chunk of data the other: far below the 4 MiB allocated.
+    expect(m.lastCycle!.wireBytes).to.be.lessThan(256 * 1024);
+    expect(pair.primary!.logTail(40)).not.to.contain('every chunk');
+  });
+
+  it('a primary whose state directory was deleted says so and reconciles by digests, not by copying everything', async () => {
+    pair = await Pair.create();
+    await createSampleVolume(pair.source, { size: 32 * MiB, allocated: 8 * MiB, extents: 4 });
+    await pair.writeConfigs();
+    await pair.startSecondary().waitReady();
+    await pair.startPrimary().waitReady();
+    await pair.waitInSync(1);
+    await pair.primary!.stop();
+    await fsp.rm(pair.cfg.primaryState, { recursive: true });
+    // Two chunks change while the primary is down and has no record of it.
+    const fh = await fsp.open(pair.source, 'r+');
+    await fh.write(Buffer.alloc(65536, 0x42), 0, 65536, 3 * 65536);
+    await fh.write(Buffer.alloc(65536, 0x43), 0, 65536, 300 * 65536);
+    await fh.close();
+    await pair.startPrimary().waitReady();
+    const st = await pair.primary!.waitFor((s) => s.mirrors[0]!.state === 'in-sync' && s.mirrors[0]!.reconcile?.finished === true, 30_000, 'the reconciliation');
+    const m = st.mirrors[0]!;
+    expect(m.reconcile!.reason).to.contain('no tracking state');
+    expect(m.reconcile!.differingBytes).to.equal(2 * 65536);
+    // The secondary's numbering goes on: generation 1 was committed before.
+    expect(m.committedGeneration).to.equal(2);
+    expect(m.sentBytes).to.equal(2 * 65536);
+    expect(await sha256File(pair.target)).to.equal(await sha256File(pair.source));
+    expect(pair.secondary!.logTail(40)).to.contain('adopting its volume id');
+  });
+
+  it('a primary with another volume id (not fresh) is refused with TM_ERR_IDENTITY_MISMATCH; the replica is untouched', async () => {
+    pair = await Pair.create();
+    await createSampleVolume(pair.source, { size: 16 * MiB, allocated: 2 * MiB, extents: 2 });
+    await pair.writeConfigs();
+    await pair.startSecondary().waitReady();
+    await pair.startPrimary().waitReady();
+    await pair.waitInSync(1);
+    await pair.primary!.stop();
+    const stateFile = path.join(pair.cfg.primaryState, 'vm1', 'state.json');
+    const state = JSON.parse(await fsp.readFile(stateFile, 'utf8')) as { volumeId: string };
+    state.volumeId = 'ab'.repeat(16);
+    await fsp.writeFile(stateFile, JSON.stringify(state));
+    const fh = await fsp.open(pair.source, 'r+');
+    await fh.write(Buffer.alloc(65536, 0x55), 0, 65536, 0);
+    await fh.close();
+    const before = await sha256File(pair.target);
+    await pair.startPrimary().waitReady();
+    const st = await pair.primary!.waitFor((s) => s.mirrors[0]!.error !== null, 20_000, 'the refusal');
+    expect(st.mirrors[0]!.error!.code).to.equal('TM_ERR_IDENTITY_MISMATCH');
+    expect(pair.secondary!.logTail(20)).to.contain('TM_ERR_IDENTITY_MISMATCH');
+    expect(await sha256File(pair.target)).to.equal(before);
   });
 });

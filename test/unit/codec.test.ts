@@ -68,6 +68,9 @@ const samples: Message[] = [
   { type: 'ack', seq: 0, durable: 0 },
   { type: 'committed', generation: 4 },
   { type: 'error', code: 'TM_ERR_AUTH_FAILED', message: 'keys differ' },
+  { type: 'auth', proof, volumeSize: 10 * CS + 1000, chunkSize: CS, volumeId: 'ff', fresh: true },
+  { type: 'digest-req', offset: 2 * CS, length: 8 * CS + 1000 },
+  { type: 'digests', offset: 0, length: 2 * CS, digests: Buffer.alloc(32, 7) },
 ];
 
 describe('codec: msgpack frames, validated before anything acts on them', () => {
@@ -78,7 +81,19 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       expect(back, m.type).to.deep.equal(m);
       seen.add(m.type);
     }
-    expect([...seen].sort()).to.deep.equal(['ack', 'auth', 'begin', 'challenge', 'commit', 'committed', 'error', 'extent', 'hello', 'ready']);
+    expect([...seen].sort()).to.deep.equal(['ack', 'auth', 'begin', 'challenge', 'commit', 'committed', 'digest-req', 'digests', 'error', 'extent', 'hello', 'ready']);
+  });
+
+  it('digest requests and replies: ranges inside the volume, one digest per chunk; auth.fresh is a boolean', () => {
+    refused({ type: 'digest-req', offset: 1, length: CS }, 'digest-req.offset 1 is not a multiple');
+    refused({ type: 'digest-req', offset: 0, length: 11 * CS }, 'reaches beyond the end');
+    refused({ type: 'digest-req', offset: 0, length: 0 }, 'digest-req.length');
+    refused({ type: 'digest-req', offset: 0, length: 65 * 1024 * 1024 }, 'exceeds');
+    refused({ type: 'digests', offset: 0, length: 2 * CS, digests: Buffer.alloc(16) }, 'expected 32');
+    refused({ type: 'digests', offset: 8 * CS, length: 2 * CS + 1000, digests: Buffer.alloc(32) }, 'expected 48');
+    refused({ type: 'digests', offset: 0, length: CS, digests: 'x' }, 'digests.digests must be binary');
+    refused({ type: 'auth', proof, volumeSize: 5, chunkSize: CS, volumeId: 'ab', fresh: 1 }, 'auth.fresh must be a boolean');
+    expect(accepted({ type: 'auth', proof, volumeSize: 5, chunkSize: CS, volumeId: 'ab', fresh: false })).not.to.have.property('fresh');
   });
 
   it('decodes a data payload as a view of the frame, without copying it', () => {
