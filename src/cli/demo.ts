@@ -36,6 +36,8 @@ export interface PairOptions {
   source: string;
   target: string;
   port: number;
+  /** Port the primary connects to (default `port`; a test proxy sits between). */
+  peerPort?: number;
   chunkSize?: string;
   interval?: string;
   extraPrimary?: Record<string, unknown>;
@@ -70,7 +72,7 @@ export async function writePairConfigs(o: PairOptions): Promise<{ primary: strin
           name: o.mirror,
           role: 'primary',
           volume: o.source,
-          peer: `ws://127.0.0.1:${o.port}`,
+          peer: `ws://127.0.0.1:${o.peerPort ?? o.port}`,
           chunkSize: o.chunkSize ?? '64KiB',
           tracking: { mode: 'scan', interval: o.interval ?? '1s' },
           ...o.extraPrimary,

@@ -45,6 +45,8 @@ export type TrackingMode = (typeof TRACKING_MODES)[number];
 export interface DaemonConfig {
   node: { name: string; stateDir: string; logLevel: string };
   listen?: { host: string; port: number };
+  /** Optional TCP listener serving GET /metrics (Prometheus text); the control socket serves it too. */
+  metrics?: { host: string; port: number };
   auth: { pskFile: string };
   mirrors: MirrorConfig[];
   /** The file this config was read from. */
@@ -99,6 +101,7 @@ const configSchema = z.strictObject({
     logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).optional(),
   }),
   listen: z.strictObject({ host: z.string().min(1), port: z.number().int().min(1).max(65535) }).optional(),
+  metrics: z.strictObject({ host: z.string().min(1), port: z.number().int().min(1).max(65535) }).optional(),
   auth: z.strictObject({ pskFile: pathString }),
   mirrors: z.array(mirrorSchema).min(1, 'expected at least one mirror'),
 });
@@ -173,6 +176,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
     config = {
       node: { name: c.node.name, stateDir: abs(c.node.stateDir), logLevel: c.node.logLevel ?? DEFAULTS.logLevel },
       ...(c.listen ? { listen: c.listen } : {}),
+      ...(c.metrics ? { metrics: c.metrics } : {}),
       auth: { pskFile: abs(c.auth.pskFile) },
       mirrors,
       sourcePath: path.resolve(sourcePath),
@@ -195,12 +199,17 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       if (m.tracking.mode === 'lvm-thin') {
         if (m.role !== 'primary') problems.push({ path: at('tracking'), message: 'tracking applies to primary mirrors only' });
         if (!m.lvm) problems.push({ path: ['mirrors', i], message: 'tracking.mode lvm-thin needs lvm: { pool: VG/POOL }' });
-        if (!/^\/dev\/[^/]+\/[^/]+$/.test(m.volume)) problems.push({ path: at('volume'), message: `tracking.mode lvm-thin needs volume: /dev/VG/LV, got ${m.volume}` });
+        const dev = /^\/dev\/([^/]+)\/[^/]+$/.exec(m.volume);
+        if (!dev) problems.push({ path: at('volume'), message: `tracking.mode lvm-thin needs volume: /dev/VG/LV, got ${m.volume}` });
+        else if (m.lvm && dev[1] !== m.lvm.vg) problems.push({ path: at('lvm'), message: `the pool ${m.lvm.vg}/${m.lvm.pool} is not in the volume group of ${m.volume}` });
       } else if (m.lvm) {
         problems.push({ path: at('lvm'), message: 'lvm: is used only with tracking.mode lvm-thin' });
       }
       if (m.reconnectMin > m.reconnectMax) problems.push({ path: at('reconnect'), message: 'min must not exceed max' });
     });
+    if (config.metrics && config.listen && config.metrics.port === config.listen.port && config.metrics.host === config.listen.host) {
+      problems.push({ path: ['metrics', 'port'], message: `expected a port other than listen's (${config.listen.host}:${config.listen.port})` });
+    }
     if (!config.listen && mirrors.some((m) => m.role === 'secondary')) {
       problems.push({ path: [], message: 'listen: { host, port } is required on a host with secondary mirrors' });
     }

@@ -1,6 +1,10 @@
 import type { MirrorConfig } from '../daemon/config.js';
 import { ErrorCodes, TmError } from '../errors.js';
 import type { Volume } from '../volume/volume.js';
+import * as path from 'node:path';
+import { BlockDeviceVolume } from '../volume/block-device.js';
+import { SystemLvm } from './lvm.js';
+import { LvmThinSource } from './lvm-thin.js';
 import { ReflinkSource, reflinkUsable } from './reflink.js';
 import { ScanSource } from './scan.js';
 import type { ChangeSource } from './source.js';
@@ -23,5 +27,20 @@ export async function createSource(c: MirrorConfig, volume: Volume, stateDir: st
     }
     return { source: new ScanSource(volume, c.chunkSize, stateDir), reason: `${probe.reason}; using scan` };
   }
-  throw new TmError(ErrorCodes.TRACKING, `mirror ${c.name}: tracking.mode ${mode} is not available yet`);
+  if (mode === 'lvm-thin' && c.lvm) {
+    // Not exercised against real LVM here (no device-mapper in this kernel): docs/lvm-thin.md.
+    return {
+      source: new LvmThinSource({
+        vg: c.lvm.vg,
+        lv: path.basename(c.volume),
+        pool: c.lvm.pool,
+        chunkSize: c.chunkSize,
+        volumeSize: volume.size,
+        stateDir,
+        lvm: new SystemLvm(),
+        openView: (device, allocated) => BlockDeviceVolume.open(device, { readOnly: true, allocated }),
+      }),
+    };
+  }
+  throw new TmError(ErrorCodes.TRACKING, `mirror ${c.name}: tracking.mode ${mode} needs lvm: { pool: VG/POOL }`);
 }

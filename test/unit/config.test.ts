@@ -93,6 +93,18 @@ describe('config: YAML validated at start, errors name file, line and key', () =
     expect(problems('node: { name: a, stateDir: /s }\nauth: { pskFile: /k }\nmirrors: []\n')).to.contain('mirrors');
   });
 
+  it('tracking modes: auto by default; lvm-thin needs lvm.pool in the volume group of /dev/VG/LV; lvm is refused elsewhere', () => {
+    const base = `node: { name: a, stateDir: /s }\nauth: { pskFile: /p }\nmirrors:\n  - name: m\n    role: primary\n    peer: ws://127.0.0.1:1\n`;
+    expect(parseConfig(`${base}    volume: /v.img\n`, '/c.yaml').mirrors[0]!.tracking.mode).to.equal('auto');
+    const lvm = parseConfig(`${base}    volume: /dev/vg0/db\n    tracking: { mode: lvm-thin }\n    lvm: { pool: vg0/pool0 }\n`, '/c.yaml').mirrors[0]!;
+    expect(lvm.lvm).to.deep.equal({ vg: 'vg0', pool: 'pool0' });
+    expect(problems(`${base}    volume: /dev/vg0/db\n    tracking: { mode: lvm-thin }\n`)).to.match(/mirrors\[0\]: tracking.mode lvm-thin needs lvm: \{ pool: VG\/POOL \}/);
+    expect(problems(`${base}    volume: /srv/db.img\n    tracking: { mode: lvm-thin }\n    lvm: { pool: vg0/pool0 }\n`)).to.contain('mirrors[0].volume: tracking.mode lvm-thin needs volume: /dev/VG/LV');
+    expect(problems(`${base}    volume: /dev/vg1/db\n    tracking: { mode: lvm-thin }\n    lvm: { pool: vg0/pool0 }\n`)).to.contain('mirrors[0].lvm: the pool vg0/pool0 is not in the volume group of /dev/vg1/db');
+    expect(problems(`${base}    volume: /v.img\n    lvm: { pool: vg0/pool0 }\n`)).to.contain('mirrors[0].lvm: lvm: is used only with tracking.mode lvm-thin');
+    expect(problems(`${base}    volume: /v.img\n    tracking: { mode: zfs }\n`)).to.match(/:8:\d+: mirrors\[0\].tracking.mode: /);
+  });
+
   it('a YAML syntax error names its line', () => {
     const msg = problems('node: { name: a\nmirrors:\n  - [\n');
     expect(msg).to.match(/\/etc\/tm\.yaml:\d+:\d+: YAML:/);
