@@ -4,7 +4,10 @@
  * processes on loopback, compared in the same run with `cp --sparse=always` of
  * the same file. Prints the figures and writes them as JSON to bench/results/.
  *
- * Environment: TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Then the incremental case (bench/incremental.ts): one scan cycle and one
+ * reflink cycle on the same change, on a loop-mounted XFS.
+ *
+ * Environment: TM_BENCH_ONLY (initial | incremental), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -196,7 +199,18 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((e) => {
+/** TM_BENCH_ONLY=initial|incremental runs one case; both by default. */
+async function all(): Promise<void> {
+  const only = process.env.TM_BENCH_ONLY;
+  if (only !== 'incremental') await main();
+  if (only !== 'initial') {
+    const { incrementalBench } = await import('./incremental.js');
+    console.log('');
+    await incrementalBench();
+  }
+}
+
+all().catch((e) => {
   console.error(e);
   process.exit(1);
 });

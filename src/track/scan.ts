@@ -148,26 +148,36 @@ export class ScanSource implements ChangeSource {
    * those chunks count as changed: a resend, never a missed change.
    */
   async persist(): Promise<void> {
-    if (!this.fileComplete) {
-      await writeFileAtomic(this.file, this.digests);
-      this.fileComplete = true;
-    } else if (this.dirtyTo > this.dirtyFrom) {
-      const from = this.dirtyFrom * DIGEST_BYTES;
-      const to = Math.min(this.dirtyTo * DIGEST_BYTES, this.digests.length);
-      const fh = await fsp.open(this.file, 'r+').catch((e) => {
-        throw asTmError(e, ErrorCodes.STATE, `opening ${this.file}`);
-      });
-      try {
-        await fh.write(this.digests, from, to - from, from);
-        await fh.datasync();
-      } catch (e) {
-        throw asTmError(e, ErrorCodes.STATE, `writing ${this.file}`);
-      } finally {
-        await fh.close();
-      }
-    }
+    // Take the dirty range before the first await: chunks recorded while this
+    // write runs mark a new range, persisted next time (never forgotten).
+    const dirtyFrom = this.dirtyFrom;
+    const dirtyTo = this.dirtyTo;
     this.dirtyFrom = Infinity;
     this.dirtyTo = 0;
+    try {
+      if (!this.fileComplete) {
+        await writeFileAtomic(this.file, this.digests);
+        this.fileComplete = true;
+      } else if (dirtyTo > dirtyFrom) {
+        const from = dirtyFrom * DIGEST_BYTES;
+        const to = Math.min(dirtyTo * DIGEST_BYTES, this.digests.length);
+        const fh = await fsp.open(this.file, 'r+').catch((e) => {
+          throw asTmError(e, ErrorCodes.STATE, `opening ${this.file}`);
+        });
+        try {
+          await fh.write(this.digests, from, to - from, from);
+          await fh.datasync();
+        } catch (e) {
+          throw asTmError(e, ErrorCodes.STATE, `writing ${this.file}`);
+        } finally {
+          await fh.close();
+        }
+      }
+    } catch (e) {
+      this.dirtyFrom = Math.min(this.dirtyFrom, dirtyFrom);
+      this.dirtyTo = Math.max(this.dirtyTo, dirtyTo);
+      throw e;
+    }
   }
 
   async reset(): Promise<void> {

@@ -71,4 +71,21 @@ describe('scan change source: digests of allocated chunks vs. what was sent', ()
     const e = await other.open().then(() => null, (x: unknown) => x);
     expect(e).to.have.property('code', 'TM_ERR_STATE');
   });
+
+  it('a chunk recorded while a persist is running is persisted by the next one, not forgotten', async () => {
+    const a = new ScanSource(vol, CS, dir);
+    await sendAll(a);
+    await a.persist();
+    await vol.write(7 * CS, Buffer.alloc(CS, 8));
+    await vol.write(9 * CS, Buffer.alloc(CS, 9));
+    a.recordSent(7, await vol.read(7 * CS, CS));
+    const running = a.persist();
+    // Recorded after the write began (the persist is past its first await).
+    a.recordSent(9, await vol.read(9 * CS, CS));
+    await running;
+    await a.persist();
+    const b = new ScanSource(vol, CS, dir);
+    await b.open();
+    expect((await b.detect(1)).bitmap.toArray()).to.deep.equal([]);
+  });
 });
