@@ -11,8 +11,9 @@ import { refuse, secondaryHandshake } from '../wire/handshake.js';
 import { MAX_EXTENT_BYTES } from '../wire/messages.js';
 import { Session } from '../wire/session.js';
 import { readPsk, type DaemonConfig, type MirrorConfig } from './config.js';
-import { startControlServer, type DaemonStatus } from './control.js';
+import { startControlServer, startMetricsServer, type DaemonStatus, type MirrorStatusEntry } from './control.js';
 import { acquireLock } from './lock.js';
+import { MirrorMetrics } from './metrics.js';
 
 export const VERSION: string = (createRequire(import.meta.url)('../../package.json') as { version: string }).version;
 
@@ -27,6 +28,9 @@ export class Daemon {
   private wss: WebSocketServer | null = null;
   private httpServer: http.Server | null = null;
   private control: http.Server | null = null;
+  private metricsServer: http.Server | null = null;
+  private metricsAddr: { host: string; port: number } | null = null;
+  private metrics: MirrorMetrics | null = null;
   private releaseLock: (() => Promise<void>) | null = null;
   private stopping: Promise<void> | null = null;
   private listenAddr: { host: string; port: number } | null = null;
@@ -61,8 +65,18 @@ export class Daemon {
     for (const e of this.entries.values()) if (e.config.role === 'secondary') await this.startMirror(e);
     if (c.listen) await this.listen(c.listen.host, c.listen.port);
     for (const e of this.entries.values()) if (e.config.role === 'primary') await this.startMirror(e);
-    this.control = await startControlServer(c.node.stateDir, () => this.status());
-    this.log.info({ version: VERSION, mirrors: c.mirrors.length, listen: this.listenAddr, config: c.sourcePath }, 'daemon started');
+    // Observed every second from here on: error transitions, cycles and the progress rate.
+    const metrics = new MirrorMetrics(() => [...this.entries.values()].map((e) => ({ status: () => this.rawStatus(e) })), { node: c.node.name, version: VERSION });
+    this.metrics = metrics;
+    metrics.start(1000);
+    const scrape = async () => ({ contentType: metrics.contentType, body: await metrics.scrape() });
+    this.control = await startControlServer(c.node.stateDir, { status: () => this.status(), metrics: scrape });
+    if (c.metrics) {
+      this.metricsServer = await startMetricsServer(c.metrics.host, c.metrics.port, scrape);
+      const a = this.metricsServer.address();
+      this.metricsAddr = a && typeof a === 'object' ? { host: a.address, port: a.port } : { ...c.metrics };
+    }
+    this.log.info({ version: VERSION, mirrors: c.mirrors.length, listen: this.listenAddr, metrics: this.metricsAddr, config: c.sourcePath }, 'daemon started');
   }
 
   private async startMirror(e: Entry): Promise<void> {
@@ -115,11 +129,15 @@ export class Daemon {
     }
   }
 
+  private async rawStatus(e: Entry): Promise<MirrorStatus> {
+    return e.mirror ? e.mirror.status() : placeholderStatus(e);
+  }
+
   async status(): Promise<DaemonStatus> {
-    const mirrors: MirrorStatus[] = [];
+    const mirrors: MirrorStatusEntry[] = [];
     for (const e of this.entries.values()) {
-      if (e.mirror) mirrors.push(await e.mirror.status());
-      else mirrors.push(placeholderStatus(e));
+      const m = await this.rawStatus(e);
+      mirrors.push({ ...m, rateBytesPerSecond: m.progress ? (this.metrics?.rateOf(m.name) ?? null) : null });
     }
     return {
       node: this.config.node.name,
@@ -127,6 +145,7 @@ export class Daemon {
       version: VERSION,
       startedAt: this.startedAt.toISOString(),
       listen: this.listenAddr,
+      metrics: this.metricsAddr,
       mirrors,
     };
   }
@@ -134,11 +153,14 @@ export class Daemon {
   /** Stop every mirror, persist state, close sockets, release the lock. Idempotent. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
+      this.metrics?.stop();
       await Promise.all([...this.entries.values()].map((e) => e.mirror?.stop().catch((err) => this.log.error({ err }, 'stopping mirror failed'))));
       for (const ws of this.wss?.clients ?? []) ws.terminate();
       this.wss?.close();
       await new Promise((r) => (this.httpServer ? this.httpServer.close(r) : r(undefined)));
       await new Promise((r) => (this.control ? this.control.close(r) : r(undefined)));
+      this.metricsServer?.closeAllConnections();
+      await new Promise((r) => (this.metricsServer ? this.metricsServer.close(r) : r(undefined)));
       await this.releaseLock?.();
       this.log.info('daemon stopped');
     })();

@@ -1,0 +1,33 @@
+import { expect } from 'chai';
+import { parseConfig } from '../../src/daemon/config.js';
+import { TmError } from '../../src/errors.js';
+
+const BASE = 'node: { name: a, stateDir: /var/lib/tm }\nauth: { pskFile: /etc/tm/psk }\nlisten: { host: 127.0.0.1, port: 7890 }\nmirrors:\n  - { name: m, role: secondary, volume: /v/m.img }\n';
+
+function problems(text: string): string {
+  try {
+    parseConfig(text, '/etc/tm/c.yaml');
+  } catch (e) {
+    expect(e).to.be.instanceOf(TmError);
+    expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
+    return (e as Error).message;
+  }
+  throw new Error('expected TM_ERR_CONFIG');
+}
+
+describe('config: the metrics key (TCP listener of GET /metrics)', () => {
+  it('is optional; absent means no TCP listener', () => {
+    expect(parseConfig(BASE, '/etc/tm/c.yaml').metrics).to.equal(undefined);
+  });
+
+  it('metrics: { host, port } is kept as given', () => {
+    expect(parseConfig(`${BASE}metrics: { host: 0.0.0.0, port: 9464 }\n`, '/etc/tm/c.yaml').metrics).to.deep.equal({ host: '0.0.0.0', port: 9464 });
+  });
+
+  it('a bad port, a missing host, an unknown key and the listen port are reported with line and key', () => {
+    expect(problems(`${BASE}metrics: { host: 127.0.0.1, port: 70000 }\n`)).to.match(/c\.yaml:6:\d+: metrics\.port: /);
+    expect(problems(`${BASE}metrics: { port: 9464 }\n`)).to.contain('metrics.host');
+    expect(problems(`${BASE}metrics: { host: h, port: 9464, path: /m }\n`)).to.contain('metrics.path: unknown key');
+    expect(problems(`${BASE}metrics: { host: 127.0.0.1, port: 7890 }\n`)).to.match(/metrics\.port: expected a port other than listen's \(127\.0\.0\.1:7890\)/);
+  });
+});
