@@ -1,30 +1,62 @@
-import type { DaemonStatus } from '../daemon/control.js';
-import type { MirrorStatus } from '../mirror/status.js';
+import type { DaemonStatus, MirrorStatusEntry } from '../daemon/control.js';
 import { formatBytes } from '../util/units.js';
+
+const BAR_WIDTH = 20;
 
 function pad(s: string, n: number): string {
   return s.length >= n ? s : s + ' '.repeat(n - s.length);
 }
 
-function progressCell(m: MirrorStatus): string {
-  if (!m.progress || m.progress.totalBytes === 0) return '';
-  const pct = Math.min(100, (100 * m.progress.doneBytes) / m.progress.totalBytes);
-  return `${pct.toFixed(1)}%`;
+/** 42 -> "42s", 725 -> "12m05s", 11220 -> "3h07m", 190800 -> "2d05h". */
+export function formatEta(seconds: number): string {
+  const s = Math.max(0, Math.ceil(seconds));
+  const two = (n: number) => String(n).padStart(2, '0');
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${two(s % 60)}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h${two(Math.floor((s % 3600) / 60))}m`;
+  return `${Math.floor(s / 86400)}d${two(Math.floor((s % 86400) / 3600))}h`;
 }
 
-function lagCell(m: MirrorStatus): string {
+/** "[#####...............]  25.0%" */
+export function progressBar(done: number, total: number, width = BAR_WIDTH): string {
+  const f = total > 0 ? Math.min(1, Math.max(0, done / total)) : 1;
+  const n = Math.floor(f * width);
+  return `[${'#'.repeat(n)}${'.'.repeat(width - n)}] ${(f * 100).toFixed(1).padStart(5)}%`;
+}
+
+/**
+ * The generation in flight: bar, bytes done of total, rate and ETA (from the
+ * daemon's rateBytesPerSecond); empty when nothing is in flight.
+ */
+export function progressCell(m: Pick<MirrorStatusEntry, 'progress' | 'rateBytesPerSecond'>): string {
+  const p = m.progress;
+  if (!p || p.totalBytes === 0) return '';
+  const parts = [progressBar(p.doneBytes, p.totalBytes), `${formatBytes(p.doneBytes)} of ${formatBytes(p.totalBytes)}`];
+  const rate = m.rateBytesPerSecond ?? null;
+  const left = Math.max(0, p.totalBytes - p.doneBytes);
+  if (rate === null) parts.push('rate: measuring');
+  else if (rate <= 0) parts.push('0 B/s, stalled');
+  else parts.push(`${formatBytes(Math.round(rate))}/s, ETA ${formatEta(left / rate)}`);
+  return parts.join('  ');
+}
+
+export function lagCell(m: Pick<MirrorStatusEntry, 'lagSeconds'>): string {
   if (m.lagSeconds === null) return '-';
-  return m.lagSeconds < 100 ? `${m.lagSeconds.toFixed(1)}s` : `${Math.round(m.lagSeconds)}s`;
+  return m.lagSeconds < 100 ? `${m.lagSeconds.toFixed(1)}s` : formatEta(m.lagSeconds);
 }
 
-/** The readable form of `status`: one row per mirror, errors below the table. */
+/**
+ * The readable form of `status`: one row per mirror, errors below the table.
+ * PROGRESS (last column) is filled while a generation is in flight (the
+ * initial sync or a cycle); LAG is the age of the oldest change not yet
+ * committed on the secondary.
+ */
 export function formatStatus(st: DaemonStatus): string {
-  const head = ['MIRROR', 'ROLE', 'STATE', 'PROGRESS', 'GEN', 'COMMITTED', 'VOLUME', 'ALLOCATED', 'SENT', 'WIRE', 'DIRTY', 'LAG'];
+  const head = ['MIRROR', 'ROLE', 'STATE', 'GEN', 'COMMITTED', 'VOLUME', 'ALLOCATED', 'SENT', 'WIRE', 'DIRTY', 'LAG', 'PROGRESS'];
   const rows = st.mirrors.map((m) => [
     m.name,
     m.role,
     m.state,
-    progressCell(m),
     String(m.generation),
     String(m.committedGeneration),
     formatBytes(m.volumeBytes),
@@ -33,10 +65,12 @@ export function formatStatus(st: DaemonStatus): string {
     formatBytes(m.wireBytes),
     formatBytes(m.dirtyBytes),
     lagCell(m),
+    progressCell(m),
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const line = (r: string[]) => r.map((c, i) => pad(c, widths[i]!)).join('  ').trimEnd();
-  const out = [`node ${st.node} (pid ${st.pid}, thinmirror ${st.version})${st.listen ? `, listening on ${st.listen.host}:${st.listen.port}` : ''}`, line(head), ...rows.map(line)];
+  const where = [st.listen ? `listening on ${st.listen.host}:${st.listen.port}` : '', st.metrics ? `metrics on http://${st.metrics.host}:${st.metrics.port}/metrics` : ''].filter(Boolean);
+  const out = [`node ${st.node} (pid ${st.pid}, thinmirror ${st.version})${where.map((w) => `, ${w}`).join('')}`, line(head), ...rows.map(line)];
   for (const m of st.mirrors) if (m.error) out.push(`${m.name}: ${m.error.code}: ${m.error.message}`);
   return out.join('\n');
 }
