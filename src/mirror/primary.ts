@@ -23,7 +23,9 @@ import type { CycleReport, MirrorStatus, PrimaryPhase, ReconcileReport } from '.
 const ZERO16 = Buffer.alloc(DIGEST_BYTES);
 
 /** Read requests prepared ahead of the socket (operations in flight on the read side). */
-const READ_AHEAD = 4;
+const READ_AHEAD = 32;
+/** ... and at most this many bytes of them (scattered small pieces: many reads in flight; 1 MiB pieces: 4). */
+const READ_AHEAD_BYTES = 4 * 1024 * 1024;
 /** Codes after which retrying soon cannot help: back off to the maximum at once. */
 const REFUSALS = new Set<string>([
   ErrorCodes.AUTH_FAILED,
@@ -509,17 +511,25 @@ export class PrimaryMirror {
     }
   }
 
-  /** Extents of a generation with READ_AHEAD pieces read and compressed ahead of the socket. */
+  /** Extents of a generation with up to READ_AHEAD pieces (READ_AHEAD_BYTES) read and compressed ahead of the socket. */
   private async *extents(view: Volume, bitmap: RoaringBitmap32, fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await view.allocated(this.state.chunkSize);
-    const ahead: Promise<Prepared[]>[] = [];
+    const ahead: { p: Promise<Prepared[]>; bytes: number }[] = [];
+    let aheadBytes = 0;
+    const next = async () => {
+      const a = ahead.shift()!;
+      aheadBytes -= a.bytes;
+      return a.p;
+    };
     for (const seg of this.segments(bitmap, alloc, fromChunk)) {
       const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(view, seg);
       p.catch(() => {}); // awaited below in order; avoid an unhandled rejection meanwhile
-      ahead.push(p);
-      if (ahead.length >= READ_AHEAD) yield* await ahead.shift()!;
+      const bytes = seg.hole ? 0 : seg.length;
+      ahead.push({ p, bytes });
+      aheadBytes += bytes;
+      while (ahead.length >= READ_AHEAD || aheadBytes >= READ_AHEAD_BYTES) yield* await next();
     }
-    while (ahead.length) yield* await ahead.shift()!;
+    while (ahead.length) yield* await next();
   }
 
   private hole(seg: Segment): Prepared[] {

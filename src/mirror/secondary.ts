@@ -297,6 +297,19 @@ export class SecondaryMirror {
     } finally {
       // Let a running checkpoint finish before the next session reads the state.
       if (flushing) await flushing;
+      // The session ended (link cut, replaced, refused frame) inside a
+      // generation: everything below nextOffset was written, so make it durable
+      // now and the next session resumes there, not at the last periodic
+      // checkpoint. (After a crash, the periodic checkpoints are what is left.)
+      if (current !== null && !flushError && nextOffset > durable) {
+        try {
+          await volume.flush();
+          s.applying = { generation: current, cursor: nextOffset };
+          await this.stateFile.save(s);
+        } catch (e) {
+          this.log.warn({ err: e }, 'checkpoint at the end of the session failed; the next session resumes from the last one');
+        }
+      }
     }
   }
 
