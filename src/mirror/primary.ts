@@ -45,7 +45,15 @@ export interface PrimaryContext {
   stateDir: string;
   psk: Buffer;
   log: Logger;
+  /**
+   * Bandwidth cap (the mirror's and its peer's token buckets): resolves when
+   * `bytes` more may go on the wire. Absent: unlimited.
+   */
+  throttle?: (bytes: number, signal: AbortSignal) => Promise<void>;
 }
+
+/** Frame bytes besides the payload, counted against a bandwidth cap (an estimate: msgpack keys and ws header). */
+const FRAME_OVERHEAD = 96;
 
 /**
  * The sending side of one mirror: keeps the secondary current by generations.
@@ -441,6 +449,7 @@ export class PrimaryMirror {
       await flow.ready();
       if (this.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
       const msg = { ...ext, seq: ++seq } as ExtentMsg;
+      if (this.ctx.throttle) await this.ctx.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.signal);
       const n = session.send(msg);
       flow.sent(seq, n, msg.offset + msg.length);
       if (msg.kind === 'data') this.sentBytes += msg.length;
