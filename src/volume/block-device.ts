@@ -1,18 +1,15 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { native, type NativeOps } from '../native/index.js';
-import { alignRanges, mergeRanges, type ByteRange, type Volume, type VolumeCapabilities } from './volume.js';
+import { HandleVolume } from './handle-volume.js';
+import { alignRanges, mergeRanges, type ByteRange } from './volume.js';
 
-/** Errors meaning "this way of zeroing is not available on this device": try the next one, remember. */
-const UNSUPPORTED = new Set(['EOPNOTSUPP', 'ENOTSUP', 'ENOTTY', 'EINVAL', 'ENOSYS']);
 /**
  * fallocate on a block device needs offsets and lengths aligned to its logical
  * block size; 4 KiB is a multiple of every logical block size in use, so the
  * aligned middle of a range goes to fallocate and the edges are written.
  */
 const FALLOCATE_ALIGN = 4096;
-const ZERO_WRITE_BYTES = 1024 * 1024;
-let zeroBuffer: Buffer | undefined;
 
 export interface BlockDeviceOptions {
   readOnly?: boolean;
@@ -38,20 +35,16 @@ export interface BlockDeviceOptions {
  * BLKDISCARD is not used: a discard does not promise that the range reads
  * back as zeros. The first refusal of a method is remembered.
  */
-export class BlockDeviceVolume implements Volume {
-  readonly kind = 'block' as const;
-  readonly capabilities: VolumeCapabilities;
-  private closed = false;
-
+export class BlockDeviceVolume extends HandleVolume {
   private constructor(
-    readonly path: string,
-    private readonly fh: fsp.FileHandle,
-    readonly size: number,
-    private readonly readOnly: boolean,
+    path: string,
+    fh: fsp.FileHandle,
+    size: number,
+    readOnly: boolean,
     private readonly map: (() => Promise<ByteRange[]>) | undefined,
-    private readonly ops: NativeOps,
+    ops: NativeOps,
   ) {
-    this.capabilities = { allocationMap: map !== undefined, punchHole: !readOnly, zeroRange: !readOnly };
+    super(path, fh, size, 'block', readOnly, ops, map !== undefined);
   }
 
   static async open(device: string, o: BlockDeviceOptions = {}): Promise<BlockDeviceVolume> {
@@ -73,17 +66,6 @@ export class BlockDeviceVolume implements Volume {
     }
   }
 
-  private check(offset: number, length: number, what: string): void {
-    if (this.closed) throw new TmError(ErrorCodes.VOLUME_IO, `volume ${this.path} is closed`);
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-      throw new TmError(ErrorCodes.VOLUME_RANGE, `${what} ${offset}+${length} is outside volume ${this.path} (${this.size} bytes)`);
-    }
-  }
-
-  private checkWritable(what: string): void {
-    if (this.readOnly) throw new TmError(ErrorCodes.VOLUME_IO, `${what}: ${this.path} is open read-only`);
-  }
-
   async allocated(alignTo?: number): Promise<ByteRange[]> {
     this.check(0, 0, 'allocation map');
     let ranges: ByteRange[];
@@ -99,43 +81,6 @@ export class BlockDeviceVolume implements Volume {
     return alignTo ? alignRanges(ranges, alignTo, this.size) : ranges;
   }
 
-  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    this.check(offset, length, 'read');
-    const buf = into && into.length >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
-    let done = 0;
-    try {
-      while (done < length) {
-        const { bytesRead } = await this.fh.read(buf, done, length - done, offset + done);
-        if (bytesRead === 0) throw new TmError(ErrorCodes.VOLUME_IO, `block device ${this.path} ended at ${offset + done}, expected ${this.size} bytes (did it shrink?)`);
-        done += bytesRead;
-      }
-    } catch (e) {
-      throw asTmError(e, ErrorCodes.VOLUME_IO, `reading ${this.path} at ${offset}+${length}`);
-    }
-    return buf;
-  }
-
-  async write(offset: number, data: Buffer): Promise<void> {
-    this.check(offset, data.length, 'write');
-    this.checkWritable('write');
-    let done = 0;
-    try {
-      while (done < data.length) {
-        const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
-        done += bytesWritten;
-      }
-    } catch (e) {
-      throw asTmError(e, ErrorCodes.VOLUME_IO, `writing ${this.path} at ${offset}+${data.length}`);
-    }
-  }
-
-  private async writeZeros(offset: number, length: number): Promise<void> {
-    zeroBuffer ??= Buffer.alloc(ZERO_WRITE_BYTES);
-    for (let at = 0; at < length; at += ZERO_WRITE_BYTES) {
-      await this.write(offset + at, zeroBuffer.subarray(0, Math.min(ZERO_WRITE_BYTES, length - at)));
-    }
-  }
-
   async zero(offset: number, length: number): Promise<void> {
     this.check(offset, length, 'zero');
     this.checkWritable('zero');
@@ -145,44 +90,7 @@ export class BlockDeviceVolume implements Volume {
     const midEnd = Math.floor(end / FALLOCATE_ALIGN) * FALLOCATE_ALIGN;
     if (midEnd <= midStart) return this.writeZeros(offset, length);
     if (midStart > offset) await this.writeZeros(offset, midStart - offset);
-    await this.zeroAligned(midStart, midEnd - midStart);
+    await this.zeroChain(midStart, midEnd - midStart);
     if (end > midEnd) await this.writeZeros(midEnd, end - midEnd);
-  }
-
-  private async zeroAligned(offset: number, length: number): Promise<void> {
-    const fd = this.fh.fd;
-    const c = this.capabilities;
-    if (c.punchHole) {
-      try {
-        return await this.ops.punchHole(fd, offset, length);
-      } catch (e) {
-        if (!UNSUPPORTED.has((e as NodeJS.ErrnoException).code ?? '')) throw asTmError(e, ErrorCodes.VOLUME_IO, `unmapping ${this.path} at ${offset}+${length}`);
-        c.punchHole = false;
-      }
-    }
-    if (c.zeroRange) {
-      try {
-        return await this.ops.zeroRange(fd, offset, length);
-      } catch (e) {
-        if (!UNSUPPORTED.has((e as NodeJS.ErrnoException).code ?? '')) throw asTmError(e, ErrorCodes.VOLUME_IO, `zeroing ${this.path} at ${offset}+${length}`);
-        c.zeroRange = false;
-      }
-    }
-    await this.writeZeros(offset, length);
-  }
-
-  async flush(): Promise<void> {
-    if (this.closed || this.readOnly) return;
-    try {
-      await this.fh.datasync();
-    } catch (e) {
-      throw asTmError(e, ErrorCodes.VOLUME_IO, `flushing ${this.path}`);
-    }
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await this.fh.close();
   }
 }
