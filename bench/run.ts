@@ -5,9 +5,10 @@
  * the same file. Prints the figures and writes them as JSON to bench/results/.
  *
  * Then the incremental case (bench/incremental.ts): one scan cycle and one
- * reflink cycle on the same change, on a loop-mounted XFS.
+ * reflink cycle on the same change, on a loop-mounted XFS; and the bandwidth
+ * case (bench/bandwidth.ts): measured rate against a per-mirror and a per-peer cap.
  *
- * Environment: TM_BENCH_ONLY (initial | incremental), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -199,14 +200,20 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=initial|incremental runs one case; both by default. */
+/** TM_BENCH_ONLY=initial|incremental|bandwidth runs one case; all by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== 'incremental') await main();
-  if (only !== 'initial') {
+  if (only !== undefined && !['initial', 'incremental', 'bandwidth'].includes(only)) throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental or bandwidth`);
+  if (!only || only === 'initial') await main();
+  if (!only || only === 'incremental') {
     const { incrementalBench } = await import('./incremental.js');
     console.log('');
     await incrementalBench();
+  }
+  if (!only || only === 'bandwidth') {
+    const { bandwidthBench } = await import('./bandwidth.js');
+    console.log('');
+    await bandwidthBench();
   }
 }
 

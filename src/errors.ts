@@ -7,6 +7,8 @@
 export const ErrorCodes = {
   /** Configuration file missing, unreadable, not YAML, or failing validation. */
   CONFIG: 'TM_ERR_CONFIG',
+  /** A config reload (SIGHUP) changes a key that only a restart can change (node.name, node.stateDir, listen, metrics, tls). */
+  RELOAD: 'TM_ERR_RELOAD',
   /** A command-line argument is missing, unknown or malformed. */
   USAGE: 'TM_ERR_USAGE',
   /** A size or duration string cannot be parsed ("64KiB", "30s"). */
@@ -39,6 +41,8 @@ export const ErrorCodes = {
   TIMEOUT: 'TM_ERR_TIMEOUT',
   /** The connection to the peer closed or could not be opened. */
   CONNECTION: 'TM_ERR_CONNECTION',
+  /** TLS refused a session: a certificate unknown to the CA, expired, for another host, or no certificate. */
+  TLS: 'TM_ERR_TLS',
   /** The peer reported an error and closed the session. */
   PEER: 'TM_ERR_PEER',
   /** A state file is unreadable or inconsistent. */

@@ -69,8 +69,11 @@ export function formatStatus(st: DaemonStatus): string {
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const line = (r: string[]) => r.map((c, i) => pad(c, widths[i]!)).join('  ').trimEnd();
-  const where = [st.listen ? `listening on ${st.listen.host}:${st.listen.port}` : '', st.metrics ? `metrics on http://${st.metrics.host}:${st.metrics.port}/metrics` : ''].filter(Boolean);
+  const where = [st.listen ? `listening on ${st.listen.host}:${st.listen.port}${st.listen.tls ? ' (mutual TLS)' : ''}` : '', st.metrics ? `metrics on http://${st.metrics.host}:${st.metrics.port}/metrics` : ''].filter(Boolean);
   const out = [`node ${st.node} (pid ${st.pid}, thinmirror ${st.version})${where.map((w) => `, ${w}`).join('')}`, line(head), ...rows.map(line)];
   for (const m of st.mirrors) if (m.error) out.push(`${m.name}: ${m.error.code}: ${m.error.message}`);
+  // (st.config is absent when asking a daemon older than config reload.)
+  const r = st.config?.lastReload;
+  if (r && !r.ok && r.error) out.push(`config reload at ${r.at} failed, the previous config keeps running: ${r.error.code}: ${r.error.message}`);
   return out.join('\n');
 }

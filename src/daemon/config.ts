@@ -1,9 +1,12 @@
 import { promises as fsp, type Stats } from 'node:fs';
+import { isIP } from 'node:net';
 import * as path from 'node:path';
+import { createSecureContext } from 'node:tls';
+import { X509Certificate } from 'node:crypto';
 import { isNode, LineCounter, parseDocument, type Document } from 'yaml';
 import { z } from 'zod';
 import { ErrorCodes, TmError } from '../errors.js';
-import { isValidChunkSize, parseDuration, parseSize } from '../util/units.js';
+import { isValidChunkSize, parseDuration, parseRate, parseSize } from '../util/units.js';
 
 /** Every default of the config in one place. Sizes in bytes, durations in seconds. */
 export const DEFAULTS = {
@@ -26,6 +29,10 @@ export interface MirrorConfig {
   volume: string;
   /** ws:// or wss:// URL of the secondary (primary only). */
   peer?: string;
+  /** A primary with a wss:// peer: the mirror's own `tls:` files, else the node's. */
+  tls?: TlsFiles;
+  /** Plain ws:// accepted off loopback: to the peer (primary), on the listener (secondary). */
+  insecure: boolean;
   chunkSize: number;
   maxInFlight: number;
   maxExtent: number;
@@ -36,6 +43,34 @@ export interface MirrorConfig {
   tracking: { mode: TrackingMode; interval: number };
   /** LVM thin pool of the volume (`tracking.mode: lvm-thin`): volume group and pool name. */
   lvm?: { vg: string; pool: string };
+  /** Cap of this mirror's sends in bytes per second (primary only); absent: unlimited. */
+  bandwidth?: number;
+  /** Cap shared by every mirror to the same peer (from `peers:`), bytes per second; absent: unlimited. */
+  peerBandwidth?: number;
+}
+
+/** The key mirrors to one peer share a bandwidth bucket under: the URL's host:port. */
+export function peerKey(url: string): string {
+  const u = new URL(url);
+  return `${u.hostname}:${u.port || (u.protocol === 'wss:' ? '443' : '80')}`;
+}
+
+/** A TLS identity: CA certificate(s) that verify the peer, our certificate and its private key (absolute paths). */
+export interface TlsFiles {
+  ca: string;
+  cert: string;
+  key: string;
+  /** Where they are configured: the node's `tls:` or the mirror's own. */
+  origin: 'node' | 'mirror';
+}
+
+/** 127.0.0.0/8, ::1 (or ::ffff:127.x.y.z) and localhost: traffic that never leaves the host. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.toLowerCase().replace(/^\[(.*)\]$/, '$1');
+  if (h === 'localhost' || h.endsWith('.localhost')) return true;
+  if (isIP(h) === 4) return h.startsWith('127.');
+  if (isIP(h) === 6) return h === '::1' || h === '0:0:0:0:0:0:0:1' || /^::ffff:127\./.test(h);
+  return false;
 }
 
 export const TRACKING_MODES = ['auto', 'scan', 'reflink', 'lvm-thin'] as const;
@@ -48,6 +83,10 @@ export interface DaemonConfig {
   /** Optional TCP listener serving GET /metrics (Prometheus text); the control socket serves it too. */
   metrics?: { host: string; port: number };
   auth: { pskFile: string };
+  /** The node's TLS identity: the listener's (server) and, unless a mirror has its own, every wss:// primary's (client). */
+  tls?: Omit<TlsFiles, 'origin'>;
+  /** Settings per peer (secondary host) shared by every primary mirror to it. */
+  peers?: { url: string; bandwidth?: number }[];
   mirrors: MirrorConfig[];
   /** The file this config was read from. */
   sourcePath: string;
@@ -74,17 +113,26 @@ const duration = z.union([z.string(), z.number()]).transform((v, ctx) => {
     return z.NEVER;
   }
 });
+const rate = z.union([z.string(), z.number()]).transform((v, ctx) => {
+  try {
+    return parseRate(v);
+  } catch (e) {
+    ctx.addIssue({ code: 'custom', message: (e as Error).message });
+    return z.NEVER;
+  }
+});
 const chunkSize = size.refine(isValidChunkSize, { message: 'expected a power of two between 4KiB and 4MiB' });
 const pathString = z.string().min(1, 'expected a path');
+
+const tlsSchema = z.strictObject({ ca: pathString, cert: pathString, key: pathString });
+
+const peerUrl = z.string().regex(/^wss?:\/\/[^\s/]+(\/\S*)?$/, 'expected a ws:// or wss:// URL such as ws://10.0.0.2:7890');
 
 const mirrorSchema = z.strictObject({
   name,
   role: z.enum(['primary', 'secondary']),
   volume: pathString,
-  peer: z
-    .string()
-    .regex(/^wss?:\/\/[^\s/]+(\/\S*)?$/, 'expected a ws:// or wss:// URL such as ws://10.0.0.2:7890')
-    .optional(),
+  peer: peerUrl.optional(),
   chunkSize: chunkSize.optional(),
   maxInFlight: size.optional(),
   maxExtent: size.optional(),
@@ -92,6 +140,9 @@ const mirrorSchema = z.strictObject({
   reconnect: z.strictObject({ min: duration.optional(), max: duration.optional() }).optional(),
   tracking: z.strictObject({ mode: z.enum(TRACKING_MODES).optional(), interval: duration.optional() }).optional(),
   lvm: z.strictObject({ pool: z.string().regex(/^[A-Za-z0-9+_.-]+\/[A-Za-z0-9+_.-]+$/, 'expected VG/POOL, e.g. vg0/pool0') }).optional(),
+  bandwidth: rate.optional(),
+  tls: tlsSchema.optional(),
+  insecure: z.boolean().optional(),
 });
 
 const configSchema = z.strictObject({
@@ -103,6 +154,8 @@ const configSchema = z.strictObject({
   listen: z.strictObject({ host: z.string().min(1), port: z.number().int().min(1).max(65535) }).optional(),
   metrics: z.strictObject({ host: z.string().min(1), port: z.number().int().min(1).max(65535) }).optional(),
   auth: z.strictObject({ pskFile: pathString }),
+  tls: tlsSchema.optional(),
+  peers: z.array(z.strictObject({ url: peerUrl, bandwidth: rate.optional() })).optional(),
   mirrors: z.array(mirrorSchema).min(1, 'expected at least one mirror'),
 });
 
@@ -158,11 +211,18 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
   let config: DaemonConfig | undefined;
   if (parsed.success) {
     const c = parsed.data;
+    const tlsPaths = (t: { ca: string; cert: string; key: string }) => ({ ca: abs(t.ca), cert: abs(t.cert), key: abs(t.key) });
+    const nodeTls = c.tls ? tlsPaths(c.tls) : undefined;
+    /** The TLS files a primary with a wss:// peer uses: its own, else the node's. */
+    const tlsOf = (m: (typeof c.mirrors)[number]): { tls?: TlsFiles } =>
+      m.role !== 'primary' || !m.peer?.startsWith('wss://') ? {} : m.tls ? { tls: { ...tlsPaths(m.tls), origin: 'mirror' } } : nodeTls ? { tls: { ...nodeTls, origin: 'node' } } : {};
     const mirrors: MirrorConfig[] = c.mirrors.map((m) => ({
       name: m.name,
       role: m.role,
       volume: abs(m.volume),
       ...(m.peer !== undefined ? { peer: m.peer } : {}),
+      ...tlsOf(m),
+      insecure: m.insecure ?? false,
       chunkSize: m.chunkSize ?? DEFAULTS.chunkSize,
       maxInFlight: m.maxInFlight ?? DEFAULTS.maxInFlight,
       maxExtent: m.maxExtent ?? DEFAULTS.maxExtent,
@@ -172,15 +232,58 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       reconnectMax: m.reconnect?.max ?? DEFAULTS.reconnectMax,
       tracking: { mode: m.tracking?.mode ?? DEFAULTS.trackingMode, interval: m.tracking?.interval ?? DEFAULTS.trackingInterval },
       ...(m.lvm ? { lvm: { vg: m.lvm.pool.split('/')[0]!, pool: m.lvm.pool.split('/')[1]! } } : {}),
+      ...(m.bandwidth !== undefined ? { bandwidth: m.bandwidth } : {}),
     }));
+    // A peer's shared cap goes into each of its mirrors' config, so a change of
+    // it counts as a change of those mirrors.
+    const peerIndex = new Map<string, number>();
+    (c.peers ?? []).forEach((p, i) => {
+      const key = peerKey(p.url);
+      if (peerIndex.has(key)) problems.push({ path: ['peers', i, 'url'], message: `peer ${key} is already listed at peers[${peerIndex.get(key)}]` });
+      else peerIndex.set(key, i);
+      const users = mirrors.filter((m) => m.role === 'primary' && m.peer && peerKey(m.peer) === key);
+      if (users.length === 0) problems.push({ path: ['peers', i, 'url'], message: `no primary mirror has a peer at ${key} (a typo?)` });
+      if (p.bandwidth !== undefined) for (const m of users) m.peerBandwidth = p.bandwidth;
+    });
     config = {
       node: { name: c.node.name, stateDir: abs(c.node.stateDir), logLevel: c.node.logLevel ?? DEFAULTS.logLevel },
       ...(c.listen ? { listen: c.listen } : {}),
       ...(c.metrics ? { metrics: c.metrics } : {}),
       auth: { pskFile: abs(c.auth.pskFile) },
+      ...(nodeTls ? { tls: nodeTls } : {}),
+      ...(c.peers ? { peers: c.peers.map((p) => ({ url: p.url, ...(p.bandwidth !== undefined ? { bandwidth: p.bandwidth } : {}) })) } : {}),
       mirrors,
       sourcePath: path.resolve(sourcePath),
     };
+    // Transport security: TLS, or plain ws:// only on loopback unless the mirror says insecure: true.
+    c.mirrors.forEach((raw, i) => {
+      const m = mirrors[i]!;
+      if (m.role === 'primary' && m.peer) {
+        let host: string;
+        try {
+          host = new URL(m.peer).hostname;
+        } catch {
+          problems.push({ path: ['mirrors', i, 'peer'], message: `expected a ws:// or wss:// URL, got ${m.peer}` });
+          return;
+        }
+        if (m.peer.startsWith('wss://')) {
+          if (!m.tls) problems.push({ path: ['mirrors', i, 'peer'], message: `peer ${m.peer} is wss:// but no tls: { ca, cert, key } is configured (on the mirror or at the top level)` });
+        } else {
+          if (raw.tls) problems.push({ path: ['mirrors', i, 'tls'], message: `tls: is used with a wss:// peer; peer ${m.peer} is plain ws://` });
+          if (!m.insecure && !isLoopbackHost(host)) {
+            problems.push({ path: ['mirrors', i, 'peer'], message: `peer ${m.peer} is plain ws:// to a host that is not loopback: use wss:// with tls: { ca, cert, key }, or set insecure: true on this mirror` });
+          }
+        }
+      } else if (m.role === 'secondary') {
+        if (raw.tls) problems.push({ path: ['mirrors', i, 'tls'], message: 'a secondary mirror takes no tls: the listener uses the top-level tls: { ca, cert, key }' });
+        if (c.listen && !c.tls && !m.insecure && !isLoopbackHost(c.listen.host)) {
+          problems.push({
+            path: ['mirrors', i],
+            message: `listen.host ${c.listen.host} is not loopback and there is no top-level tls: primaries would send this mirror in clear text: set tls: { ca, cert, key } at the top level, or insecure: true on this mirror`,
+          });
+        }
+      }
+    });
     // Rules across keys.
     const names = new Map<string, number>();
     const volumes = new Map<string, number>();
@@ -205,6 +308,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       } else if (m.lvm) {
         problems.push({ path: at('lvm'), message: 'lvm: is used only with tracking.mode lvm-thin' });
       }
+      if (m.bandwidth !== undefined && m.role !== 'primary') problems.push({ path: at('bandwidth'), message: 'bandwidth caps what a primary sends; a secondary mirror takes none' });
       if (m.reconnectMin > m.reconnectMax) problems.push({ path: at('reconnect'), message: 'min must not exceed max' });
     });
     if (config.metrics && config.listen && config.metrics.port === config.listen.port && config.metrics.host === config.listen.host) {
@@ -250,4 +354,53 @@ export async function readPsk(file: string): Promise<Buffer> {
 /** A warning when the key file can be read by group or others, else null. */
 export function pskFileWarning(file: string, st: Stats): string | null {
   return (st.mode & 0o077) !== 0 ? `pre-shared key file ${file} is readable by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it` : null;
+}
+
+/** The PEM contents of a TLS identity, read by {@link readTlsFiles}. */
+export interface TlsMaterial {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  /** Expiry of our certificate (validTo), for a warning when it is past. */
+  notAfter: Date;
+}
+
+/**
+ * Read the CA, certificate and key of a TLS identity and check that they
+ * parse and that the key belongs to the certificate. Failures are
+ * TmError(TM_ERR_CONFIG) naming the config key (`what`, e.g. "tls" or
+ * `mirror db1: tls`) and the file. An expired certificate is not refused
+ * here: the peer refuses it (and says so); see `notAfter`.
+ */
+export async function readTlsFiles(files: Omit<TlsFiles, 'origin'>, what: string): Promise<TlsMaterial> {
+  const read = async (k: 'ca' | 'cert' | 'key'): Promise<Buffer> => {
+    try {
+      return await fsp.readFile(files[k]);
+    } catch (e) {
+      throw new TmError(ErrorCodes.CONFIG, `cannot read ${what}.${k} ${files[k]}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
+    }
+  };
+  const [ca, cert, key] = [await read('ca'), await read('cert'), await read('key')];
+  let notAfter: Date;
+  try {
+    notAfter = new Date(new X509Certificate(cert).validTo);
+  } catch (e) {
+    throw new TmError(ErrorCodes.CONFIG, `${what}.cert ${files.cert} is not a PEM certificate: ${(e as Error).message}`, { cause: e });
+  }
+  const caCerts = ca.toString('latin1').match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+  if (caCerts.length === 0) throw new TmError(ErrorCodes.CONFIG, `${what}.ca ${files.ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`);
+  for (const pem of caCerts) {
+    try {
+      new X509Certificate(pem);
+    } catch (e) {
+      throw new TmError(ErrorCodes.CONFIG, `${what}.ca ${files.ca} holds a certificate that does not parse: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  try {
+    createSecureContext({ ca, cert, key });
+  } catch (e) {
+    const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+    throw new TmError(ErrorCodes.CONFIG, `${what}: cannot use ca ${files.ca}, cert ${files.cert} and key ${files.key} together (${reason}: ${(e as Error).message})`, { cause: e });
+  }
+  return { ca, cert, key, notAfter };
 }

@@ -3,6 +3,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import type { MirrorStatus } from '../mirror/status.js';
+import type { LastReload } from './reload.js';
 
 export const CONTROL_SOCKET = 'control.sock';
 
@@ -11,9 +12,15 @@ export interface DaemonStatus {
   pid: number;
   version: string;
   startedAt: string;
-  listen: { host: string; port: number } | null;
+  /** The listener of primaries; `tls`: HTTPS with mutual TLS (config `tls:`). */
+  listen: { host: string; port: number; tls: boolean } | null;
   /** The TCP listener of GET /metrics (config `metrics:`), or null. */
   metrics: { host: string; port: number } | null;
+  /**
+   * The config file in force: its path, when it was loaded (at start or by the
+   * last reload that applied one) and the last reload (SIGHUP), null before any.
+   */
+  config: { path: string; loadedAt: string; lastReload: LastReload | null };
   mirrors: MirrorStatusEntry[];
 }
 

@@ -1,4 +1,8 @@
 import * as http from 'node:http';
+import * as https from 'node:https';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { TLSSocket } from 'node:tls';
 import { promises as fsp } from 'node:fs';
 import { createRequire } from 'node:module';
 import { pino, type Logger } from 'pino';
@@ -10,10 +14,13 @@ import type { MirrorStatus } from '../mirror/status.js';
 import { refuse, secondaryHandshake } from '../wire/handshake.js';
 import { MAX_EXTENT_BYTES } from '../wire/messages.js';
 import { Session } from '../wire/session.js';
-import { readPsk, type DaemonConfig, type MirrorConfig } from './config.js';
+import { clientCertRefusal, REFUSAL_HEADER, tlsReason, writeRefusal } from '../wire/tls.js';
+import { BandwidthRegistry, throttle } from '../wire/bandwidth.js';
+import { loadConfig, peerKey, readPsk, readTlsFiles, type DaemonConfig, type MirrorConfig } from './config.js';
 import { startControlServer, startMetricsServer, type DaemonStatus, type MirrorStatusEntry } from './control.js';
 import { acquireLock } from './lock.js';
 import { MirrorMetrics } from './metrics.js';
+import { checkReloadable, diffMirrors, reportOf, type LastReload, type ReloadReport } from './reload.js';
 
 export const VERSION: string = (createRequire(import.meta.url)('../../package.json') as { version: string }).version;
 
@@ -24,7 +31,8 @@ type Entry = { config: MirrorConfig; mirror: PrimaryMirror | SecondaryMirror | n
  * at once), the WebSocket listener for secondaries and the control socket.
  */
 export class Daemon {
-  private readonly entries = new Map<string, Entry>();
+  /** A reload sets or deletes one mirror's entry at a time, and at its end replaces the map to follow the new config's order. */
+  private entries = new Map<string, Entry>();
   private wss: WebSocketServer | null = null;
   private httpServer: http.Server | null = null;
   private control: http.Server | null = null;
@@ -33,14 +41,26 @@ export class Daemon {
   private metrics: MirrorMetrics | null = null;
   private releaseLock: (() => Promise<void>) | null = null;
   private stopping: Promise<void> | null = null;
-  private listenAddr: { host: string; port: number } | null = null;
+  private listenAddr: { host: string; port: number; tls: boolean } | null = null;
   private readonly startedAt = new Date();
   private psk!: Buffer;
+  /** Token buckets of the bandwidth caps: per mirror, and per peer shared by its mirrors. */
+  private readonly bandwidth = new BandwidthRegistry();
+
+  /** Reloads run one at a time, in the order asked (SIGHUP). */
+  private reloading: Promise<unknown> = Promise.resolve();
+  private lastReload: LastReload | null = null;
+  private configLoadedAt = new Date();
 
   private constructor(
-    readonly config: DaemonConfig,
+    private cfg: DaemonConfig,
     readonly log: Logger,
   ) {}
+
+  /** The config in force: the one started with, or the last one a reload applied. */
+  get config(): DaemonConfig {
+    return this.cfg;
+  }
 
   static async start(config: DaemonConfig, log?: Logger): Promise<Daemon> {
     const d = new Daemon(config, log ?? pino({ level: config.node.logLevel, base: { node: config.node.name } }));
@@ -84,7 +104,7 @@ export class Daemon {
     try {
       const m =
         e.config.role === 'primary'
-          ? new PrimaryMirror(e.config, { nodeName: this.config.node.name, stateDir: this.config.node.stateDir, psk: this.psk, log })
+          ? new PrimaryMirror(e.config, { nodeName: this.config.node.name, stateDir: this.config.node.stateDir, psk: this.psk, log, ...this.throttleFor(e.config) })
           : new SecondaryMirror(e.config, this.config.node.stateDir, log);
       await m.start();
       e.mirror = m;
@@ -94,12 +114,80 @@ export class Daemon {
     }
   }
 
+  /** The bandwidth caps of a primary mirror as a PrimaryContext.throttle, or nothing when it has none. */
+  private throttleFor(m: MirrorConfig): { throttle?: (bytes: number, signal: AbortSignal) => Promise<void> } {
+    if (m.role !== 'primary' || !m.peer) return {};
+    if (m.bandwidth === undefined) this.bandwidth.forgetMirror(m.name);
+    const buckets = this.bandwidth.bucketsFor({
+      mirror: m.name,
+      ...(m.bandwidth !== undefined ? { mirrorLimit: { rate: m.bandwidth } } : {}),
+      peer: peerKey(m.peer),
+      ...(m.peerBandwidth !== undefined ? { peerLimit: { rate: m.peerBandwidth } } : {}),
+    });
+    if (buckets.length === 0) return {};
+    return { throttle: (bytes, signal) => throttle(buckets, bytes, signal) };
+  }
+
+  /**
+   * The listener of primaries: HTTPS with mutual TLS when the config has
+   * `tls:` (our certificate; primaries' client certificates verified against
+   * `tls.ca`), plain HTTP otherwise. A client whose certificate did not verify
+   * gets a 403 carrying TM_ERR_TLS and is logged; it never reaches the
+   * WebSocket (see src/wire/tls.ts for why this is not `rejectUnauthorized`).
+   */
   private async listen(host: string, port: number): Promise<void> {
-    const server = http.createServer((_req, res) => {
+    const files = this.config.tls;
+    const tls = files ? await readTlsFiles(files, 'tls') : null;
+    if (files && tls && tls.notAfter.getTime() < Date.now()) {
+      this.log.warn({ code: ErrorCodes.TLS, cert: files.cert, notAfter: tls.notAfter.toISOString() }, `the listener's certificate tls.cert ${files.cert} expired on ${tls.notAfter.toISOString()}: primaries will refuse it`);
+    }
+    /** Why this request's client is refused (and logged), or null. */
+    const refusal = (req: http.IncomingMessage): string | null => {
+      if (!tls) return null;
+      const why = clientCertRefusal(req.socket as TLSSocket);
+      if (why) {
+        const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+        this.log.warn({ code: ErrorCodes.TLS, remote, reason: (req.socket as TLSSocket).authorizationError ?? null }, `TLS client ${remote} refused: ${why}`);
+      }
+      return why;
+    };
+    const onRequest = (req: http.IncomingMessage, res: http.ServerResponse) => {
+      const why = refusal(req);
+      if (why) {
+        res.writeHead(403, { 'content-type': 'text/plain', connection: 'close', [REFUSAL_HEADER]: ErrorCodes.TLS });
+        return void res.end(`${ErrorCodes.TLS}: ${why}\n`);
+      }
       res.writeHead(426, { 'content-type': 'text/plain' });
       res.end('thinmirror: WebSocket upgrade required\n');
+    };
+    const server: http.Server = tls
+      ? https.createServer({ key: tls.key, cert: tls.cert, ca: tls.ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' }, onRequest)
+      : http.createServer(onRequest);
+    if (tls) {
+      // A socket that failed its handshake no longer knows its peer's address: note
+      // it when the TCP connection arrives (the TLS socket wraps it as `_parent`).
+      const remotes = new WeakMap<object, string>();
+      server.on('connection', (tcp: Socket) => remotes.set(tcp, `${tcp.remoteAddress}:${tcp.remotePort}`));
+      // The client certificate is checked on every request: no renegotiation (TLS 1.2) may swap it meanwhile.
+      server.on('secureConnection', (socket: TLSSocket) => socket.disableRenegotiation());
+      server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
+        const tcp = (socket as unknown as { _parent?: object })._parent;
+        const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : ((tcp && remotes.get(tcp)) ?? 'an unknown address');
+        const hint =
+          err.code === 'ECONNRESET'
+            ? ' (the client closed the connection during the TLS handshake: it may have refused this listener\'s certificate, see its log)'
+            : err.code === 'ERR_SSL_HTTP_REQUEST'
+              ? ' (a plain ws:// client: its peer should be wss://)'
+              : '';
+        this.log.warn({ code: ErrorCodes.TLS, remote, reason: err.code ?? null }, `TLS handshake with ${remote} failed: ${tlsReason(err)}${hint}`);
+      });
+    }
+    this.wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_EXTENT_BYTES + 65536 });
+    server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+      const why = refusal(req);
+      if (why) return writeRefusal(socket, ErrorCodes.TLS, why);
+      this.wss?.handleUpgrade(req, socket, head, (ws) => this.wss?.emit('connection', ws, req));
     });
-    this.wss = new WebSocketServer({ server, perMessageDeflate: false, maxPayload: MAX_EXTENT_BYTES + 65536 });
     this.wss.on('connection', (ws: WebSocket, req: http.IncomingMessage) => {
       const peer = `primary ${req.socket.remoteAddress}:${req.socket.remotePort}`;
       this.onConnection(new Session(ws, peer)).catch(() => {});
@@ -110,7 +198,7 @@ export class Daemon {
     });
     this.httpServer = server;
     const a = server.address();
-    this.listenAddr = a && typeof a === 'object' ? { host: a.address, port: a.port } : { host, port };
+    this.listenAddr = a && typeof a === 'object' ? { host: a.address, port: a.port, tls: !!tls } : { host, port, tls: !!tls };
   }
 
   private async onConnection(session: Session): Promise<void> {
@@ -146,13 +234,100 @@ export class Daemon {
       startedAt: this.startedAt.toISOString(),
       listen: this.listenAddr,
       metrics: this.metricsAddr,
+      config: { path: this.cfg.sourcePath, loadedAt: this.configLoadedAt.toISOString(), lastReload: this.lastReload ? structuredClone(this.lastReload) : null },
       mirrors,
     };
+  }
+
+  /**
+   * Apply a new config without a restart (SIGHUP): mirrors added start,
+   * removed ones stop (state persisted), changed ones (any difference in their
+   * resolved config, or a new pre-shared key) stop and start again, the others
+   * keep running untouched. A config that changes a key only a restart can
+   * change (TM_ERR_RELOAD) or whose key file cannot be read (TM_ERR_CONFIG) is
+   * rejected before anything changes. Reloads run one at a time; the result is
+   * kept for GET /status (`config.lastReload`).
+   */
+  reload(next: DaemonConfig): Promise<ReloadReport> {
+    return this.enqueueReload(async () => next);
+  }
+
+  /** Read and validate `file` (default: the config's own file) when the reload's turn comes, then {@link reload} it. */
+  reloadFromFile(file: string = this.cfg.sourcePath): Promise<ReloadReport> {
+    return this.enqueueReload(() => loadConfig(file));
+  }
+
+  private enqueueReload(load: () => Promise<DaemonConfig>): Promise<ReloadReport> {
+    const run = this.reloading.then(async () => {
+      try {
+        if (this.stopping) throw new TmError(ErrorCodes.ABORTED, 'the daemon is stopping; the config was not reloaded');
+        const report = await this.reloadNow(await load());
+        this.lastReload = { at: new Date().toISOString(), ok: true, error: null, ...report };
+        return report;
+      } catch (e) {
+        const err = asTmError(e, ErrorCodes.INTERNAL, 'config reload');
+        this.lastReload = { at: new Date().toISOString(), ok: false, error: err.toJSON(), added: [], removed: [], changed: [], unchanged: [] };
+        throw err;
+      }
+    });
+    this.reloading = run.catch(() => {});
+    return run;
+  }
+
+  private async reloadNow(next: DaemonConfig): Promise<ReloadReport> {
+    const old = this.cfg;
+    checkReloadable(old, next);
+    const psk = await readPsk(next.auth.pskFile);
+    const pskChanged = !psk.equals(this.psk);
+    // A mirror that could not start (volume missing...) is tried again.
+    const failed = [...this.entries.values()].filter((e) => !e.mirror).map((e) => e.config.name);
+    const diff = diffMirrors(old.mirrors, next.mirrors, { restartAll: pskChanged, restart: failed });
+    const report = reportOf(diff);
+    this.log.info({ config: next.sourcePath, ...report, pskChanged }, 'applying the new config');
+    if (next.node.logLevel !== old.node.logLevel) this.log.level = next.node.logLevel;
+
+    // Stop what goes away or changes, state persisted (a secondary's session is closed).
+    // A removed secondary leaves the map first: a primary asking for it from now on
+    // is told it is unknown here. A changed one stays (refusing while stopped) until
+    // its successor runs.
+    const leaving = [...diff.removed, ...diff.changed].map((m) => ({ name: m.name, e: this.entries.get(m.name) }));
+    for (const m of diff.removed) this.entries.delete(m.name);
+    await Promise.all(leaving.map(({ name, e }) => e?.mirror?.stop().catch((err) => this.log.error({ err, mirror: name }, 'stopping mirror failed'))));
+    for (const m of diff.removed) this.bandwidth.forgetMirror(m.name);
+    const cappedPeers = new Set(next.mirrors.filter((m) => m.role === 'primary' && m.peer && m.peerBandwidth !== undefined).map((m) => peerKey(m.peer!)));
+    for (const m of old.mirrors) if (m.role === 'primary' && m.peer && !cappedPeers.has(peerKey(m.peer))) this.bandwidth.forgetPeer(peerKey(m.peer));
+    this.psk = psk;
+    this.cfg = next;
+    this.configLoadedAt = new Date();
+
+    // Start what is new or changed: secondaries first, as at start. Each entry
+    // replaces the old one in one step once its mirror runs (or failed to start).
+    const starting = [...diff.changed, ...diff.added];
+    for (const role of ['secondary', 'primary'] as const) {
+      for (const m of starting) {
+        if (m.role !== role || this.stopping) continue;
+        const e: Entry = { config: m, mirror: null, startError: null };
+        await this.startMirror(e);
+        // (A stop() asked meanwhile waits for this reload, then stops it with the rest.)
+        this.entries.set(m.name, e);
+      }
+    }
+    // The status lists the mirrors in the new config's order.
+    const ordered = new Map<string, Entry>();
+    for (const m of next.mirrors) {
+      const e = this.entries.get(m.name);
+      if (e) ordered.set(m.name, e);
+    }
+    this.entries = ordered;
+    for (const name of [...report.removed, ...report.changed]) void this.metrics?.forget(name);
+    return report;
   }
 
   /** Stop every mirror, persist state, close sockets, release the lock. Idempotent. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
+      // A reload running now starts nothing more once it sees `stopping`; wait for it.
+      await this.reloading;
       this.metrics?.stop();
       await Promise.all([...this.entries.values()].map((e) => e.mirror?.stop().catch((err) => this.log.error({ err }, 'stopping mirror failed'))));
       for (const ws of this.wss?.clients ?? []) ws.terminate();
@@ -188,5 +363,7 @@ function placeholderStatus(e: Entry): MirrorStatus {
     progress: null,
     lastCycle: null,
     error: e.startError ? e.startError.toJSON() : null,
+    sessions: 0,
+    connectedSince: null,
   };
 }

@@ -72,6 +72,8 @@ export class MirrorMetrics {
   private readonly lastCycleWire: Gauge;
   private readonly errors: Counter;
   private readonly errorNow: Gauge;
+  /** Every metric labelled by mirror. */
+  private readonly perMirror: (Gauge | Counter)[] = [];
 
   constructor(
     private readonly mirrors: () => Iterable<StatusProvider>,
@@ -80,8 +82,8 @@ export class MirrorMetrics {
     this.now = opts.now ?? Date.now;
     const registers = [this.registry];
     const ml = ['mirror', 'role'] as const;
-    const gauge = (name: string, help: string, labelNames: readonly string[] = ml) => new Gauge({ name, help, labelNames, registers });
-    const counter = (name: string, help: string, labelNames: readonly string[] = ml) => new Counter({ name, help, labelNames, registers });
+    const gauge = (name: string, help: string, labelNames: readonly string[] = ml) => this.labelled(new Gauge({ name, help, labelNames, registers }));
+    const counter = (name: string, help: string, labelNames: readonly string[] = ml) => this.labelled(new Counter({ name, help, labelNames, registers }));
 
     gauge('thinmirror_build_info', 'Always 1; the labels name the node and the thinmirror version.', ['node', 'version']).set({ node: opts.node, version: opts.version }, 1);
     this.state = gauge('thinmirror_mirror_state', 'Current state of the mirror: 1 for the state it is in, 0 for the others of its role.', [...ml, 'state']);
@@ -105,6 +107,11 @@ export class MirrorMetrics {
     this.errors = counter('thinmirror_errors_total', 'Errors by code: each time a mirror reports an error that differs (code or message) from what it reported at the previous observation.', [...ml, 'code']);
     this.errorNow = gauge('thinmirror_mirror_error', 'Present (value 1, labelled with the code) while the mirror reports an error.', [...ml, 'code']);
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  private labelled<M extends Gauge | Counter>(m: M): M {
+    this.perMirror.push(m);
+    return m;
   }
 
   get contentType(): string {
@@ -144,6 +151,23 @@ export class MirrorMetrics {
   /** Progress rate of a mirror's generation in flight (bytes/s), or null when not measured. */
   rateOf(mirror: string): number | null {
     return this.seen.get(mirror)?.rate ?? null;
+  }
+
+  /**
+   * Drop every series of a mirror and what was remembered of it (a config
+   * reload removed it, or restarted it: a new mirror object whose totals start
+   * again from 0). Runs after the observation in progress, so that one cannot
+   * bring the series back; a later observation starts afresh if it is still there.
+   */
+  forget(mirror: string): Promise<void> {
+    const run = this.chain.then(async () => {
+      this.seen.delete(mirror);
+      for (const m of this.perMirror) {
+        for (const v of (await m.get()).values) if (v.labels.mirror === mirror) m.remove(v.labels as Record<string, string>);
+      }
+    });
+    this.chain = run.catch(() => {});
+    return run;
   }
 
   private apply(s: MirrorStatus, t: number): void {

@@ -3,7 +3,7 @@ import * as path from 'node:path';
 import type { Logger } from 'pino';
 import { WebSocket } from 'ws';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
-import type { MirrorConfig } from '../daemon/config.js';
+import { readTlsFiles, type MirrorConfig, type TlsMaterial } from '../daemon/config.js';
 import { BitmapStore, bitmapRuns, RoaringBitmap32 } from '../track/bitmap-store.js';
 import { createSource } from '../track/index.js';
 import type { ChangeSource } from '../track/source.js';
@@ -13,6 +13,7 @@ import { primaryHandshake } from '../wire/handshake.js';
 import { DIGEST_BYTES, MAX_DIGEST_RANGE, MAX_EXTENT_BYTES, type ExtentMsg } from '../wire/messages.js';
 import { chunkDigest } from '../track/scan.js';
 import { Session } from '../wire/session.js';
+import { connectError, refusalOf } from '../wire/tls.js';
 import { SparseFileVolume } from '../volume/sparse-file.js';
 import { totalBytes, type ByteRange, type Volume } from '../volume/volume.js';
 import { isAllZero } from '../volume/zero.js';
@@ -34,6 +35,7 @@ const REFUSALS = new Set<string>([
   ErrorCodes.SIZE_MISMATCH,
   ErrorCodes.CHUNK_SIZE_MISMATCH,
   ErrorCodes.IDENTITY_MISMATCH,
+  ErrorCodes.TLS,
 ]);
 
 type Segment = { hole: boolean; offset: number; length: number };
@@ -83,6 +85,10 @@ export class PrimaryMirror {
   private cycle: { generation: number; started: number; readBytes: number; changedBytes: number; wireAtStart: number } | null = null;
   private lastDetectAt = 0;
   private reconcileReport: ReconcileReport | null = null;
+  private sessions = 0;
+  private connectedSince: Date | null = null;
+  /** A wss:// peer: read at start. */
+  private tls: TlsMaterial | null = null;
 
   constructor(
     readonly config: MirrorConfig,
@@ -100,6 +106,7 @@ export class PrimaryMirror {
 
   /** Open the volume and state, then replicate in the background until {@link stop}. */
   async start(): Promise<void> {
+    if (this.config.tls) this.tls = await this.readTls(this.config.tls);
     await this.stateFile.init();
     this.volume = await SparseFileVolume.open(this.config.volume, { readOnly: true });
     try {
@@ -177,7 +184,9 @@ export class PrimaryMirror {
         });
         backoff = this.config.reconnectMin;
         this.lastError = null;
-        this.log.info({ peer: peerNode, committedGeneration: ready.committedGeneration, applying: ready.applying }, 'session established');
+        this.sessions++;
+        this.connectedSince = new Date();
+        this.log.info({ peer: peerNode, committedGeneration: ready.committedGeneration, applying: ready.applying, sessions: this.sessions }, 'session established');
         await this.replicate(session, ready.committedGeneration, ready.applying);
       } catch (e) {
         const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
@@ -192,13 +201,25 @@ export class PrimaryMirror {
       } finally {
         if (session) this.wireBytesBase += session.counters.bytesOut;
         this.session = null;
+        this.connectedSince = null;
         this.progress = null;
       }
     }
   }
 
+  /** Our client certificate and key and the CA that verifies the secondary (a wss:// peer); TM_ERR_CONFIG when unreadable. */
+  private async readTls(files: NonNullable<MirrorConfig['tls']>): Promise<TlsMaterial> {
+    const key = files.origin === 'node' ? 'tls' : `mirror ${this.name}: tls`;
+    const tls = await readTlsFiles(files, key);
+    if (tls.notAfter.getTime() < Date.now()) {
+      this.log.warn({ code: ErrorCodes.TLS, cert: files.cert, notAfter: tls.notAfter.toISOString() }, `${key}.cert ${files.cert} expired on ${tls.notAfter.toISOString()}: the secondary will refuse it`);
+    }
+    return tls;
+  }
+
   private connect(): Promise<Session> {
     const url = this.config.peer!;
+    const tls = url.startsWith('wss://') ? this.tls : null;
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(url, {
         perMessageDeflate: false,
@@ -208,17 +229,31 @@ export class PrimaryMirror {
         // Masking protects HTTP intermediaries from scripts in browsers; a daemon
         // talking to a daemon (inside TLS in production) has no use for it.
         generateMask: (mask: Buffer) => void mask.fill(0),
+        // wss://: our client certificate; the secondary's is verified against our
+        // CA only (not the system's) and against the URL's host (ws sends it as
+        // SNI and Node checks the certificate's DNS or IP subjectAltName).
+        ...(tls ? { ca: tls.ca, cert: tls.cert, key: tls.key, minVersion: 'TLSv1.2' as const, rejectUnauthorized: true } : {}),
       });
       const onAbort = () => ws.terminate();
       this.signal.addEventListener('abort', onAbort, { once: true });
       ws.once('open', () => {
         ws.removeAllListeners('error');
+        ws.removeAllListeners('unexpected-response');
         this.signal.removeEventListener('abort', onAbort);
         resolve(new Session(ws, `secondary ${url}`));
       });
       ws.once('error', (err) => {
         this.signal.removeEventListener('abort', onAbort);
-        reject(new TmError(ErrorCodes.CONNECTION, `cannot connect to ${url}: ${err.message}`, { cause: err }));
+        reject(connectError(url, err));
+      });
+      // The listener answered the upgrade with a refusal (e.g. our certificate, TM_ERR_TLS).
+      ws.once('unexpected-response', (_req, res) => {
+        ws.on('error', () => {});
+        void refusalOf(res, url).then((err) => {
+          this.signal.removeEventListener('abort', onAbort);
+          reject(err);
+          ws.terminate();
+        });
       });
     });
   }
@@ -604,6 +639,8 @@ export class PrimaryMirror {
       lastCycle: this.lastCycle,
       reconcile: this.reconcileReport ? { ...this.reconcileReport } : null,
       error: this.lastError ? this.lastError.toJSON() : null,
+      sessions: this.sessions,
+      connectedSince: this.connectedSince ? this.connectedSince.toISOString() : null,
     };
   }
 }

@@ -36,6 +36,8 @@ export class SecondaryMirror {
   private allocatedCache: { at: number; bytes: number } = { at: 0, bytes: 0 };
   private progress: MirrorStatus['progress'] = null;
   private stopped = false;
+  private sessions = 0;
+  private connectedSince: Date | null = null;
 
   constructor(
     readonly config: MirrorConfig,
@@ -103,7 +105,9 @@ export class SecondaryMirror {
     }
     this.phase = 'idle';
     this.lastError = null;
-    this.log.info({ peer: hello.node, committedGeneration: this.state!.committedGeneration, applying: this.state!.applying }, 'session accepted');
+    this.sessions++;
+    this.connectedSince = new Date();
+    this.log.info({ peer: hello.node, committedGeneration: this.state!.committedGeneration, applying: this.state!.applying, sessions: this.sessions }, 'session accepted');
     const v = volume;
     this.sessionDone = this.applyLoop(session, v)
       .catch((e) => {
@@ -118,7 +122,10 @@ export class SecondaryMirror {
       })
       .finally(async () => {
         this.wireBytesBase += session.counters.bytesIn;
-        if (this.session === session) this.session = null;
+        if (this.session === session) {
+          this.session = null;
+          this.connectedSince = null;
+        }
         this.progress = null;
         await v.close().catch(() => {});
       });
@@ -388,12 +395,17 @@ export class SecondaryMirror {
       progress: this.progress ? { ...this.progress } : null,
       lastCycle: null,
       error: this.lastError ? this.lastError.toJSON() : null,
+      sessions: this.sessions,
+      connectedSince: this.session && this.connectedSince ? this.connectedSince.toISOString() : null,
     };
   }
 
   /** Stop: end the session (the primary resends from the durable cursor). Idempotent. */
   async stop(): Promise<void> {
     this.stopped = true;
+    // A session being accepted right now is let through its checks first, so
+    // that it is closed below rather than left applying after the stop.
+    await this.accepting;
     this.session?.close();
     await this.sessionDone;
     this.phase = 'stopped';

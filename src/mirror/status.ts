@@ -50,4 +50,13 @@ export interface MirrorStatus {
   /** Primary only: the last reconciliation by digests, null when there was none in this daemon's life. */
   reconcile?: ReconcileReport | null;
   error: { code: ErrorCode; message: string } | null;
+  /**
+   * Sessions established (primary: handshake done; secondary: accepted) over
+   * the life of this mirror object: it starts at 0 when the daemon starts the
+   * mirror (at start, or when a config reload adds or changes it) and does not
+   * move while the session lasts, so an unchanged count proves no reconnect.
+   */
+  sessions: number;
+  /** ISO time the running session was established, null while there is none. */
+  connectedSince: string | null;
 }

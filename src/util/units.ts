@@ -24,6 +24,24 @@ export function parseSize(input: string | number): number {
   return v;
 }
 
+/**
+ * Parse a bandwidth such as "100MiB/s", "50MB/s", "1GiB/s" or a number of
+ * bytes per second into bytes per second (above zero). "/s" may be left out.
+ * Bits ("Mbit/s") are refused rather than guessed: a cap is in bytes.
+ */
+export function parseRate(input: string | number): number {
+  const text = typeof input === 'number' ? String(input) : input.replace(/\s*\/\s*s(ec)?\s*$/i, '');
+  if (/bit/i.test(text)) throw new TmError(ErrorCodes.PARSE, `invalid bandwidth "${input}": give bytes per second, e.g. 12MiB/s rather than 100Mbit/s`);
+  let v: number;
+  try {
+    v = parseSize(typeof input === 'number' ? input : text);
+  } catch {
+    throw new TmError(ErrorCodes.PARSE, `invalid bandwidth "${input}": expected bytes per second such as 100MiB/s, 50MB/s or 1GiB/s`);
+  }
+  if (v <= 0) throw new TmError(ErrorCodes.PARSE, `invalid bandwidth "${input}": expected more than zero bytes per second`);
+  return v;
+}
+
 const DURATION_UNITS: Record<string, number> = { ms: 0.001, s: 1, '': 1, m: 60, min: 60, h: 3600 };
 
 /** Parse "30s", "500ms", "2m", "1h" or a number of seconds into seconds. */

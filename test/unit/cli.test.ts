@@ -59,7 +59,7 @@ describe('cli: options, exit codes, map and status', () => {
     expect(r.code).to.equal(1);
     expect(r.err).to.contain('TM_ERR_CONFIG').and.contain(`${cfg}:4:`).and.contain('mirrors[0].chunkSize');
     const ok = path.join(dir, 'ok.yaml');
-    writeFileSync(ok, 'node: { name: a, stateDir: ./s }\nauth: { pskFile: ./k }\nmirrors:\n  - { name: m, role: primary, volume: ./v, peer: ws://h:1 }\n');
+    writeFileSync(ok, 'node: { name: a, stateDir: ./s }\nauth: { pskFile: ./k }\nmirrors:\n  - { name: m, role: primary, volume: ./v, peer: ws://127.0.0.1:1 }\n');
     const s = cli('status', '--config', ok);
     expect(s.code).to.equal(1);
     expect(s.err).to.contain('TM_ERR_CONTROL').and.contain('control.sock');

@@ -18,6 +18,7 @@ mirrors:
     peer: ws://10.0.0.2:7890
     chunkSize: 64KiB                      # the default
     tracking: { mode: scan, interval: 30s }   # the default
+    insecure: true                        # plain ws:// to a host off loopback (docs/tls.md)
 `;
 
 /** Parse and return the coded error's message (fails when parsing succeeds). */
@@ -50,6 +51,7 @@ describe('config: YAML validated at start, errors name file, line and key', () =
       checkpointBytes: 64 * 1024 * 1024,
       checkpointInterval: 5,
       tracking: { mode: 'scan', interval: 30 },
+      insecure: true,
     });
   });
 

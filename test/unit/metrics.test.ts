@@ -23,6 +23,8 @@ function baseStatus(name: string, role: MirrorStatus['role']): MirrorStatus {
     progress: null,
     lastCycle: null,
     error: null,
+    sessions: 0,
+    connectedSince: null,
   };
 }
 

@@ -24,13 +24,15 @@ function mirror(p: Partial<MirrorStatusEntry>): MirrorStatusEntry {
     progress: null,
     lastCycle: null,
     error: null,
+    sessions: 1,
+    connectedSince: '2025-01-01T00:00:01.000Z',
     rateBytesPerSecond: null,
     ...p,
   };
 }
 
 function daemon(mirrors: MirrorStatusEntry[]): DaemonStatus {
-  return { node: 'site-a', pid: 42, version: '0.1.0', startedAt: '2025-01-01T00:00:00.000Z', listen: null, metrics: { host: '127.0.0.1', port: 9464 }, mirrors };
+  return { node: 'site-a', pid: 42, version: '0.1.0', startedAt: '2025-01-01T00:00:00.000Z', listen: null, metrics: { host: '127.0.0.1', port: 9464 }, config: { path: '/etc/thinmirror/thinmirror.yaml', loadedAt: '2025-01-01T00:00:00.000Z', lastReload: null }, mirrors };
 }
 
 describe('status: readable table (progress bar, rate, ETA, lag)', () => {
