@@ -20,9 +20,8 @@
 import { promises as fsp, writeFileSync, mkdirSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { stringify } from 'yaml';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
-import { freePort, sha256File } from '../src/cli/demo.js';
+import { freePort, sha256File, writeMirrorConfigs } from '../src/cli/demo.js';
 import type { DaemonStatus } from '../src/daemon/control.js';
 import { createSampleVolume } from '../src/util/sample.js';
 import { formatBytes, parseRate } from '../src/util/units.js';
@@ -57,43 +56,21 @@ async function run(
   const work = path.join(dir, name);
   await fsp.mkdir(work);
   const port = await freePort();
-  const psk = path.join(work, 'psk');
-  await fsp.writeFile(psk, 'bench-pre-shared-key-0123456789abcdef\n', { mode: 0o600 });
-  const peer = `ws://127.0.0.1:${port}`;
-  const secondaryCfg = path.join(work, 'secondary.yaml');
-  const primaryCfg = path.join(work, 'primary.yaml');
-  await fsp.writeFile(
-    secondaryCfg,
-    stringify({
-      node: { name: 'site-b', stateDir: path.join(work, 'state-b') },
-      listen: { host: '127.0.0.1', port },
-      auth: { pskFile: psk },
-      mirrors: volumes.map((v) => ({ name: v.mirror, role: 'secondary', volume: path.join(work, `${v.mirror}.target.img`) })),
-    }),
-  );
-  await fsp.writeFile(
-    primaryCfg,
-    stringify({
-      node: { name: 'site-a', stateDir: path.join(work, 'state-a') },
-      auth: { pskFile: psk },
-      ...(caps.perPeer ? { peers: [{ url: peer, bandwidth: caps.perPeer }] } : {}),
-      mirrors: volumes.map((v) => ({
-        name: v.mirror,
-        role: 'primary',
-        volume: v.source,
-        peer,
-        tracking: { mode: 'scan', interval: '1h' },
-        ...(caps.perMirror ? { bandwidth: caps.perMirror } : {}),
-      })),
-    }),
-  );
+  const cfg = await writeMirrorConfigs({
+    dir: work,
+    port,
+    interval: '1h',
+    mirrors: volumes.map((v) => ({ name: v.mirror, source: v.source, target: path.join(work, `${v.mirror}.target.img`) })),
+    ...(caps.perPeer ? { primaryTop: { peers: [{ url: `ws://127.0.0.1:${port}`, bandwidth: caps.perPeer }] } } : {}),
+    ...(caps.perMirror ? { extraPrimary: { bandwidth: caps.perMirror } } : {}),
+  });
   const daemons: DaemonProcess[] = [];
   try {
-    const secondary = new DaemonProcess(secondaryCfg, path.join(work, 'state-b'), path.join(work, 'secondary.log'));
+    const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(work, 'secondary.log'));
     daemons.push(secondary);
     await secondary.waitReady();
     const t0 = performance.now();
-    const primary = new DaemonProcess(primaryCfg, path.join(work, 'state-a'), path.join(work, 'primary.log'));
+    const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(work, 'primary.log'));
     daemons.push(primary);
     const samples: Sample[] = [];
     let lastPrint = 0;

@@ -46,7 +46,20 @@ export interface PairOptions {
 }
 
 /** Write a pre-shared key and the two daemons' configs for one mirror on loopback. */
-export async function writePairConfigs(o: PairOptions): Promise<{ primary: string; secondary: string; primaryState: string; secondaryState: string }> {
+export function writePairConfigs(o: PairOptions): Promise<PairConfigs> {
+  return writeMirrorConfigs({ ...o, mirrors: [{ name: o.mirror, source: o.source, target: o.target }] });
+}
+
+export type PairConfigs = { primary: string; secondary: string; primaryState: string; secondaryState: string };
+
+/**
+ * Write a pre-shared key and the two daemons' configs for several mirrors
+ * between the same two daemons on loopback; `primaryTop` adds top-level keys
+ * to the primary's config (e.g. `peers:`).
+ */
+export async function writeMirrorConfigs(
+  o: Omit<PairOptions, 'mirror' | 'source' | 'target'> & { mirrors: { name: string; source: string; target: string }[]; primaryTop?: Record<string, unknown> },
+): Promise<PairConfigs> {
   const psk = path.join(o.dir, 'psk');
   await fsp.writeFile(psk, o.psk ?? 'demo-pre-shared-key-0123456789abcdef\n', { mode: 0o600 });
   const primaryState = path.join(o.dir, 'state-a');
@@ -59,7 +72,7 @@ export async function writePairConfigs(o: PairOptions): Promise<{ primary: strin
       node: { name: 'site-b', stateDir: secondaryState },
       listen: { host: '127.0.0.1', port: o.port },
       auth: { pskFile: psk },
-      mirrors: [{ name: o.mirror, role: 'secondary', volume: o.target, ...o.extraSecondary }],
+      mirrors: o.mirrors.map((m) => ({ name: m.name, role: 'secondary', volume: m.target, ...o.extraSecondary })),
     }),
   );
   await fsp.writeFile(
@@ -67,17 +80,16 @@ export async function writePairConfigs(o: PairOptions): Promise<{ primary: strin
     stringify({
       node: { name: 'site-a', stateDir: primaryState },
       auth: { pskFile: psk },
-      mirrors: [
-        {
-          name: o.mirror,
-          role: 'primary',
-          volume: o.source,
-          peer: `ws://127.0.0.1:${o.peerPort ?? o.port}`,
-          chunkSize: o.chunkSize ?? '64KiB',
-          tracking: { mode: 'scan', interval: o.interval ?? '1s' },
-          ...o.extraPrimary,
-        },
-      ],
+      ...o.primaryTop,
+      mirrors: o.mirrors.map((m) => ({
+        name: m.name,
+        role: 'primary',
+        volume: m.source,
+        peer: `ws://127.0.0.1:${o.peerPort ?? o.port}`,
+        chunkSize: o.chunkSize ?? '64KiB',
+        tracking: { mode: 'scan', interval: o.interval ?? '1s' },
+        ...o.extraPrimary,
+      })),
     }),
   );
   return { primary, secondary, primaryState, secondaryState };

@@ -95,32 +95,24 @@ export interface DaemonConfig {
 const NAME = /^[A-Za-z0-9._-]{1,64}$/;
 
 const name = z.string().regex(NAME, 'expected 1..64 characters of A-Z a-z 0-9 . _ -');
-const size = z.union([z.string(), z.number()]).transform((v, ctx) => {
-  try {
-    return parseSize(v);
-  } catch (e) {
-    ctx.addIssue({ code: 'custom', message: (e as Error).message });
-    return z.NEVER;
-  }
+/** A schema for a string or number read by `parse`; its error becomes the key's problem. */
+function parsed(parse: (v: string | number) => number) {
+  return z.union([z.string(), z.number()]).transform((v, ctx) => {
+    try {
+      return parse(v);
+    } catch (e) {
+      ctx.addIssue({ code: 'custom', message: (e as Error).message });
+      return z.NEVER;
+    }
+  });
+}
+const size = parsed(parseSize);
+const duration = parsed((v) => {
+  const s = parseDuration(v);
+  if (s <= 0) throw new Error(`expected a duration above zero, got ${JSON.stringify(v)}`);
+  return s;
 });
-const duration = z.union([z.string(), z.number()]).transform((v, ctx) => {
-  try {
-    const s = parseDuration(v);
-    if (s <= 0) throw new Error(`expected a duration above zero, got ${JSON.stringify(v)}`);
-    return s;
-  } catch (e) {
-    ctx.addIssue({ code: 'custom', message: (e as Error).message });
-    return z.NEVER;
-  }
-});
-const rate = z.union([z.string(), z.number()]).transform((v, ctx) => {
-  try {
-    return parseRate(v);
-  } catch (e) {
-    ctx.addIssue({ code: 'custom', message: (e as Error).message });
-    return z.NEVER;
-  }
-});
+const rate = parsed(parseRate);
 const chunkSize = size.refine(isValidChunkSize, { message: 'expected a power of two between 4KiB and 4MiB' });
 const pathString = z.string().min(1, 'expected a path');
 

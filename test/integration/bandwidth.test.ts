@@ -2,9 +2,8 @@ import { expect } from 'chai';
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { stringify } from 'yaml';
 import { DaemonProcess } from '../../src/cli/daemon-process.js';
-import { freePort, sha256File } from '../../src/cli/demo.js';
+import { freePort, sha256File, writeMirrorConfigs } from '../../src/cli/demo.js';
 import { createSampleVolume } from '../../src/util/sample.js';
 
 const MiB = 1024 * 1024;
@@ -36,37 +35,22 @@ describe('bandwidth caps (two daemons as child processes, random data so the wir
 
   async function start(o: { mirrors: string[]; mirrorCap?: string; peerCap?: string; allocated: number }) {
     const port = await freePort();
-    const psk = path.join(dir, 'psk');
-    await fsp.writeFile(psk, 'test-pre-shared-key-0123456789abcdef\n', { mode: 0o600 });
-    const peer = `ws://127.0.0.1:${port}`;
     for (const [i, m] of o.mirrors.entries()) {
       await createSampleVolume(path.join(dir, `${m}.img`), { size: 64 * MiB, allocated: o.allocated, extents: 8, seed: 11 + i, content: 'random' });
     }
-    const sCfg = path.join(dir, 'secondary.yaml');
-    const pCfg = path.join(dir, 'primary.yaml');
-    await fsp.writeFile(
-      sCfg,
-      stringify({
-        node: { name: 'site-b', stateDir: path.join(dir, 'state-b') },
-        listen: { host: '127.0.0.1', port },
-        auth: { pskFile: psk },
-        mirrors: o.mirrors.map((m) => ({ name: m, role: 'secondary', volume: path.join(dir, `${m}.target.img`) })),
-      }),
-    );
-    await fsp.writeFile(
-      pCfg,
-      stringify({
-        node: { name: 'site-a', stateDir: path.join(dir, 'state-a') },
-        auth: { pskFile: psk },
-        ...(o.peerCap ? { peers: [{ url: peer, bandwidth: o.peerCap }] } : {}),
-        mirrors: o.mirrors.map((m) => ({ name: m, role: 'primary', volume: path.join(dir, `${m}.img`), peer, tracking: { mode: 'scan', interval: '1h' }, ...(o.mirrorCap ? { bandwidth: o.mirrorCap } : {}) })),
-      }),
-    );
-    const secondary = new DaemonProcess(sCfg, path.join(dir, 'state-b'), path.join(dir, 'secondary.log'));
+    const cfg = await writeMirrorConfigs({
+      dir,
+      port,
+      interval: '1h',
+      mirrors: o.mirrors.map((m) => ({ name: m, source: path.join(dir, `${m}.img`), target: path.join(dir, `${m}.target.img`) })),
+      ...(o.peerCap ? { primaryTop: { peers: [{ url: `ws://127.0.0.1:${port}`, bandwidth: o.peerCap }] } } : {}),
+      ...(o.mirrorCap ? { extraPrimary: { bandwidth: o.mirrorCap } } : {}),
+    });
+    const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
     daemons.push(secondary);
     await secondary.waitReady();
     const t0 = performance.now();
-    const primary = new DaemonProcess(pCfg, path.join(dir, 'state-a'), path.join(dir, 'primary.log'));
+    const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(dir, 'primary.log'));
     daemons.push(primary);
     return { primary, t0 };
   }

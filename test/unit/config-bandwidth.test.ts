@@ -2,6 +2,7 @@ import { expect } from 'chai';
 import { parseConfig, peerKey } from '../../src/daemon/config.js';
 import { TmError } from '../../src/errors.js';
 import { parseRate } from '../../src/util/units.js';
+import { configProblems } from '../helpers/config.js';
 
 const MiB = 1024 * 1024;
 const HEAD = 'node: { name: a, stateDir: /var/lib/tm }\nauth: { pskFile: /etc/tm/psk }\n';
@@ -11,16 +12,7 @@ const PRIMARIES = `mirrors:
   - { name: m3, role: primary, volume: /v/m3.img, peer: "ws://127.0.0.2:7890" }
 `;
 
-function problems(text: string): string {
-  try {
-    parseConfig(text, '/etc/tm/c.yaml');
-  } catch (e) {
-    expect(e).to.be.instanceOf(TmError);
-    expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
-    return (e as Error).message;
-  }
-  throw new Error('expected TM_ERR_CONFIG');
-}
+const problems = (text: string) => configProblems(text, '/etc/tm/c.yaml');
 
 describe('units: parseRate (bandwidth caps)', () => {
   it('parses bytes per second with binary and decimal units, with or without /s', () => {

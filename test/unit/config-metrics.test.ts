@@ -1,19 +1,10 @@
 import { expect } from 'chai';
 import { parseConfig } from '../../src/daemon/config.js';
-import { TmError } from '../../src/errors.js';
+import { configProblems } from '../helpers/config.js';
 
 const BASE = 'node: { name: a, stateDir: /var/lib/tm }\nauth: { pskFile: /etc/tm/psk }\nlisten: { host: 127.0.0.1, port: 7890 }\nmirrors:\n  - { name: m, role: secondary, volume: /v/m.img }\n';
 
-function problems(text: string): string {
-  try {
-    parseConfig(text, '/etc/tm/c.yaml');
-  } catch (e) {
-    expect(e).to.be.instanceOf(TmError);
-    expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
-    return (e as Error).message;
-  }
-  throw new Error('expected TM_ERR_CONFIG');
-}
+const problems = (text: string) => configProblems(text, '/etc/tm/c.yaml');
 
 describe('config: the metrics key (TCP listener of GET /metrics)', () => {
   it('is optional; absent means no TCP listener', () => {

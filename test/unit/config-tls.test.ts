@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { isLoopbackHost, loadConfig, parseConfig, readTlsFiles } from '../../src/daemon/config.js';
 import { TmError } from '../../src/errors.js';
 import { makeCa, issue } from '../helpers/certs.js';
+import { configProblems as problems } from '../helpers/config.js';
 
 const CONFIG_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'config');
 
@@ -16,17 +17,6 @@ function primary(peer: string, extra = '', top = ''): string {
   return `${HEAD}${top}mirrors:\n  - name: m\n    role: primary\n    peer: ${peer}\n    volume: /v.img\n${extra}`;
 }
 
-/** Parse and return the coded error's message (fails when parsing succeeds). */
-function problems(text: string, file = '/etc/tm.yaml'): string {
-  try {
-    parseConfig(text, file);
-  } catch (e) {
-    expect(e).to.be.instanceOf(TmError);
-    expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
-    return (e as Error).message;
-  }
-  return expect.fail('the config was accepted');
-}
 
 describe('config: tls and insecure (mutual TLS, plain ws:// only on loopback)', () => {
   it('loopback hosts: 127.0.0.0/8, ::1 and localhost; nothing else', () => {

@@ -4,6 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { DEFAULTS, loadConfig, parseConfig, readPsk } from '../../src/daemon/config.js';
 import { TmError } from '../../src/errors.js';
+import { configProblems as problems } from '../helpers/config.js';
 
 const EXAMPLE = `node: { name: site-b, stateDir: /var/lib/thinmirror }
 listen: { host: 127.0.0.1, port: 7890 }   # only on a host that receives mirrors
@@ -21,17 +22,6 @@ mirrors:
     insecure: true                        # plain ws:// to a host off loopback (docs/tls.md)
 `;
 
-/** Parse and return the coded error's message (fails when parsing succeeds). */
-function problems(text: string, file = '/etc/tm.yaml'): string {
-  try {
-    parseConfig(text, file);
-  } catch (e) {
-    expect(e).to.be.instanceOf(TmError);
-    expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
-    return (e as Error).message;
-  }
-  return expect.fail('the config was accepted');
-}
 
 describe('config: YAML validated at start, errors name file, line and key', () => {
   it('parses the documented example with the defaults filled in', () => {
