@@ -14,13 +14,19 @@ describe('integration: daemon lifecycle', function () {
     await pair?.cleanup();
   });
 
-  it('SIGTERM exits 0 with state persisted; a restart resends nothing that was committed', async () => {
+  /** A pair in sync on a 64 MiB volume with 8 MiB allocated, detecting every 500 ms (set as `pair` first, so afterEach cleans up after a failure). */
+  async function syncedPair(): Promise<Pair> {
     pair = await Pair.create();
     await createSampleVolume(pair.source, { size: 64 * MiB, allocated: 8 * MiB, extents: 4 });
     await pair.writeConfigs({ interval: '500ms' });
     await pair.startSecondary().waitReady();
     await pair.startPrimary().waitReady();
     await pair.waitInSync(1);
+    return pair;
+  }
+
+  it('SIGTERM exits 0 with state persisted; a restart resends nothing that was committed', async () => {
+    pair = await syncedPair();
     expect(await pair.primary!.stop()).to.deep.equal({ code: 0, signal: null });
     expect(await pair.secondary!.stop()).to.deep.equal({ code: 0, signal: null });
 
@@ -59,12 +65,7 @@ describe('integration: daemon lifecycle', function () {
   });
 
   it("the secondary's volume replaced by a file of another size: refused with TM_ERR_SIZE_MISMATCH, the file untouched", async () => {
-    pair = await Pair.create();
-    await createSampleVolume(pair.source, { size: 64 * MiB, allocated: 8 * MiB, extents: 4 });
-    await pair.writeConfigs({ interval: '500ms' });
-    await pair.startSecondary().waitReady();
-    await pair.startPrimary().waitReady();
-    await pair.waitInSync(1);
+    pair = await syncedPair();
     expect(await pair.secondary!.stop()).to.deep.equal({ code: 0, signal: null });
     await fsp.rm(pair.target);
     await createSampleVolume(pair.target, { size: 48 * MiB, allocated: 2 * MiB, extents: 2, seed: 5 });
