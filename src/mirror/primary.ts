@@ -18,6 +18,7 @@ import { SparseFileVolume } from '../volume/sparse-file.js';
 import { totalBytes, type ByteRange, type Volume } from '../volume/volume.js';
 import { isAllZero } from '../volume/zero.js';
 import { FlowControl } from './flow.js';
+import { ReadRing } from './read-ring.js';
 import { StateFile, STATE_FORMAT, type PrimaryState } from './state.js';
 import type { CycleReport, MirrorStatus, PrimaryPhase, ReconcileReport } from './status.js';
 
@@ -555,25 +556,33 @@ export class PrimaryMirror {
     }
   }
 
-  /** Extents of a generation with up to READ_AHEAD pieces (READ_AHEAD_BYTES) read and compressed ahead of the socket. */
+  /**
+   * Extents of a generation with up to READ_AHEAD pieces (READ_AHEAD_BYTES) read
+   * and compressed ahead of the socket. Pieces are read into one ring of
+   * buffers: a piece's buffer goes back when the consumer asks for what follows
+   * its extents, i.e. after it has encoded (copied) and sent all of them.
+   */
   private async *extents(view: Volume, bitmap: RoaringBitmap32, fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await view.allocated(this.state.chunkSize);
-    const ahead: { p: Promise<Prepared[]>; bytes: number }[] = [];
+    const ring = new ReadRing(READ_AHEAD_BYTES + 2 * this.config.maxExtent);
+    const ahead: { p: Promise<Prepared[]>; bytes: number; buf: Buffer | null }[] = [];
     let aheadBytes = 0;
-    const next = async () => {
+    const next = async function* () {
       const a = ahead.shift()!;
       aheadBytes -= a.bytes;
-      return a.p;
+      yield* await a.p;
+      if (a.buf) ring.release(a.buf);
     };
     for (const seg of this.segments(bitmap, alloc, fromChunk)) {
-      const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(view, seg);
+      const buf = seg.hole ? null : ring.take(seg.length);
+      const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(view, seg, buf!);
       p.catch(() => {}); // awaited below in order; avoid an unhandled rejection meanwhile
       const bytes = seg.hole ? 0 : seg.length;
-      ahead.push({ p, bytes });
+      ahead.push({ p, bytes, buf });
       aheadBytes += bytes;
-      while (ahead.length >= READ_AHEAD || aheadBytes >= READ_AHEAD_BYTES) yield* await next();
+      while (ahead.length >= READ_AHEAD || aheadBytes >= READ_AHEAD_BYTES) yield* next();
     }
-    while (ahead.length) yield* await next();
+    while (ahead.length) yield* next();
   }
 
   private hole(seg: Segment): Prepared[] {
@@ -583,9 +592,9 @@ export class PrimaryMirror {
   }
 
   /** Read one allocated piece; all-zero chunks become zero extents, the rest data. */
-  private async prepare(view: Volume, seg: Segment): Promise<Prepared[]> {
+  private async prepare(view: Volume, seg: Segment, into: Buffer): Promise<Prepared[]> {
     const cs = this.state.chunkSize;
-    const buf = await view.read(seg.offset, seg.length);
+    const buf = await view.read(seg.offset, seg.length, into);
     if (this.cycle) this.cycle.readBytes += seg.length;
     const out: Prepared[] = [];
     const runs: { zero: boolean; start: number; end: number }[] = [];
