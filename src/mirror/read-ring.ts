@@ -15,7 +15,7 @@ export class ReadRing {
   private tail = 0;
 
   constructor(readonly capacity: number) {
-    this.buf = Buffer.allocUnsafe(capacity);
+    this.buf = Buffer.allocUnsafeSlow(capacity);
   }
 
   /** A buffer of `length` bytes, from the ring when it fits. */
