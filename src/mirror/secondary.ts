@@ -341,11 +341,19 @@ export class SecondaryMirror {
     return out;
   }
 
+  /**
+   * Where lz4 payloads are decompressed, reused extent after extent: the apply
+   * loop awaits each write before it decompresses the next extent. Grows to
+   * the largest extent seen (at most MAX_EXTENT_BYTES).
+   */
+  private scratch: Buffer | null = null;
+
   private async applyExtent(volume: SparseFileVolume, msg: ExtentMsg): Promise<void> {
     try {
       if (msg.kind === 'data') {
+        if (msg.codec === 'lz4' && (!this.scratch || this.scratch.length < msg.length)) this.scratch = Buffer.allocUnsafe(msg.length);
         // Throws TM_ERR_CHECKSUM before anything is written.
-        const raw = decompressPayload(msg);
+        const raw = decompressPayload(msg, this.scratch ?? undefined);
         await volume.write(msg.offset, raw);
         this.appliedBytes += raw.length;
       } else {

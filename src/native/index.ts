@@ -27,6 +27,8 @@ export interface NativeOps {
   fiemap(fd: number, offset: number, length: number, sync: number): Promise<Float64Array>;
   /** sd_notify: send `message` to the NOTIFY_SOCKET path; false when the path is empty. */
   sdNotify(socketPath: string, message: string): boolean;
+  /** Decompress one LZ4 block (no size prefix) into `dst`: bytes written, -1 when `src` is malformed or does not fit. */
+  lz4DecompressInto(src: Uint8Array, dst: Uint8Array): number;
 }
 
 /** FIEMAP extent flags (linux/fiemap.h). */

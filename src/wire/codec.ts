@@ -1,7 +1,8 @@
 import { Packr } from 'msgpackr';
-import { compress, uncompressSync } from 'lz4-napi';
+import { compress } from 'lz4-napi';
 import * as zlib from 'node:zlib';
 import { ErrorCodes, TmError } from '../errors.js';
+import { native } from '../native/index.js';
 import {
   DIGEST_BYTES,
   MAX_DIGEST_RANGE,
@@ -25,8 +26,8 @@ import {
  * wire (TM_ERR_INTERNAL).
  *
  * Copies: a decoded data extent's `payload` is a view into the frame, not a copy;
- * {@link decompressPayload} returns that same view for `raw` and one new buffer
- * for `lz4`. A frame must therefore not be reused while its message is alive
+ * {@link decompressPayload} returns that same view for `raw` and, for `lz4`,
+ * the caller's scratch buffer or one new buffer. A frame must therefore not be reused while its message is alive
  * (ws hands out a fresh Buffer per message).
  */
 
@@ -389,26 +390,31 @@ export async function compressPayload(raw: Buffer): Promise<{ codec: 'raw' | 'lz
 
 /**
  * The uncompressed bytes of a data extent, checked against its CRC-32: the
- * payload itself for `raw`, one new buffer for `lz4`. Nothing of a payload that
- * fails must be written.
+ * payload itself for `raw`; for `lz4`, the start of `scratch` when it holds
+ * `length` bytes (the caller must be done with what it held before), else one
+ * new buffer. lz4 is decoded by the native addon straight into that buffer.
+ * Nothing of a payload that fails must be written.
  *
  * @throws TmError TM_ERR_CHECKSUM when the bytes do not match `crc32` or lz4
  *   yields another length than `length`; TM_ERR_PROTOCOL when the lz4 payload
  *   is not lz4; TM_ERR_INTERNAL when called on a zero or trim extent.
  */
-export function decompressPayload(msg: ExtentMsg): Buffer {
+export function decompressPayload(msg: ExtentMsg, scratch?: Buffer): Buffer {
   const where = `extent at offset ${msg.offset}, length ${msg.length}`;
   if (msg.kind !== 'data' || !msg.payload || msg.crc32 === undefined) throw new TmError(ErrorCodes.INTERNAL, `${where}: a ${msg.kind} extent without a payload has nothing to decompress`);
   let raw: Buffer;
   if (msg.codec === 'lz4') {
+    let n: number;
     try {
-      // Also checked by decode; repeated because the prefix bounds the allocation.
+      // Also checked by decode; repeated because the prefix bounds the output.
       checkLz4(msg.payload, msg.length);
-      raw = uncompressSync(msg.payload);
+      raw = scratch && scratch.length >= msg.length ? scratch.subarray(0, msg.length) : Buffer.allocUnsafe(msg.length);
+      n = native().lz4DecompressInto(msg.payload.subarray(LZ4_PREFIX_BYTES), raw);
     } catch (e) {
       throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: ${e instanceof Error ? e.message : String(e)}`);
     }
-    if (raw.length !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the lz4 payload decompresses to ${raw.length} bytes; nothing written`);
+    if (n < 0) throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: malformed lz4 block or more than ${msg.length} bytes`);
+    if (n !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the lz4 payload decompresses to ${n} bytes; nothing written`);
   } else {
     raw = msg.payload;
     if (raw.length !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the raw payload holds ${raw.length} bytes; nothing written`);

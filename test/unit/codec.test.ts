@@ -1,10 +1,11 @@
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { compressSync } from 'lz4-napi';
 import { Packr } from 'msgpackr';
 import { randomBytes } from 'node:crypto';
 import { TmError } from '../../src/errors.js';
+import { compressSync } from 'lz4-napi';
 import { compressPayload, crc32, decode, decompressPayload, encode, makeDataExtent } from '../../src/wire/codec.js';
+import { native } from '../../src/native/index.js';
 import { MAX_EXTENT_BYTES, type DecodeContext, type ExtentMsg, type Message } from '../../src/wire/messages.js';
 
 // Frames built by hand: a plain msgpackr Packr, bypassing encode()'s checks.
@@ -406,6 +407,46 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       expect(decompressPayload(back).equals(text)).to.equal(true);
       const r = await makeDataExtent(1, 0, tail);
       expect(r.codec).to.equal('raw');
+    });
+
+    it('decompresses lz4 into the caller\'s scratch buffer when it is large enough, else into a new one', async () => {
+      const ext = decode(encode(await makeDataExtent(1, 0, text)), ctx) as ExtentMsg;
+      expect(ext.codec).to.equal('lz4');
+      const scratch = Buffer.alloc(text.length + 100, 0xee);
+      const raw = decompressPayload(ext, scratch);
+      expect(raw.buffer).to.equal(scratch.buffer);
+      expect(raw.byteOffset).to.equal(scratch.byteOffset);
+      expect(raw.equals(text)).to.equal(true);
+      expect(scratch[text.length]).to.equal(0xee);
+      const small = Buffer.alloc(10);
+      const other = decompressPayload(ext, small);
+      expect(other.buffer).to.not.equal(small.buffer);
+      expect(other.equals(text)).to.equal(true);
+      // A failing payload leaves nothing usable but never throws anything else.
+      expect(codeOf(() => decompressPayload({ ...ext, crc32: (ext.crc32! + 1) >>> 0 }, scratch))!.code).to.equal('TM_ERR_CHECKSUM');
+    });
+
+    it('the native lz4 decoder agrees with lz4-napi on random data and refuses blocks that do not fit', () => {
+      fc.assert(
+        fc.property(fc.uint8Array({ minLength: 1, maxLength: 5000 }), fc.integer({ min: 1, max: 64 }), fc.integer({ min: 0, max: 255 }), (seed, reps, fill) => {
+          // Repetitive input (matches, overlapping matches) with some noise.
+          const raw = Buffer.concat([Buffer.from(seed), Buffer.alloc(reps * 7, fill), ...Array.from({ length: reps }, () => Buffer.from(seed.subarray(0, 37)))]);
+          const c = compressSync(raw);
+          // dst is a view of exactly the length: nothing after it is touched.
+          const big = Buffer.alloc(raw.length + 8, 0xee);
+          expect(native().lz4DecompressInto(c.subarray(4), big.subarray(0, raw.length))).to.equal(raw.length);
+          expect(big.subarray(0, raw.length).equals(raw)).to.equal(true);
+          expect(big.subarray(raw.length).every((b) => b === 0xee)).to.equal(true);
+          // A larger dst: the same bytes (what follows them may be written over).
+          const out = Buffer.alloc(raw.length + 64);
+          expect(native().lz4DecompressInto(c.subarray(4), out)).to.equal(raw.length);
+          expect(out.subarray(0, raw.length).equals(raw)).to.equal(true);
+          expect(native().lz4DecompressInto(c.subarray(4), Buffer.alloc(raw.length - 1))).to.equal(-1);
+          const cut = native().lz4DecompressInto(c.subarray(4, c.length - 1), Buffer.alloc(raw.length));
+          expect(cut).to.be.at.most(raw.length);
+        }),
+        { numRuns: 500 },
+      );
     });
 
     it('a payload that does not match its CRC-32 is TM_ERR_CHECKSUM naming offset and length', async () => {
