@@ -182,8 +182,11 @@ export function runTool(cmd: string, args: readonly string[], o: RunOptions = {}
   });
 }
 
+/** One XML element of the tools' output: its name and attributes. */
+export type Element = { name: string; attrs: Map<string, string> };
+
 /** Attributes of the first XML element on a line: its name and attributes, or null. */
-export function parseElement(line: string): { name: string; attrs: Map<string, string> } | null {
+export function parseElement(line: string): Element | null {
   const m = /^\s*<([A-Za-z_][\w-]*)((?:\s+[\w-]+="[^"]*")*)\s*\/?>/.exec(line);
   if (!m) return null;
   const attrs = new Map<string, string>();
@@ -191,7 +194,7 @@ export function parseElement(line: string): { name: string; attrs: Map<string, s
   return { name: m[1]!, attrs };
 }
 
-function intAttr(el: { name: string; attrs: Map<string, string> }, key: string, what: string): number {
+function intAttr(el: Element, key: string, what: string): number {
   const raw = el.attrs.get(key);
   const v = raw === undefined ? NaN : Number(raw);
   if (raw === undefined || !/^\d+$/.test(raw) || !Number.isSafeInteger(v)) {
@@ -201,7 +204,7 @@ function intAttr(el: { name: string; attrs: Map<string, string> }, key: string, 
 }
 
 /** data_block_size="128" (sectors; "128 sectors" accepted) → bytes. */
-function blockSizeAttr(el: { name: string; attrs: Map<string, string> }, what: string): number {
+function blockSizeAttr(el: Element, what: string): number {
   const raw = el.attrs.get('data_block_size') ?? '';
   const m = /^(\d+)(?:\s*sectors)?$/.exec(raw.trim());
   const sectors = m ? Number(m[1]) : NaN;
@@ -231,19 +234,23 @@ class RangeCollector {
 }
 
 /**
- * Stream parser for `thin_dump --dev-id N` output: feed lines, then `result()`.
- * Exported for tests; {@link thinDump} runs the tool through it.
+ * What the thin_dump and thin_delta parsers share: one element per line,
+ * `<superblock>` with the data block size, one container element (`<device>`
+ * or `<diff>`) holding the entries, and `</superblock>` at the end. Anything
+ * unknown is refused: elements of other formats or versions (e.g. <def>,
+ * <ref>) would change the meaning.
  */
-export class ThinDumpParser {
-  private dataBlockSize = 0;
-  private readonly out: RangeCollector;
-  private inDevice = false;
-  private devices = 0;
-  private ended = false;
+abstract class ThinXmlParser {
+  protected dataBlockSize = 0;
+  protected readonly out: RangeCollector;
+  /** Containers seen, and whether one is open now. */
+  protected containers = 0;
+  private inside = false;
+  protected ended = false;
 
   constructor(
-    private readonly devId: number,
-    private readonly what = 'thin_dump output',
+    protected readonly what: string,
+    private readonly container: string,
   ) {
     this.out = new RangeCollector(what);
   }
@@ -252,92 +259,88 @@ export class ThinDumpParser {
     const t = line.trim();
     if (t === '') return;
     if (t.startsWith('</')) {
-      if (t.startsWith('</device')) this.inDevice = false;
+      if (t.startsWith(`</${this.container}`)) this.inside = false;
       if (t.startsWith('</superblock')) this.ended = true;
       return;
     }
     const el = parseElement(t);
     if (!el) throw new TmError(ErrorCodes.LVM, `${this.what}: cannot parse line ${JSON.stringify(t.slice(0, 200))}`);
-    switch (el.name) {
-      case 'superblock':
-        this.dataBlockSize = blockSizeAttr(el, this.what);
-        return;
-      case 'device': {
-        const id = intAttr(el, 'dev_id', this.what);
-        if (id !== this.devId) throw new TmError(ErrorCodes.LVM, `${this.what}: holds device ${id}, asked for ${this.devId}`);
-        this.inDevice = !t.endsWith('/>');
-        this.devices++;
-        return;
-      }
-      case 'range_mapping':
-      case 'single_mapping': {
-        if (!this.inDevice) throw new TmError(ErrorCodes.LVM, `${this.what}: <${el.name}> outside <device>`);
-        if (el.name === 'range_mapping') this.out.add(intAttr(el, 'origin_begin', this.what), intAttr(el, 'length', this.what));
-        else this.out.add(intAttr(el, 'origin_block', this.what), 1);
-        return;
-      }
-      default:
-        // Elements of other formats or versions (e.g. <def>, <ref>) would change the meaning: refuse.
-        throw new TmError(ErrorCodes.LVM, `${this.what}: unexpected element <${el.name}>`);
+    if (el.name === 'superblock') {
+      this.dataBlockSize = blockSizeAttr(el, this.what);
+    } else if (el.name === this.container) {
+      this.opened(el);
+      this.inside = !t.endsWith('/>');
+      this.containers++;
+    } else if (this.isEntry(el.name)) {
+      if (!this.inside) throw new TmError(ErrorCodes.LVM, `${this.what}: <${el.name}> outside <${this.container}>`);
+      this.entry(el);
+    } else {
+      throw new TmError(ErrorCodes.LVM, `${this.what}: unexpected element <${el.name}>`);
     }
+  }
+
+  /** The container element opened (checks its attributes). */
+  protected opened(_el: Element): void {}
+  protected abstract isEntry(name: string): boolean;
+  /** One entry inside the container. */
+  protected abstract entry(el: Element): void;
+}
+
+/**
+ * Stream parser for `thin_dump --dev-id N` output: feed lines, then `result()`.
+ * Exported for tests; {@link thinDump} runs the tool through it.
+ */
+export class ThinDumpParser extends ThinXmlParser {
+  constructor(
+    private readonly devId: number,
+    what = 'thin_dump output',
+  ) {
+    super(what, 'device');
+  }
+
+  protected override opened(el: Element): void {
+    const id = intAttr(el, 'dev_id', this.what);
+    if (id !== this.devId) throw new TmError(ErrorCodes.LVM, `${this.what}: holds device ${id}, asked for ${this.devId}`);
+  }
+
+  protected isEntry(name: string): boolean {
+    return name === 'range_mapping' || name === 'single_mapping';
+  }
+
+  protected entry(el: Element): void {
+    if (el.name === 'range_mapping') this.out.add(intAttr(el, 'origin_begin', this.what), intAttr(el, 'length', this.what));
+    else this.out.add(intAttr(el, 'origin_block', this.what), 1);
   }
 
   result(): ThinDumpResult {
     if (this.dataBlockSize === 0 || !this.ended) throw new TmError(ErrorCodes.LVM, `${this.what}: incomplete (no <superblock> or no </superblock>)`);
-    if (this.devices !== 1) throw new TmError(ErrorCodes.LVM, `${this.what}: device ${this.devId} not found in the pool metadata`);
+    if (this.containers !== 1) throw new TmError(ErrorCodes.LVM, `${this.what}: device ${this.devId} not found in the pool metadata`);
     return { dataBlockSize: this.dataBlockSize, mapped: this.out.ranges };
   }
 }
 
-/** Stream parser for `thin_delta` output (without --verbose). Exported for tests. */
-export class ThinDeltaParser {
-  private dataBlockSize = 0;
-  private readonly out: RangeCollector;
-  private inDiff = false;
-  private diffs = 0;
-  private ended = false;
+const DELTA_ENTRIES = new Set(['same', 'different', 'left_only', 'right_only']);
 
-  constructor(private readonly what = 'thin_delta output') {
-    this.out = new RangeCollector(what);
+/** Stream parser for `thin_delta` output (without --verbose). Exported for tests. */
+export class ThinDeltaParser extends ThinXmlParser {
+  constructor(what = 'thin_delta output') {
+    super(what, 'diff');
   }
 
-  line(line: string): void {
-    const t = line.trim();
-    if (t === '') return;
-    if (t.startsWith('</')) {
-      if (t.startsWith('</diff')) this.inDiff = false;
-      if (t.startsWith('</superblock')) this.ended = true;
-      return;
-    }
-    const el = parseElement(t);
-    if (!el) throw new TmError(ErrorCodes.LVM, `${this.what}: cannot parse line ${JSON.stringify(t.slice(0, 200))}`);
-    switch (el.name) {
-      case 'superblock':
-        this.dataBlockSize = blockSizeAttr(el, this.what);
-        return;
-      case 'diff':
-        this.inDiff = !t.endsWith('/>');
-        this.diffs++;
-        return;
-      case 'same':
-      case 'different':
-      case 'left_only':
-      case 'right_only': {
-        if (!this.inDiff) throw new TmError(ErrorCodes.LVM, `${this.what}: <${el.name}> outside <diff>`);
-        // The --verbose form nests <range> elements in these: not asked for, not accepted.
-        if (!el.attrs.has('begin')) throw new TmError(ErrorCodes.LVM, `${this.what}: <${el.name}> without begin (verbose output?)`);
-        const begin = intAttr(el, 'begin', this.what);
-        const length = intAttr(el, 'length', this.what);
-        if (el.name !== 'same') this.out.add(begin, length);
-        return;
-      }
-      default:
-        throw new TmError(ErrorCodes.LVM, `${this.what}: unexpected element <${el.name}>`);
-    }
+  protected isEntry(name: string): boolean {
+    return DELTA_ENTRIES.has(name);
+  }
+
+  protected entry(el: Element): void {
+    // The --verbose form nests <range> elements in these: not asked for, not accepted.
+    if (!el.attrs.has('begin')) throw new TmError(ErrorCodes.LVM, `${this.what}: <${el.name}> without begin (verbose output?)`);
+    const begin = intAttr(el, 'begin', this.what);
+    const length = intAttr(el, 'length', this.what);
+    if (el.name !== 'same') this.out.add(begin, length);
   }
 
   result(): ThinDeltaResult {
-    if (this.dataBlockSize === 0 || !this.ended || this.diffs !== 1) throw new TmError(ErrorCodes.LVM, `${this.what}: incomplete (no <superblock>, <diff> or </superblock>)`);
+    if (this.dataBlockSize === 0 || !this.ended || this.containers !== 1) throw new TmError(ErrorCodes.LVM, `${this.what}: incomplete (no <superblock>, <diff> or </superblock>)`);
     return { dataBlockSize: this.dataBlockSize, changed: this.out.ranges };
   }
 }
