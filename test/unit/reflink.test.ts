@@ -133,10 +133,19 @@ describe('reflink change source', () => {
     });
 
     it('a lost base is reported (baseLost), never taken as "nothing changed"', async () => {
-      const src = new ReflinkSource(vol, size, CS, state);
-      await src.open(3, 3);
-      await fsp.rm(path.join(state, 'snap-3.img'));
-      const d = await src.detect(4);
+      // A volume and state directory of its own: committed generation 1, then its snapshot goes.
+      const own = await fsp.mkdtemp(path.join(fs.mount, 'lost-'));
+      const ownVol = path.join(own, 'v.img');
+      const fh = await fsp.open(ownVol, 'w+');
+      await fh.truncate(size);
+      await fh.write(fill(CS, 3), 0, CS, CS);
+      await fh.close();
+      const src = new ReflinkSource(ownVol, size, CS, own);
+      await src.open(0, 0);
+      await src.detect(1, { all: true });
+      await src.committed(1);
+      await fsp.rm(path.join(own, 'snap-1.img'));
+      const d = await src.detect(2);
       expect(d.baseLost).to.equal(true);
       expect(d.bitmap.size).to.equal(size / CS);
       await src.close();
