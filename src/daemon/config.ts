@@ -4,6 +4,7 @@ import * as path from 'node:path';
 import { createSecureContext } from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import { isNode, LineCounter, parseDocument, type Document } from 'yaml';
+import type { Logger } from 'pino';
 import { z } from 'zod';
 import { ErrorCodes, TmError } from '../errors.js';
 import { isValidChunkSize, parseDuration, parseRate, parseSize } from '../util/units.js';
@@ -362,9 +363,10 @@ export interface TlsMaterial {
  * parse and that the key belongs to the certificate. Failures are
  * TmError(TM_ERR_CONFIG) naming the config key (`what`, e.g. "tls" or
  * `mirror db1: tls`) and the file. An expired certificate is not refused
- * here: the peer refuses it (and says so); see `notAfter`.
+ * here: the peer refuses it (and says so); with `expiry` it is logged as a
+ * warning naming who will refuse it.
  */
-export async function readTlsFiles(files: Omit<TlsFiles, 'origin'>, what: string): Promise<TlsMaterial> {
+export async function readTlsFiles(files: Omit<TlsFiles, 'origin'>, what: string, expiry?: { log: Logger; refusedBy: string }): Promise<TlsMaterial> {
   const read = async (k: 'ca' | 'cert' | 'key'): Promise<Buffer> => {
     try {
       return await fsp.readFile(files[k]);
@@ -393,6 +395,9 @@ export async function readTlsFiles(files: Omit<TlsFiles, 'origin'>, what: string
   } catch (e) {
     const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
     throw new TmError(ErrorCodes.CONFIG, `${what}: cannot use ca ${files.ca}, cert ${files.cert} and key ${files.key} together (${reason}: ${(e as Error).message})`, { cause: e });
+  }
+  if (expiry && notAfter.getTime() < Date.now()) {
+    expiry.log.warn({ code: ErrorCodes.TLS, cert: files.cert, notAfter: notAfter.toISOString() }, `${what}.cert ${files.cert} expired on ${notAfter.toISOString()}: ${expiry.refusedBy} will refuse it`);
   }
   return { ca, cert, key, notAfter };
 }

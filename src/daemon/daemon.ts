@@ -137,10 +137,7 @@ export class Daemon {
    */
   private async listen(host: string, port: number): Promise<void> {
     const files = this.config.tls;
-    const tls = files ? await readTlsFiles(files, 'tls') : null;
-    if (files && tls && tls.notAfter.getTime() < Date.now()) {
-      this.log.warn({ code: ErrorCodes.TLS, cert: files.cert, notAfter: tls.notAfter.toISOString() }, `the listener's certificate tls.cert ${files.cert} expired on ${tls.notAfter.toISOString()}: primaries will refuse it`);
-    }
+    const tls = files ? await readTlsFiles(files, 'tls', { log: this.log, refusedBy: 'primaries' }) : null;
     /** Why this request's client is refused (and logged), or null. */
     const refusal = (req: http.IncomingMessage): string | null => {
       if (!tls) return null;

@@ -107,7 +107,9 @@ export class PrimaryMirror {
 
   /** Open the volume and state, then replicate in the background until {@link stop}. */
   async start(): Promise<void> {
-    if (this.config.tls) this.tls = await this.readTls(this.config.tls);
+    // A wss:// peer: our client certificate and key, and the CA that verifies the secondary (TM_ERR_CONFIG when unreadable).
+    const files = this.config.tls;
+    if (files) this.tls = await readTlsFiles(files, files.origin === 'node' ? 'tls' : `mirror ${this.name}: tls`, { log: this.log, refusedBy: 'the secondary' });
     await this.stateFile.init();
     this.volume = await SparseFileVolume.open(this.config.volume, { readOnly: true });
     try {
@@ -206,16 +208,6 @@ export class PrimaryMirror {
         this.progress = null;
       }
     }
-  }
-
-  /** Our client certificate and key and the CA that verifies the secondary (a wss:// peer); TM_ERR_CONFIG when unreadable. */
-  private async readTls(files: NonNullable<MirrorConfig['tls']>): Promise<TlsMaterial> {
-    const key = files.origin === 'node' ? 'tls' : `mirror ${this.name}: tls`;
-    const tls = await readTlsFiles(files, key);
-    if (tls.notAfter.getTime() < Date.now()) {
-      this.log.warn({ code: ErrorCodes.TLS, cert: files.cert, notAfter: tls.notAfter.toISOString() }, `${key}.cert ${files.cert} expired on ${tls.notAfter.toISOString()}: the secondary will refuse it`);
-    }
-    return tls;
   }
 
   private connect(): Promise<Session> {
