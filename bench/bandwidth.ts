@@ -17,7 +17,7 @@
  * Environment: TM_BENCH_BW_CAP (default 32MiB/s), TM_BENCH_BW_ALLOCATED
  * (bytes per mirror, default 256 MiB), TM_BENCH_KEEP.
  */
-import { promises as fsp, writeFileSync, mkdirSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
@@ -25,6 +25,7 @@ import { freePort, sha256File, writeMirrorConfigs } from '../src/cli/demo.js';
 import type { DaemonStatus } from '../src/daemon/control.js';
 import { createSampleVolume } from '../src/util/sample.js';
 import { formatBytes, parseRate } from '../src/util/units.js';
+import { writeResult } from './results.js';
 
 const MiB = 1024 * 1024;
 
@@ -151,11 +152,7 @@ export async function bandwidthBench(): Promise<void> {
       }
     }
     const result = { date: new Date().toISOString(), host: { cpus: os.cpus().length, node: process.version }, capBytesPerSecond: cap, allocatedBytesPerMirror: allocated, runs };
-    const outDir = path.join(path.dirname(new URL(import.meta.url).pathname), 'results');
-    mkdirSync(outDir, { recursive: true });
-    const out = path.join(outDir, `bandwidth-${result.date.replace(/[:.]/g, '-')}.json`);
-    writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
-    console.log(`written ${out}`);
+    console.log(`results: ${await writeResult('bandwidth', result)}`);
   } finally {
     if (process.env.TM_BENCH_KEEP) console.log(`kept ${dir}`);
     else await fsp.rm(dir, { recursive: true, force: true });

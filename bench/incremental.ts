@@ -24,6 +24,7 @@ import { formatBytes } from '../src/util/units.js';
 import { SparseFileVolume } from '../src/volume/sparse-file.js';
 import { mergeRanges, type ByteRange } from '../src/volume/volume.js';
 import { LoopFs } from '../test/helpers/xfs.js';
+import { writeResult } from './results.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -149,10 +150,7 @@ export async function incrementalBench(): Promise<void> {
       targets: { reflinkReadVsTouched: 1.1, reflinkDurationVsScan: 0.1 },
       note: 'page cache dropped before each cycle; a cycle runs from the start of detection to the secondary\'s commit',
     };
-    const outDir = path.join(path.dirname(new URL(import.meta.url).pathname), 'results');
-    await fsp.mkdir(outDir, { recursive: true });
-    const out = path.join(outDir, `incremental-${result.date.replace(/[:.]/g, '-')}.json`);
-    await fsp.writeFile(out, JSON.stringify(result, null, 2) + '\n');
+    const out = await writeResult('incremental', result);
     const row = (c: CycleReport) =>
       `marked ${formatBytes(c.changedBytes).padStart(10)}  read ${formatBytes(c.readBytes).padStart(10)}  wire ${formatBytes(c.wireBytes).padStart(10)}  ${c.durationSeconds.toFixed(2)} s`;
     console.log('');

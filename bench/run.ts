@@ -20,6 +20,7 @@ import { freePort, sha256File, writePairConfigs } from '../src/cli/demo.js';
 import { createSampleVolume, prng } from '../src/util/sample.js';
 import { describeMap } from '../src/volume/map.js';
 import { formatBytes } from '../src/util/units.js';
+import { writeResult } from './results.js';
 
 const GiB = 1024 ** 3;
 
@@ -176,10 +177,7 @@ async function main(): Promise<void> {
       },
       targets: { throughputVsCp: 0.8, wireRatio: 0.4, peakRssBytes: 200 * 1024 * 1024 },
     };
-    const outDir = path.join(path.dirname(new URL(import.meta.url).pathname), 'results');
-    await fsp.mkdir(outDir, { recursive: true });
-    const out = path.join(outDir, `initial-sync-${result.date.replace(/[:.]/g, '-')}.json`);
-    await fsp.writeFile(out, JSON.stringify(result, null, 2) + '\n');
+    const out = await writeResult('initial-sync', result);
 
     const mb = (x: number) => `${x.toFixed(0)} MB/s`;
     console.log('');
