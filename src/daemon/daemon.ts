@@ -10,7 +10,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { PrimaryMirror } from '../mirror/primary.js';
 import { SecondaryMirror } from '../mirror/secondary.js';
-import type { MirrorStatus } from '../mirror/status.js';
+import { blankStatus, type MirrorStatus } from '../mirror/status.js';
 import { refuse, secondaryHandshake } from '../wire/handshake.js';
 import { MAX_EXTENT_BYTES } from '../wire/messages.js';
 import { Session } from '../wire/session.js';
@@ -342,25 +342,15 @@ export class Daemon {
 
 function placeholderStatus(e: Entry): MirrorStatus {
   return {
-    name: e.config.name,
-    role: e.config.role,
-    state: 'error',
-    volume: e.config.volume,
-    peer: e.config.peer ?? null,
-    trackingMode: e.config.role === 'primary' ? e.config.tracking.mode : null,
-    chunkSize: e.config.chunkSize,
-    volumeBytes: 0,
-    allocatedBytes: 0,
-    sentBytes: 0,
-    wireBytes: 0,
-    dirtyBytes: 0,
-    generation: 0,
-    committedGeneration: 0,
-    lagSeconds: null,
-    progress: null,
-    lastCycle: null,
+    ...blankStatus({
+      name: e.config.name,
+      role: e.config.role,
+      state: 'error',
+      volume: e.config.volume,
+      peer: e.config.peer ?? null,
+      trackingMode: e.config.role === 'primary' ? e.config.tracking.mode : null,
+      chunkSize: e.config.chunkSize,
+    }),
     error: e.startError ? e.startError.toJSON() : null,
-    sessions: 0,
-    connectedSince: null,
   };
 }

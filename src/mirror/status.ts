@@ -60,3 +60,26 @@ export interface MirrorStatus {
   /** ISO time the running session was established, null while there is none. */
   connectedSince: string | null;
 }
+
+/** What identifies a mirror in its status; the rest is counted or measured. */
+export type StatusIdentity = Pick<MirrorStatus, 'name' | 'role' | 'state' | 'volume' | 'peer' | 'trackingMode' | 'chunkSize'>;
+
+/** The status of a mirror that has nothing to report yet: every count zero, nothing in flight, no error. */
+export function blankStatus(id: StatusIdentity): MirrorStatus {
+  return {
+    ...id,
+    volumeBytes: 0,
+    allocatedBytes: 0,
+    sentBytes: 0,
+    wireBytes: 0,
+    dirtyBytes: 0,
+    generation: 0,
+    committedGeneration: 0,
+    lagSeconds: null,
+    progress: null,
+    lastCycle: null,
+    error: null,
+    sessions: 0,
+    connectedSince: null,
+  };
+}

@@ -1,30 +1,21 @@
 import { expect } from 'chai';
 import { MirrorMetrics, progressRate, RATE_WINDOW_SECONDS } from '../../src/daemon/metrics.js';
-import type { MirrorStatus } from '../../src/mirror/status.js';
+import { blankStatus, type MirrorStatus } from '../../src/mirror/status.js';
 import { key, parseExposition } from '../helpers/prometheus.js';
 
 function baseStatus(name: string, role: MirrorStatus['role']): MirrorStatus {
   return {
-    name,
-    role,
-    state: role === 'primary' ? 'connecting' : 'waiting',
-    volume: `/v/${name}.img`,
-    peer: null,
-    trackingMode: role === 'primary' ? 'scan' : null,
-    chunkSize: 65536,
+    ...blankStatus({
+      name,
+      role,
+      state: role === 'primary' ? 'connecting' : 'waiting',
+      volume: `/v/${name}.img`,
+      peer: null,
+      trackingMode: role === 'primary' ? 'scan' : null,
+      chunkSize: 65536,
+    }),
     volumeBytes: 1 << 30,
     allocatedBytes: 1 << 28,
-    sentBytes: 0,
-    wireBytes: 0,
-    dirtyBytes: 0,
-    generation: 0,
-    committedGeneration: 0,
-    lagSeconds: null,
-    progress: null,
-    lastCycle: null,
-    error: null,
-    sessions: 0,
-    connectedSince: null,
   };
 }
 
