@@ -105,10 +105,9 @@ export function restartOnlyChanges(old: DaemonConfig, next: DaemonConfig): strin
 export function checkReloadable(old: DaemonConfig, next: DaemonConfig): void {
   const keys = restartOnlyChanges(old, next);
   if (keys.length === 0) return;
-  const what = keys.length === 1 ? `${keys[0]} changed` : `${keys.join(', ')} changed`;
   throw new TmError(
     ErrorCodes.RELOAD,
-    `${next.sourcePath}: ${what}; a reload cannot apply ${keys.length === 1 ? 'it' : 'them'}: restart the daemon to change ${keys.length === 1 ? 'it' : 'them'} (the old config keeps running)`,
+    `${next.sourcePath}: ${keys.join(', ')} changed; a reload cannot apply ${keys.length === 1 ? 'it' : 'them'}: restart the daemon to change ${keys.length === 1 ? 'it' : 'them'} (the old config keeps running)`,
   );
 }
 
