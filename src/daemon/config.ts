@@ -119,7 +119,11 @@ const pathString = z.string().min(1, 'expected a path');
 
 const tlsSchema = z.strictObject({ ca: pathString, cert: pathString, key: pathString });
 
-const peerUrl = z.string().regex(/^wss?:\/\/[^\s/]+(\/\S*)?$/, 'expected a ws:// or wss:// URL such as ws://10.0.0.2:7890');
+/** A ws:// or wss:// URL that also parses as a URL (with a valid host and port), so later rules may take it apart. */
+const peerUrl = z
+  .string()
+  .regex(/^wss?:\/\/[^\s/]+(\/\S*)?$/, 'expected a ws:// or wss:// URL such as ws://10.0.0.2:7890')
+  .refine((u) => URL.canParse(u), { message: 'expected a ws:// or wss:// URL with a valid host and port, such as ws://10.0.0.2:7890' });
 
 const mirrorSchema = z.strictObject({
   name,
@@ -252,13 +256,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
     c.mirrors.forEach((raw, i) => {
       const m = mirrors[i]!;
       if (m.role === 'primary' && m.peer) {
-        let host: string;
-        try {
-          host = new URL(m.peer).hostname;
-        } catch {
-          problems.push({ path: ['mirrors', i, 'peer'], message: `expected a ws:// or wss:// URL, got ${m.peer}` });
-          return;
-        }
+        const host = new URL(m.peer).hostname; // the schema checked that it parses
         if (m.peer.startsWith('wss://')) {
           if (!m.tls) problems.push({ path: ['mirrors', i, 'peer'], message: `peer ${m.peer} is wss:// but no tls: { ca, cert, key } is configured (on the mirror or at the top level)` });
         } else {

@@ -56,6 +56,14 @@ describe('config: bandwidth per mirror and per peer', () => {
     expect(peerKey('ws://[::1]:7890')).to.equal('[::1]:7890');
   });
 
+  it('a peer URL that passes the pattern but does not parse (bad port, open bracket) is a config error, also beside peers:', () => {
+    const peers = 'peers:\n  - { url: "ws://127.0.0.1:7890", bandwidth: 1MiB/s }\n';
+    for (const bad of ['ws://[::1', 'ws://127.0.0.1:99999']) {
+      const text = `${HEAD}${peers}${PRIMARIES.replace('"ws://127.0.0.2:7890"', `"${bad}"`)}`;
+      expect(problems(text), bad).to.match(/c\.yaml:8:\d+: mirrors\[2\]\.peer: expected a ws:\/\/ or wss:\/\/ URL with a valid host and port/);
+    }
+  });
+
   it('a bad rate, a peer no mirror uses, a repeated peer and a cap on a secondary are reported with line and key', () => {
     expect(problems(`${HEAD}${PRIMARIES.replace('10MiB/s', '10Mbit/s')}`)).to.match(/c\.yaml:5:\d+: mirrors\[1\]\.bandwidth: invalid bandwidth "10Mbit\/s"/);
     expect(problems(`${HEAD}peers:\n  - { url: "ws://127.0.0.9:7890", bandwidth: 1MiB/s }\n${PRIMARIES}`)).to.match(/c\.yaml:4:\d+: peers\[0\]\.url: no primary mirror has a peer at 127\.0\.0\.9:7890/);
