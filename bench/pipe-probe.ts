@@ -1,6 +1,6 @@
 // Probe (not part of npm run bench): how fast the primary's prepare pipeline runs alone on a file.
 import { SparseFileVolume } from '../src/volume/sparse-file.js';
-import { compressPayload, crc32 } from '../src/wire/codec.js';
+import { compressPayload } from '../src/wire/codec.js';
 import { chunkDigest } from '../src/track/scan.js';
 import { createSampleVolume } from '../src/util/sample.js';
 const f = '/tmp/probe.img';
@@ -16,7 +16,7 @@ for (const mode of ['read', 'read+digest', 'read+digest+lz4+crc']) {
   const work = async (p: { offset: number; length: number }) => {
     const b = await v.read(p.offset, p.length);
     if (mode !== 'read') for (let a = 0; a < b.length; a += 65536) chunkDigest(b.subarray(a, a + 65536), out, 0);
-    if (mode === 'read+digest+lz4+crc') { await compressPayload(b); crc32(b); }
+    if (mode === 'read+digest+lz4+crc') await compressPayload(b);
     bytes += b.length;
   };
   const inflight: Promise<void>[] = [];

@@ -8,7 +8,7 @@ import { BitmapStore, bitmapRuns, RoaringBitmap32 } from '../track/bitmap-store.
 import { createSource } from '../track/index.js';
 import type { ChangeSource } from '../track/source.js';
 import { sleep } from '../util/sleep.js';
-import { compressPayload, crc32 } from '../wire/codec.js';
+import { compressPayload } from '../wire/codec.js';
 import { primaryHandshake } from '../wire/handshake.js';
 import { DIGEST_BYTES, MAX_DIGEST_RANGE, MAX_EXTENT_BYTES, type ExtentMsg } from '../wire/messages.js';
 import { chunkDigest } from '../track/scan.js';
@@ -556,7 +556,8 @@ export class PrimaryMirror {
    */
   private async *extents(view: Volume, bitmap: RoaringBitmap32, fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await view.allocated(this.state.chunkSize);
-    const ring = new ReadRing(READ_AHEAD_BYTES + 2 * this.config.maxExtent);
+    // A piece takes twice its length: the bytes read, then room for their lz4 form.
+    const ring = new ReadRing(2 * (READ_AHEAD_BYTES + 2 * this.config.maxExtent));
     const ahead: { p: Promise<Prepared[]>; bytes: number; buf: Buffer | null }[] = [];
     let aheadBytes = 0;
     const next = async function* () {
@@ -566,7 +567,7 @@ export class PrimaryMirror {
       if (a.buf) ring.release(a.buf);
     };
     for (const seg of this.segments(bitmap, alloc, fromChunk)) {
-      const buf = seg.hole ? null : ring.take(seg.length);
+      const buf = seg.hole ? null : ring.take(2 * seg.length);
       const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(view, seg, buf!);
       p.catch(() => {}); // awaited below in order; avoid an unhandled rejection meanwhile
       const bytes = seg.hole ? 0 : seg.length;
@@ -583,10 +584,15 @@ export class PrimaryMirror {
     return [{ type: 'extent', kind: 'trim', offset: seg.offset, length: seg.length }];
   }
 
-  /** Read one allocated piece; all-zero chunks become zero extents, the rest data. */
+  /**
+   * Read one allocated piece into the first half of `into` (2 × its length);
+   * all-zero chunks become zero extents, the rest data, lz4-compressed into the
+   * second half.
+   */
   private async prepare(view: Volume, seg: Segment, into: Buffer): Promise<Prepared[]> {
     const cs = this.state.chunkSize;
-    const buf = await view.read(seg.offset, seg.length, into);
+    const buf = await view.read(seg.offset, seg.length, into.subarray(0, seg.length));
+    const lz4Room = into.subarray(seg.length);
     if (this.cycle) this.cycle.readBytes += seg.length;
     const out: Prepared[] = [];
     const runs: { zero: boolean; start: number; end: number }[] = [];
@@ -605,8 +611,8 @@ export class PrimaryMirror {
         out.push({ type: 'extent', kind: 'zero', offset, length });
       } else {
         const raw = buf.subarray(r.start, r.end);
-        const { codec, payload } = await compressPayload(raw);
-        out.push({ type: 'extent', kind: 'data', offset, length, codec, crc32: crc32(raw), payload });
+        const { codec, payload, crc32c } = await compressPayload(raw, lz4Room.subarray(r.start, r.end));
+        out.push({ type: 'extent', kind: 'data', offset, length, codec, crc32c, payload });
       }
     }
     return out;

@@ -27,8 +27,19 @@ export interface NativeOps {
   fiemap(fd: number, offset: number, length: number, sync: number): Promise<Float64Array>;
   /** sd_notify: send `message` to the NOTIFY_SOCKET path; false when the path is empty. */
   sdNotify(socketPath: string, message: string): boolean;
-  /** Decompress one LZ4 block (no size prefix) into `dst`: bytes written, -1 when `src` is malformed or does not fit. */
+  /** Decompress one LZ4 block (no size prefix) into `dst` (upstream LZ4_decompress_safe): bytes written, -1 when `src` is malformed or does not fit. */
   lz4DecompressInto(src: Uint8Array, dst: Uint8Array): number;
+  /**
+   * On the threadpool: CRC-32C of `src`, and `src` as uint32 LE length + one LZ4
+   * block into `dst` when that is smaller than `src`. Resolves [bytes written
+   * to dst (0: not smaller, nothing usable in dst), crc]. `src` and `dst` must
+   * not overlap nor change until it resolves.
+   */
+  lz4CompressCrc(src: Uint8Array, dst: Uint8Array): Promise<[number, number]>;
+  /** CRC-32C (Castagnoli) of `buf`, with the SSE4.2 instruction when the CPU has it. */
+  crc32c(buf: Uint8Array): number;
+  /** CRC-32C by tables only (what CPUs without SSE4.2 run; tests compare it with `crc32c`). */
+  crc32cPortable(buf: Uint8Array): number;
 }
 
 /** FIEMAP extent flags (linux/fiemap.h). */

@@ -5,7 +5,7 @@
  *   zeroRange(fd, offset, length)                fallocate ZERO_RANGE|KEEP_SIZE   (Promise, threadpool)
  *   blkGetSize64(fd)                             ioctl BLKGETSIZE64
  *   blkDiscard(fd, offset, length)               ioctl BLKDISCARD                 (Promise, threadpool)
- *   lz4DecompressInto(src, dst)                  LZ4 block -> dst; bytes written, -1 if malformed
+ * The payload codec (CRC-32C, LZ4) is in payload.c.
  * Errors are Node-style: message "<syscall> failed: <strerror>", code "E...", errno, syscall.
  * Offsets and lengths are JS numbers (exact up to 2^53 bytes).
  */
@@ -24,6 +24,8 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
+
+#include "payload.h"
 
 static const char *errno_name(int e) {
   switch (e) {
@@ -340,122 +342,8 @@ static napi_value SdNotify(napi_env env, napi_callback_info info) {
   return r;
 }
 
-/*
- * LZ4 block decompression into a caller's buffer (lz4-napi's uncompressSync
- * allocates and zero-fills a new buffer per call). Every read and write is
- * bounds-checked: a malformed block returns -1, never touches memory outside
- * `src` and `dst`. Returns the number of bytes decoded; bytes of dst past them
- * may have been written over (copies run in 16-byte steps where dst has room).
- */
-static int64_t lz4_block_decode(const uint8_t *ip, size_t srclen, uint8_t *dst, size_t dstlen) {
-  const uint8_t *const iend = ip + srclen;
-  uint8_t *op = dst;
-  uint8_t *const oend = dst + dstlen;
-  if (srclen == 0) return -1;
-  for (;;) {
-    if (ip >= iend) return -1;
-    const unsigned token = *ip++;
-    size_t lit = token >> 4;
-    if (lit == 15) {
-      unsigned b;
-      do {
-        if (ip >= iend) return -1;
-        b = *ip++;
-        lit += b;
-      } while (b == 255);
-    }
-    if (lit > (size_t)(iend - ip) || lit > (size_t)(oend - op)) return -1;
-    if (lit <= 16 && iend - ip >= 16 && oend - op >= 16) {
-      /* Short literals (most of them): one fixed 16-byte copy; the bytes past
-         `lit` are inside dst and written over by what follows. */
-      memcpy(op, ip, 16);
-    } else {
-      memcpy(op, ip, lit);
-    }
-    op += lit;
-    ip += lit;
-    if (ip == iend) break; /* the last sequence holds literals only */
-    if (iend - ip < 2) return -1;
-    const size_t offset = (size_t)ip[0] | ((size_t)ip[1] << 8);
-    ip += 2;
-    if (offset == 0 || offset > (size_t)(op - dst)) return -1;
-    size_t mlen = token & 15;
-    if (mlen == 15) {
-      unsigned b;
-      do {
-        if (ip >= iend) return -1;
-        b = *ip++;
-        mlen += b;
-      } while (b == 255);
-    }
-    mlen += 4;
-    if (mlen > (size_t)(oend - op)) return -1;
-    const uint8_t *match = op - offset;
-    uint8_t *const mend = op + mlen;
-    if (offset >= 16 && oend - mend >= 16) {
-      /* 16-byte steps, possibly past mend (still inside dst, written over
-         later); each step reads bytes at least 16 behind, already final. */
-      do {
-        memcpy(op, match, 16);
-        op += 16;
-        match += 16;
-      } while (op < mend);
-      op = mend;
-    } else if (offset >= mlen) {
-      memcpy(op, match, mlen);
-      op += mlen;
-    } else {
-      /* Overlapping (a short repeated pattern, e.g. a run of one byte): the
-         first bytes one by one, then copy from `period` bytes back, a multiple
-         of `offset` of at least 16 (no further back than `match`), so that
-         each step reads bytes already final. */
-      const size_t head = mlen < 16 ? mlen : 16;
-      for (size_t i = 0; i < head; i++) op[i] = match[i];
-      op += head;
-      if (op < mend) {
-        const size_t period = offset * ((16 + offset - 1) / offset);
-        const uint8_t *from = op - period;
-        if (oend - mend >= 16) {
-          do {
-            memcpy(op, from, 16);
-            op += 16;
-            from += 16;
-          } while (op < mend);
-          op = mend;
-        } else {
-          while (op < mend) *op++ = *from++;
-        }
-      }
-    }
-  }
-  return (int64_t)(op - dst);
-}
-
-static int u8_array(napi_env env, napi_value v, uint8_t **data, size_t *len) {
-  bool is;
-  if (napi_is_typedarray(env, v, &is) != napi_ok || !is) return 0;
-  napi_typedarray_type t;
-  void *p;
-  if (napi_get_typedarray_info(env, v, &t, len, &p, NULL, NULL) != napi_ok || t != napi_uint8_array) return 0;
-  *data = p;
-  return 1;
-}
-
-/* lz4DecompressInto(src: Uint8Array, dst: Uint8Array): bytes written to dst, -1 when src is not an lz4 block fitting dst. */
-static napi_value Lz4DecompressInto(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  uint8_t *src, *dst;
-  size_t slen, dlen;
-  if (argc < 2 || !u8_array(env, argv[0], &src, &slen) || !u8_array(env, argv[1], &dst, &dlen)) {
-    napi_throw_type_error(env, NULL, "lz4DecompressInto(src: Uint8Array, dst: Uint8Array)");
-    return NULL;
-  }
-  return number(env, (double)lz4_block_decode(src, slen, dst, dlen));
-}
-
 static napi_value Init(napi_env env, napi_value exports) {
+  tm_payload_init();
   napi_property_descriptor props[] = {
       {"seekData", NULL, SeekData, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, SeekHole, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -467,6 +355,9 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"fiemap", NULL, Fiemap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sdNotify", NULL, SdNotify, NULL, NULL, NULL, napi_enumerable, NULL},
       {"lz4DecompressInto", NULL, Lz4DecompressInto, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"lz4CompressCrc", NULL, Lz4CompressCrc, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"crc32c", NULL, Crc32c, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"crc32cPortable", NULL, Crc32cPortable, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

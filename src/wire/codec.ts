@@ -1,6 +1,4 @@
 import { Packr } from 'msgpackr';
-import { compress } from 'lz4-napi';
-import * as zlib from 'node:zlib';
 import { ErrorCodes, TmError } from '../errors.js';
 import { native } from '../native/index.js';
 import {
@@ -259,7 +257,7 @@ function checkRange(t: string, offset: number, length: number, { size, cs }: { s
   }
 }
 
-const DATA_KEYS = ['type', 'seq', 'kind', 'offset', 'length', 'codec', 'crc32', 'payload'] as const;
+const DATA_KEYS = ['type', 'seq', 'kind', 'offset', 'length', 'codec', 'crc32c', 'payload'] as const;
 const EMPTY_KEYS = ['type', 'seq', 'kind', 'offset', 'length'] as const;
 
 function validateExtent(o: Obj, mode: Mode): ExtentMsg {
@@ -267,7 +265,7 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
   const kind = o.kind;
   if (kind !== 'data' && kind !== 'zero' && kind !== 'trim') fail(`extent.kind must be data, zero or trim, got ${describe(kind)}`);
   if (kind !== 'data') {
-    for (const k of ['codec', 'crc32', 'payload']) if (Object.hasOwn(o, k)) fail(`extent.${k} is not allowed on a ${kind} extent`);
+    for (const k of ['codec', 'crc32c', 'payload']) if (Object.hasOwn(o, k)) fail(`extent.${k} is not allowed on a ${kind} extent`);
   }
   checkKeys(o, t, kind === 'data' ? DATA_KEYS : EMPTY_KEYS);
   const seq = uint(o, t, 'seq', 1);
@@ -286,15 +284,15 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
   if (length > MAX_EXTENT_BYTES) fail(`extent.length ${length} of a data extent exceeds ${MAX_EXTENT_BYTES} bytes`);
   const codec = o.codec;
   if (codec !== 'raw' && codec !== 'lz4') fail(`extent.codec must be raw or lz4, got ${describe(codec)}`);
-  const crc = o.crc32;
-  if (typeof crc !== 'number' || !Number.isInteger(crc) || crc < 0 || crc > 0xffffffff) fail(`extent.crc32 must be an unsigned 32-bit integer, got ${describe(crc)}`);
+  const crc = o.crc32c;
+  if (typeof crc !== 'number' || !Number.isInteger(crc) || crc < 0 || crc > 0xffffffff) fail(`extent.crc32c must be an unsigned 32-bit integer, got ${describe(crc)}`);
   const payload = bytes(o, t, 'payload');
   if (codec === 'raw') {
     if (payload.length !== length) fail(`extent.payload holds ${payload.length} bytes, a raw payload holds length (${length}) bytes`);
   } else {
     checkLz4(payload, length);
   }
-  return { type: t, seq, kind, offset, length, codec, crc32: crc === 0 ? 0 : crc, payload };
+  return { type: t, seq, kind, offset, length, codec, crc32c: crc === 0 ? 0 : crc, payload };
 }
 
 /**
@@ -372,36 +370,47 @@ export function decode(frame: Buffer, ctx: DecodeContext): Message {
   }
 }
 
-/** CRC-32 (zlib polynomial, as `zlib.crc32`) of `buf`: an unsigned 32-bit integer. */
-export function crc32(buf: Uint8Array): number {
-  return zlib.crc32(buf) >>> 0;
+/** CRC-32C (Castagnoli, as iSCSI and ext4) of `buf`: an unsigned 32-bit integer. SSE4.2 where the CPU has it (native addon). */
+export function crc32c(buf: Uint8Array): number {
+  return native().crc32c(buf);
+}
+
+/** A data payload ready to send: lz4 or raw, and the CRC-32C of the uncompressed bytes. */
+export interface PreparedPayload {
+  codec: 'raw' | 'lz4';
+  payload: Buffer;
+  crc32c: number;
 }
 
 /**
- * Compress a data payload with lz4 (size prepended, lz4-napi `compress`, off the
- * main thread); keeps lz4 only when strictly smaller than `raw`, else returns
- * `raw` itself (no copy).
+ * Compress a data payload with lz4 (uint32 LE length prepended, then one LZ4
+ * block) and take its CRC-32C, both in one pass on the threadpool (native
+ * addon, upstream liblz4). lz4 is kept only when strictly smaller than `raw`;
+ * otherwise the payload is `raw` itself (no copy). The lz4 bytes go to the
+ * start of `into` when given (it must not overlap `raw`, and must stay
+ * untouched while the payload is in use), else to a new buffer; a compressed
+ * payload never needs more than `raw.length` bytes.
  */
-export async function compressPayload(raw: Buffer): Promise<{ codec: 'raw' | 'lz4'; payload: Buffer }> {
-  if (raw.length <= LZ4_PREFIX_BYTES + 1) return { codec: 'raw', payload: raw };
-  const c = await compress(raw);
-  return c.length < raw.length ? { codec: 'lz4', payload: c } : { codec: 'raw', payload: raw };
+export async function compressPayload(raw: Buffer, into?: Buffer): Promise<PreparedPayload> {
+  const dst = into && into.length >= raw.length ? into : Buffer.allocUnsafe(raw.length);
+  const [n, crc] = await native().lz4CompressCrc(raw, dst);
+  return n > 0 ? { codec: 'lz4', payload: dst.subarray(0, n), crc32c: crc } : { codec: 'raw', payload: raw, crc32c: crc };
 }
 
 /**
- * The uncompressed bytes of a data extent, checked against its CRC-32: the
+ * The uncompressed bytes of a data extent, checked against its CRC-32C: the
  * payload itself for `raw`; for `lz4`, the start of `scratch` when it holds
  * `length` bytes (the caller must be done with what it held before), else one
  * new buffer. lz4 is decoded by the native addon straight into that buffer.
  * Nothing of a payload that fails must be written.
  *
- * @throws TmError TM_ERR_CHECKSUM when the bytes do not match `crc32` or lz4
+ * @throws TmError TM_ERR_CHECKSUM when the bytes do not match `crc32c` or lz4
  *   yields another length than `length`; TM_ERR_PROTOCOL when the lz4 payload
  *   is not lz4; TM_ERR_INTERNAL when called on a zero or trim extent.
  */
 export function decompressPayload(msg: ExtentMsg, scratch?: Buffer): Buffer {
   const where = `extent at offset ${msg.offset}, length ${msg.length}`;
-  if (msg.kind !== 'data' || !msg.payload || msg.crc32 === undefined) throw new TmError(ErrorCodes.INTERNAL, `${where}: a ${msg.kind} extent without a payload has nothing to decompress`);
+  if (msg.kind !== 'data' || !msg.payload || msg.crc32c === undefined) throw new TmError(ErrorCodes.INTERNAL, `${where}: a ${msg.kind} extent without a payload has nothing to decompress`);
   let raw: Buffer;
   if (msg.codec === 'lz4') {
     let n: number;
@@ -419,12 +428,12 @@ export function decompressPayload(msg: ExtentMsg, scratch?: Buffer): Buffer {
     raw = msg.payload;
     if (raw.length !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the raw payload holds ${raw.length} bytes; nothing written`);
   }
-  if (crc32(raw) !== msg.crc32) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the payload does not match its CRC-32; nothing written`);
+  if (crc32c(raw) !== msg.crc32c) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the payload does not match its CRC-32C; nothing written`);
   return raw;
 }
 
-/** A data extent of `raw` at `offset` (bytes): lz4 when that is smaller, CRC-32 of `raw`. */
+/** A data extent of `raw` at `offset` (bytes): lz4 when that is smaller, CRC-32C of `raw`. */
 export async function makeDataExtent(seq: number, offset: number, raw: Buffer): Promise<ExtentMsg> {
-  const { codec, payload } = await compressPayload(raw);
-  return { type: 'extent', seq, kind: 'data', offset, length: raw.length, codec, crc32: crc32(raw), payload };
+  const { codec, payload, crc32c } = await compressPayload(raw);
+  return { type: 'extent', seq, kind: 'data', offset, length: raw.length, codec, crc32c, payload };
 }

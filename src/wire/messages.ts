@@ -1,5 +1,5 @@
 /**
- * thinmirror wire protocol, version 1: the message types. One WebSocket per
+ * thinmirror wire protocol, version 2: the message types. One WebSocket per
  * mirror; every WebSocket message is one binary frame holding one msgpackr-encoded
  * object with a `type` discriminant. docs/protocol.md describes the exchange.
  *
@@ -7,7 +7,11 @@
  * `generation` counts from 1; `seq` counts extents sent in a session from 1.
  */
 
-export const PROTOCOL_VERSION = 1;
+/**
+ * 2: data extents carry `crc32c` (CRC-32C) instead of version 1's `crc32`
+ * (zlib CRC-32); a peer of the other version is refused with TM_ERR_VERSION_MISMATCH.
+ */
+export const PROTOCOL_VERSION = 2;
 
 /** Nonces and HMAC-SHA256 proofs are exactly this many bytes. */
 export const NONCE_BYTES = 32;
@@ -81,8 +85,8 @@ export interface ExtentMsg {
   length: number;
   /** data only: 'raw' or 'lz4' (payload compressed, decompresses to `length` bytes). */
   codec?: 'raw' | 'lz4';
-  /** data only: CRC-32 (zlib) of the uncompressed bytes. */
-  crc32?: number;
+  /** data only: CRC-32C (Castagnoli) of the uncompressed bytes. */
+  crc32c?: number;
   /** data only. */
   payload?: Buffer;
 }

@@ -3,8 +3,8 @@ import fc from 'fast-check';
 import { Packr } from 'msgpackr';
 import { randomBytes } from 'node:crypto';
 import { TmError } from '../../src/errors.js';
-import { compressSync } from 'lz4-napi';
-import { compressPayload, crc32, decode, decompressPayload, encode, makeDataExtent } from '../../src/wire/codec.js';
+import { compressSync, uncompressSync } from 'lz4-napi';
+import { compressPayload, crc32c, decode, decompressPayload, encode, makeDataExtent } from '../../src/wire/codec.js';
 import { native } from '../../src/native/index.js';
 import { MAX_EXTENT_BYTES, type DecodeContext, type ExtentMsg, type Message } from '../../src/wire/messages.js';
 
@@ -62,8 +62,8 @@ const samples: Message[] = [
   { type: 'begin', generation: 4, resumeFrom: 2 * CS },
   { type: 'extent', seq: 1, kind: 'zero', offset: 0, length: CS },
   { type: 'extent', seq: 2, kind: 'trim', offset: CS, length: 9 * CS + 1000 },
-  { type: 'extent', seq: 3, kind: 'data', offset: 0, length: CS, codec: 'lz4', crc32: crc32(text), payload: lz4 },
-  { type: 'extent', seq: 4, kind: 'data', offset: 10 * CS, length: 1000, codec: 'raw', crc32: crc32(tail), payload: tail },
+  { type: 'extent', seq: 3, kind: 'data', offset: 0, length: CS, codec: 'lz4', crc32c: crc32c(text), payload: lz4 },
+  { type: 'extent', seq: 4, kind: 'data', offset: 10 * CS, length: 1000, codec: 'raw', crc32c: crc32c(tail), payload: tail },
   { type: 'commit', generation: 4 },
   { type: 'ack', seq: 17, durable: 2 * CS },
   { type: 'ack', seq: 0, durable: 0 },
@@ -116,7 +116,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
     });
 
     it('refuses trailing bytes after a large frame at once (regression: msgpackr stringified the whole value)', () => {
-      const big = encode({ type: 'extent', seq: 1, kind: 'data', offset: 0, length: MAX_EXTENT_BYTES, codec: 'raw', crc32: 0, payload: Buffer.alloc(MAX_EXTENT_BYTES) });
+      const big = encode({ type: 'extent', seq: 1, kind: 'data', offset: 0, length: MAX_EXTENT_BYTES, codec: 'raw', crc32c: 0, payload: Buffer.alloc(MAX_EXTENT_BYTES) });
       refusedFrame(Buffer.concat([big, Buffer.from([0xc0])]), 'trailing', { volumeSize: MAX_EXTENT_BYTES, chunkSize: CS });
     });
 
@@ -272,7 +272,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
   describe('extents', () => {
     const zero = { type: 'extent', seq: 1, kind: 'zero', offset: 0, length: CS };
     const p = Buffer.alloc(CS, 1);
-    const data = { type: 'extent', seq: 1, kind: 'data', offset: 0, length: CS, codec: 'raw', crc32: crc32(p), payload: p };
+    const data = { type: 'extent', seq: 1, kind: 'data', offset: 0, length: CS, codec: 'raw', crc32c: crc32c(p), payload: p };
 
     it('need the volume settled by the handshake', () => {
       refused(zero, 'extent before the handshake settled the volume', {});
@@ -305,19 +305,19 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       // A volume smaller than one chunk is all tail.
       expect(accepted({ ...zero, offset: 0, length: 5000 }, { volumeSize: 5000, chunkSize: CS })).to.include({ length: 5000 });
       const t = randomBytes(1000);
-      const m = accepted({ ...data, offset: 10 * CS, length: 1000, crc32: crc32(t), payload: t }) as ExtentMsg;
+      const m = accepted({ ...data, offset: 10 * CS, length: 1000, crc32c: crc32c(t), payload: t }) as ExtentMsg;
       expect(decompressPayload(m).equals(t)).to.equal(true);
     });
 
-    it('zero and trim extents carry no codec, crc32 or payload', () => {
+    it('zero and trim extents carry no codec, crc32c or payload', () => {
       refused({ ...zero, payload: p }, 'extent.payload is not allowed on a zero extent');
       refused({ ...zero, kind: 'trim', codec: 'raw' }, 'extent.codec is not allowed on a trim extent');
-      refused({ ...zero, crc32: 0 }, 'extent.crc32');
+      refused({ ...zero, crc32c: 0 }, 'extent.crc32c');
       refused({ ...zero, payload: null }, 'extent.payload');
       refused({ ...zero, flags: 1 }, 'extent has an unknown field "flags"');
     });
 
-    it('data extents: codec raw|lz4, crc32 uint32, payload binary, length at most 8 MiB', () => {
+    it('data extents: codec raw|lz4, crc32c uint32, payload binary, length at most 8 MiB', () => {
       expect(accepted(data)).to.include({ kind: 'data', codec: 'raw' });
       refused({ ...data, codec: 'gzip' }, 'extent.codec');
       refused({ ...data, codec: undefined }, 'extent.codec');
@@ -325,9 +325,9 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       refused(noCodec, 'extent.codec is missing');
       const { payload: _p, ...noPayload } = data;
       refused(noPayload, 'extent.payload is missing');
-      refused({ ...data, crc32: -1 }, 'extent.crc32');
-      refused({ ...data, crc32: 2 ** 32 }, 'extent.crc32');
-      refused({ ...data, crc32: 1.5 }, 'extent.crc32');
+      refused({ ...data, crc32c: -1 }, 'extent.crc32c');
+      refused({ ...data, crc32c: 2 ** 32 }, 'extent.crc32c');
+      refused({ ...data, crc32c: 1.5 }, 'extent.crc32c');
       refused({ ...data, payload: 'x'.repeat(CS) }, 'extent.payload must be binary');
       const huge = { volumeSize: 64 << 20, chunkSize: CS };
       refused({ ...data, length: MAX_EXTENT_BYTES + CS }, 'extent.length 8454144 of a data extent exceeds', huge);
@@ -338,7 +338,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
     it('a raw payload holds exactly length bytes; an lz4 payload fewer, announcing length', () => {
       refused({ ...data, payload: p.subarray(0, 100) }, 'extent.payload holds 100 bytes');
       refused({ ...data, payload: Buffer.alloc(CS + 1) }, 'extent.payload');
-      const l = { ...data, codec: 'lz4', crc32: crc32(text), payload: lz4 };
+      const l = { ...data, codec: 'lz4', crc32c: crc32c(text), payload: lz4 };
       expect(accepted(l)).to.include({ codec: 'lz4' });
       refused({ ...l, payload: text }, 'cannot be lz4');
       refused({ ...l, payload: Buffer.alloc(0) }, 'cannot be lz4');
@@ -362,7 +362,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       internal({ type: 'commit', generation: 0 }, 'commit.generation');
       internal({ type: 'error', code: 'oops', message: '' }, 'error.code');
       internal({ type: 'extent', seq: 1, kind: 'zero', offset: 0, length: CS, payload: Buffer.alloc(1) }, 'extent.payload');
-      internal({ type: 'extent', seq: 1, kind: 'data', offset: 0, length: 10, codec: 'raw', crc32: 0, payload: Buffer.alloc(9) }, 'extent.payload');
+      internal({ type: 'extent', seq: 1, kind: 'data', offset: 0, length: 10, codec: 'raw', crc32c: 0, payload: Buffer.alloc(9) }, 'extent.payload');
       internal({ type: 'extent', seq: 1, kind: 'zero', offset: 100, length: CS }, 'extent.offset');
       internal({ type: 'nope' }, 'unknown frame type');
       internal({ type: 'commit', generation: 1, extra: 1 }, 'extra');
@@ -383,9 +383,60 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
   });
 
   describe('payloads', () => {
-    it('CRC-32 is zlib CRC-32', () => {
-      expect(crc32(Buffer.from('123456789'))).to.equal(0xcbf43926);
-      expect(crc32(Buffer.alloc(0))).to.equal(0);
+    it('CRC-32C gives the check value and the RFC 3720 (iSCSI) test vectors, with SSE4.2 and with tables alike', () => {
+      const inc = Buffer.from(Array.from({ length: 32 }, (_, i) => i));
+      const vectors: [Buffer, number][] = [
+        [Buffer.from('123456789'), 0xe3069283],
+        [Buffer.alloc(32), 0x8a9136aa],
+        [Buffer.alloc(32, 0xff), 0x62a8ab43],
+        [inc, 0x46dd794e],
+        [Buffer.from(inc).reverse(), 0x113fdb5c],
+        [Buffer.alloc(0), 0],
+      ];
+      for (const [buf, want] of vectors) {
+        expect(crc32c(buf), buf.toString('hex')).to.equal(want);
+        expect(native().crc32cPortable(buf), buf.toString('hex')).to.equal(want);
+      }
+    });
+
+    it('CRC-32C: the SSE4.2 path and the table path agree at every length and alignment', () => {
+      fc.assert(
+        fc.property(fc.uint8Array({ minLength: 0, maxLength: 3000 }), fc.nat(15), (bytes, skip) => {
+          const view = Buffer.from(bytes).subarray(Math.min(skip, bytes.length));
+          expect(crc32c(view)).to.equal(native().crc32cPortable(view));
+        }),
+        { numRuns: 500 },
+      );
+      expect(() => crc32c('abc' as unknown as Buffer)).to.throw(TypeError);
+    });
+
+    it('compressPayload writes the lz4_flex "size prepended" form lz4-napi reads, into the caller\'s buffer, with the CRC-32C', async () => {
+      await fc.assert(
+        fc.asyncProperty(fc.uint8Array({ minLength: 1, maxLength: 4000 }), fc.integer({ min: 0, max: 50 }), async (seed, reps) => {
+          const raw = Buffer.concat([Buffer.from(seed), ...Array.from({ length: reps }, () => Buffer.from(seed.subarray(0, 64)))]);
+          const into = Buffer.alloc(raw.length + 16, 0xee);
+          const p = await compressPayload(raw, into);
+          expect(p.crc32c).to.equal(native().crc32cPortable(raw));
+          if (p.codec === 'lz4') {
+            expect(p.payload.buffer).to.equal(into.buffer);
+            expect(p.payload.byteOffset).to.equal(into.byteOffset);
+            expect(p.payload.length).to.be.lessThan(raw.length);
+            expect(uncompressSync(p.payload).equals(raw)).to.equal(true);
+            expect(into.subarray(raw.length).every((b) => b === 0xee)).to.equal(true);
+          } else {
+            expect(p.payload).to.equal(raw); // the same buffer, not a copy
+          }
+        }),
+        { numRuns: 300 },
+      );
+    });
+
+    it('lz4CompressCrc refuses a destination that overlaps the source', async () => {
+      const b = Buffer.alloc(2 * CS);
+      expect(() => native().lz4CompressCrc(b.subarray(0, CS + 10), b.subarray(CS))).to.throw(RangeError, /overlap/);
+      const [n, crc] = await native().lz4CompressCrc(b.subarray(0, CS), b.subarray(CS));
+      expect(n).to.be.greaterThan(4).and.lessThan(CS);
+      expect(crc).to.equal(crc32c(b.subarray(0, CS)));
     });
 
     it('compresses when it helps and keeps random or tiny data raw', async () => {
@@ -402,7 +453,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
 
     it('makeDataExtent builds an extent that travels and decompresses to the same bytes', async () => {
       const ext = await makeDataExtent(7, CS, text);
-      expect(ext).to.include({ type: 'extent', seq: 7, kind: 'data', offset: CS, length: text.length, codec: 'lz4', crc32: crc32(text) });
+      expect(ext).to.include({ type: 'extent', seq: 7, kind: 'data', offset: CS, length: text.length, codec: 'lz4', crc32c: crc32c(text) });
       const back = decode(encode(ext), ctx) as ExtentMsg;
       expect(decompressPayload(back).equals(text)).to.equal(true);
       const r = await makeDataExtent(1, 0, tail);
@@ -423,10 +474,10 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       expect(other.buffer).to.not.equal(small.buffer);
       expect(other.equals(text)).to.equal(true);
       // A failing payload leaves nothing usable but never throws anything else.
-      expect(codeOf(() => decompressPayload({ ...ext, crc32: (ext.crc32! + 1) >>> 0 }, scratch))!.code).to.equal('TM_ERR_CHECKSUM');
+      expect(codeOf(() => decompressPayload({ ...ext, crc32c: (ext.crc32c! + 1) >>> 0 }, scratch))!.code).to.equal('TM_ERR_CHECKSUM');
     });
 
-    it('the native lz4 decoder agrees with lz4-napi on random data and refuses blocks that do not fit', () => {
+    it('the native lz4 decoder (upstream LZ4_decompress_safe) reads what lz4-napi writes and refuses blocks that do not fit', () => {
       fc.assert(
         fc.property(fc.uint8Array({ minLength: 1, maxLength: 5000 }), fc.integer({ min: 1, max: 64 }), fc.integer({ min: 0, max: 255 }), (seed, reps, fill) => {
           // Repetitive input (matches, overlapping matches) with some noise.
@@ -449,19 +500,19 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       );
     });
 
-    it('a payload that does not match its CRC-32 is TM_ERR_CHECKSUM naming offset and length', async () => {
+    it('a payload that does not match its CRC-32C is TM_ERR_CHECKSUM naming offset and length', async () => {
       const ext = await makeDataExtent(1, 3 * CS, text);
-      const err = codeOf(() => decompressPayload({ ...ext, crc32: (ext.crc32! + 1) >>> 0 }));
+      const err = codeOf(() => decompressPayload({ ...ext, crc32c: (ext.crc32c! + 1) >>> 0 }));
       expect(err!.code).to.equal('TM_ERR_CHECKSUM');
       expect(err!.message).to.contain('offset 196608').and.contain('length 65536');
       const bytes = Buffer.from('abcd');
-      const rawExt: ExtentMsg = { type: 'extent', seq: 1, kind: 'data', offset: 0, length: 4, codec: 'raw', crc32: crc32(bytes), payload: Buffer.from('abce') };
+      const rawExt: ExtentMsg = { type: 'extent', seq: 1, kind: 'data', offset: 0, length: 4, codec: 'raw', crc32c: crc32c(bytes), payload: Buffer.from('abce') };
       expect(codeOf(() => decompressPayload(rawExt))!.code).to.equal('TM_ERR_CHECKSUM');
     });
 
     it('lz4 garbage is TM_ERR_PROTOCOL; a wrong extent kind is a bug', () => {
       const garbage = Buffer.concat([Buffer.from([0, 0, 1, 0]), Buffer.alloc(100, 0xff)]);
-      const ext: ExtentMsg = { type: 'extent', seq: 1, kind: 'data', offset: 0, length: CS, codec: 'lz4', crc32: 0, payload: garbage };
+      const ext: ExtentMsg = { type: 'extent', seq: 1, kind: 'data', offset: 0, length: CS, codec: 'lz4', crc32c: 0, payload: garbage };
       expect(codeOf(() => decompressPayload(ext))!.code).to.equal('TM_ERR_PROTOCOL');
       expect(codeOf(() => decompressPayload({ ...ext, payload: Buffer.from([0xff, 0xff, 0xff, 0xff, 0]) }))!.code).to.equal('TM_ERR_PROTOCOL');
       expect(codeOf(() => decompressPayload({ type: 'extent', seq: 1, kind: 'zero', offset: 0, length: CS }))!.code).to.equal('TM_ERR_INTERNAL');
@@ -504,7 +555,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
         fc.constantFrom(0, 1, -1, 2 ** 53, 4096, CS, CS + 1, 10 * CS + 1000, 2 ** 32, 'raw', 'lz4', 'data', 'zero', 'trim', null, undefined, true),
       );
       const keys = fc.constantFrom('type', 'version', 'node', 'mirror', 'nonce', 'proof', 'volumeSize', 'chunkSize', 'volumeId', 'committedGeneration',
-        'applying', 'generation', 'resumeFrom', 'seq', 'kind', 'offset', 'length', 'codec', 'crc32', 'payload', 'durable', 'code', 'message', 'cursor', 'x');
+        'applying', 'generation', 'resumeFrom', 'seq', 'kind', 'offset', 'length', 'codec', 'crc32c', 'payload', 'durable', 'code', 'message', 'cursor', 'x');
       const mutated = fc.tuple(fc.nat(samples.length - 1), keys, value, fc.boolean()).map(([i, k, v, remove]) => {
         const m = { ...samples[i]! } as Record<string, unknown>;
         if (remove) delete m[k];
@@ -567,7 +618,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
           const rawBytes = compressible ? Buffer.alloc(s.length, seed & 0xff) : noise(seed, s.length);
           const l = compressible ? compressSync(rawBytes) : null;
           const lz = l !== null && l.length < s.length;
-          return { type: 'extent', seq: 1 + (seed >>> 0), kind: 'data', ...s, codec: lz ? 'lz4' : 'raw', crc32: crc32(rawBytes), payload: lz ? l : rawBytes };
+          return { type: 'extent', seq: 1 + (seed >>> 0), kind: 'data', ...s, codec: lz ? 'lz4' : 'raw', crc32c: crc32c(rawBytes), payload: lz ? l : rawBytes };
         });
         return fc.oneof(
           fc.record({ type: fc.constant('hello' as const), version: pos, node: name, mirror: name, nonce: bytes32 }),
@@ -592,7 +643,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
             const { payload: p2, ...rest2 } = m;
             expect(rest1).to.deep.equal(rest2);
             expect(p1!.equals(p2!)).to.equal(true);
-            expect(crc32(decompressPayload(back))).to.equal(back.crc32);
+            expect(crc32c(decompressPayload(back))).to.equal(back.crc32c);
           } else {
             expect(back).to.deep.equal(m);
           }

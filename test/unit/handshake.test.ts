@@ -5,6 +5,7 @@ import { WebSocket, WebSocketServer } from 'ws';
 import { TmError } from '../../src/errors.js';
 import { primaryHandshake, secondaryHandshake } from '../../src/wire/handshake.js';
 import { Session } from '../../src/wire/session.js';
+import { PROTOCOL_VERSION } from '../../src/wire/messages.js';
 
 const KEY = Buffer.from('the-shared-key-of-this-test-0001');
 
@@ -70,16 +71,18 @@ describe('handshake: version, mutual HMAC, coded refusals (real ws on loopback)'
     }
   });
 
-  it('another protocol version is refused with TM_ERR_VERSION_MISMATCH', async () => {
-    const p = await pair();
-    try {
-      const sec = secondaryHandshake(p.server, { node: 'site-b', psk: KEY }).catch((e: TmError) => e);
-      p.client.send({ type: 'hello', version: 2, node: 'site-a', mirror: 'vm1', nonce: Buffer.alloc(32, 1) });
-      const got = await p.client.next(5000).catch((e: TmError) => e);
-      expect((got as TmError).code).to.equal('TM_ERR_VERSION_MISMATCH');
-      expect(((await sec) as TmError).code).to.equal('TM_ERR_VERSION_MISMATCH');
-    } finally {
-      await p.close();
+  it('another protocol version (1, with zlib CRC-32 payloads, or a newer one) is refused with TM_ERR_VERSION_MISMATCH', async () => {
+    for (const version of [1, PROTOCOL_VERSION + 1]) {
+      const p = await pair();
+      try {
+        const sec = secondaryHandshake(p.server, { node: 'site-b', psk: KEY }).catch((e: TmError) => e);
+        p.client.send({ type: 'hello', version, node: 'site-a', mirror: 'vm1', nonce: Buffer.alloc(32, 1) });
+        const got = await p.client.next(5000).catch((e: TmError) => e);
+        expect((got as TmError).code, `version ${version}`).to.equal('TM_ERR_VERSION_MISMATCH');
+        expect(((await sec) as TmError).code, `version ${version}`).to.equal('TM_ERR_VERSION_MISMATCH');
+      } finally {
+        await p.close();
+      }
     }
   });
 

@@ -1,0 +1,241 @@
+/*
+ * Payload codec of the wire protocol (docs/protocol.md, `extent`):
+ *   crc32c(buf)                  CRC-32C (Castagnoli) of buf: SSE4.2 instruction when the
+ *                                CPU has it, slicing-by-8 tables otherwise
+ *   crc32cPortable(buf)          the table version always (tests compare the two)
+ *   lz4CompressCrc(src, dst)     Promise<[n, crc]> on the threadpool: crc = CRC-32C of src;
+ *                                dst = uint32 LE length of src + one LZ4 block, n = its
+ *                                bytes, or 0 when that would not be smaller than src
+ *   lz4DecompressInto(src, dst)  one LZ4 block -> dst: bytes written, -1 if malformed
+ * LZ4 is the upstream library (vendor/lz4, 1.9.4, BSD-2-Clause): LZ4_compress_default
+ * and LZ4_decompress_safe, which never reads or writes outside the given buffers.
+ */
+#include "payload.h"
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vendor/lz4/lz4.h"
+
+/* ---- CRC-32C, reflected polynomial 0x82F63B78 ---- */
+
+static uint32_t table[8][256];
+static int have_sse42;
+
+static void crc32c_tables(void) {
+  for (uint32_t i = 0; i < 256; i++) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1)));
+    table[0][i] = c;
+  }
+  for (uint32_t i = 0; i < 256; i++) {
+    for (int t = 1; t < 8; t++) table[t][i] = (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xff];
+  }
+}
+
+static uint32_t crc32c_sw(uint32_t c, const uint8_t *p, size_t n) {
+  while (n && ((uintptr_t)p & 7)) {
+    c = (c >> 8) ^ table[0][(c ^ *p++) & 0xff];
+    n--;
+  }
+  while (n >= 8) {
+    uint32_t lo, hi;
+    memcpy(&lo, p, 4);
+    memcpy(&hi, p + 4, 4);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    lo = __builtin_bswap32(lo);
+    hi = __builtin_bswap32(hi);
+#endif
+    lo ^= c;
+    c = table[7][lo & 0xff] ^ table[6][(lo >> 8) & 0xff] ^ table[5][(lo >> 16) & 0xff] ^ table[4][lo >> 24] ^
+        table[3][hi & 0xff] ^ table[2][(hi >> 8) & 0xff] ^ table[1][(hi >> 16) & 0xff] ^ table[0][hi >> 24];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = (c >> 8) ^ table[0][(c ^ *p++) & 0xff];
+  return c;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t c, const uint8_t *p, size_t n) {
+  uint64_t c64 = c;
+  while (n && ((uintptr_t)p & 7)) {
+    c64 = __builtin_ia32_crc32qi((uint32_t)c64, *p++);
+    n--;
+  }
+  while (n >= 8) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    c64 = __builtin_ia32_crc32di(c64, v);
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c64 = __builtin_ia32_crc32qi((uint32_t)c64, *p++);
+  return (uint32_t)c64;
+}
+#endif
+
+uint32_t tm_crc32c(const uint8_t *p, size_t n) {
+#if defined(__x86_64__)
+  if (have_sse42) return ~crc32c_hw(~0u, p, n);
+#endif
+  return ~crc32c_sw(~0u, p, n);
+}
+
+static void payload_init_once(void) {
+  crc32c_tables();
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  have_sse42 = __builtin_cpu_supports("sse4.2");
+#endif
+}
+
+/* Called by every Init (the main thread and any worker); the tables are built once. */
+void tm_payload_init(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, payload_init_once);
+}
+
+/* ---- JS bindings ---- */
+
+static int u8_array(napi_env env, napi_value v, uint8_t **data, size_t *len) {
+  bool is;
+  if (napi_is_typedarray(env, v, &is) != napi_ok || !is) return 0;
+  napi_typedarray_type t;
+  void *p;
+  if (napi_get_typedarray_info(env, v, &t, len, &p, NULL, NULL) != napi_ok || t != napi_uint8_array) return 0;
+  *data = p;
+  return 1;
+}
+
+static napi_value u32(napi_env env, uint32_t v) {
+  napi_value r;
+  napi_create_uint32(env, v, &r);
+  return r;
+}
+
+static napi_value crc_common(napi_env env, napi_callback_info info, int portable) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint8_t *p;
+  size_t n;
+  if (argc < 1 || !u8_array(env, argv[0], &p, &n)) {
+    napi_throw_type_error(env, NULL, "crc32c(buf: Uint8Array)");
+    return NULL;
+  }
+  return u32(env, portable ? ~crc32c_sw(~0u, p, n) : tm_crc32c(p, n));
+}
+
+napi_value Crc32c(napi_env env, napi_callback_info info) { return crc_common(env, info, 0); }
+napi_value Crc32cPortable(napi_env env, napi_callback_info info) { return crc_common(env, info, 1); }
+
+struct lz4_work {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref src_ref, dst_ref; /* keep both buffers alive while the threadpool uses them */
+  const uint8_t *src;
+  size_t slen;
+  uint8_t *dst;
+  size_t dlen;
+  int n;
+  uint32_t crc;
+};
+
+enum { LZ4_PREFIX = 4 };
+
+static void lz4_execute(napi_env env, void *data) {
+  struct lz4_work *w = data;
+  w->crc = tm_crc32c(w->src, w->slen);
+  w->n = 0;
+  /* Kept only when prefix + block < slen: give LZ4 no more room than that. */
+  if (w->slen <= LZ4_PREFIX + 1 || w->slen > LZ4_MAX_INPUT_SIZE || w->dlen <= LZ4_PREFIX) return;
+  size_t room = w->dlen - LZ4_PREFIX;
+  if (room > w->slen - LZ4_PREFIX - 1) room = w->slen - LZ4_PREFIX - 1;
+  int c = LZ4_compress_default((const char *)w->src, (char *)w->dst + LZ4_PREFIX, (int)w->slen, (int)room);
+  if (c <= 0) return;
+  uint32_t len = (uint32_t)w->slen;
+  w->dst[0] = len & 0xff;
+  w->dst[1] = (len >> 8) & 0xff;
+  w->dst[2] = (len >> 16) & 0xff;
+  w->dst[3] = (len >> 24) & 0xff;
+  w->n = c + LZ4_PREFIX;
+}
+
+static void lz4_complete(napi_env env, napi_status status, void *data) {
+  struct lz4_work *w = data;
+  napi_value r, res[2];
+  if (status == napi_ok) {
+    napi_create_array_with_length(env, 2, &r);
+    res[0] = u32(env, (uint32_t)w->n);
+    res[1] = u32(env, w->crc);
+    napi_set_element(env, r, 0, res[0]);
+    napi_set_element(env, r, 1, res[1]);
+    napi_resolve_deferred(env, w->deferred, r);
+  } else {
+    napi_value msg, err;
+    napi_create_string_utf8(env, "lz4CompressCrc was cancelled", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &err);
+    napi_reject_deferred(env, w->deferred, err);
+  }
+  napi_delete_reference(env, w->src_ref);
+  napi_delete_reference(env, w->dst_ref);
+  napi_delete_async_work(env, w->work);
+  free(w);
+}
+
+napi_value Lz4CompressCrc(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint8_t *src, *dst;
+  size_t slen, dlen;
+  if (argc < 2 || !u8_array(env, argv[0], &src, &slen) || !u8_array(env, argv[1], &dst, &dlen)) {
+    napi_throw_type_error(env, NULL, "lz4CompressCrc(src: Uint8Array, dst: Uint8Array)");
+    return NULL;
+  }
+  if ((src < dst + dlen && dst < src + slen) && slen && dlen) {
+    napi_throw_range_error(env, NULL, "lz4CompressCrc: src and dst overlap");
+    return NULL;
+  }
+  struct lz4_work *w = calloc(1, sizeof *w);
+  if (!w) {
+    napi_throw_error(env, "ENOMEM", "lz4CompressCrc: out of memory");
+    return NULL;
+  }
+  w->src = src;
+  w->slen = slen;
+  w->dst = dst;
+  w->dlen = dlen;
+  napi_create_reference(env, argv[0], 1, &w->src_ref);
+  napi_create_reference(env, argv[1], 1, &w->dst_ref);
+  napi_value promise, name;
+  napi_create_promise(env, &w->deferred, &promise);
+  napi_create_string_utf8(env, "thinmirror.lz4CompressCrc", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, lz4_execute, lz4_complete, w, &w->work);
+  napi_queue_async_work(env, w->work);
+  return promise;
+}
+
+napi_value Lz4DecompressInto(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  uint8_t *src, *dst;
+  size_t slen, dlen;
+  if (argc < 2 || !u8_array(env, argv[0], &src, &slen) || !u8_array(env, argv[1], &dst, &dlen)) {
+    napi_throw_type_error(env, NULL, "lz4DecompressInto(src: Uint8Array, dst: Uint8Array)");
+    return NULL;
+  }
+  napi_value r;
+  if (slen == 0 || slen > (size_t)LZ4_MAX_INPUT_SIZE) {
+    napi_create_int32(env, -1, &r);
+    return r;
+  }
+  int cap = dlen > (size_t)LZ4_MAX_INPUT_SIZE ? LZ4_MAX_INPUT_SIZE : (int)dlen;
+  int n = LZ4_decompress_safe((const char *)src, (char *)dst, (int)slen, cap);
+  napi_create_int32(env, n < 0 ? -1 : n, &r);
+  return r;
+}
