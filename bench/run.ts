@@ -19,6 +19,9 @@ import { DaemonProcess } from '../src/cli/daemon-process.js';
 import { freePort, sha256File, writePairConfigs } from '../src/cli/demo.js';
 import { createSampleVolume, prng } from '../src/util/sample.js';
 import { describeMap } from '../src/volume/map.js';
+import { SparseFileVolume } from '../src/volume/sparse-file.js';
+import { native } from '../src/native/index.js';
+import { createHash } from 'node:crypto';
 import { formatBytes } from '../src/util/units.js';
 import { writeResult } from './results.js';
 
@@ -42,6 +45,60 @@ function timeCommand(cmd: string, args: string[]): number {
   const r = spawnSync(cmd, args, { stdio: 'inherit' });
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed with status ${r.status}`);
   return Number(process.hrtime.bigint() - t) / 1e9;
+}
+
+/**
+ * What the payload codec alone costs on this machine, one piece at a time on
+ * one CPU: lz4 compression with CRC-32C (the primary's work per byte, without
+ * reading, hashing or sending), lz4 decompression with CRC-32C (the
+ * secondary's), and SHA-256 scan digests, over the allocated data of `source`
+ * in 1 MiB pieces, read first so that no I/O is timed. A pipeline that meets
+ * the wire target (<= 0.4 of allocated) must compress at least the share
+ * `mustCompress` of the data and cannot finish sooner than that share of
+ * (compress + decompress) / CPUs, which bounds its throughput whatever else
+ * it does (reading, writing, hashing, the network all come on top).
+ */
+async function codecFloor(source: string): Promise<{ bytes: number; compressSeconds: number; decompressSeconds: number; sha256Seconds: number; wireRatio: number; mustCompress: number; cpus: number; ceilingMBps: number }> {
+  const v = await SparseFileVolume.open(source, { readOnly: true });
+  const piece = 1 << 20;
+  let bytes = 0;
+  let wire = 0;
+  let compressNs = 0n;
+  let decompressNs = 0n;
+  let shaNs = 0n;
+  try {
+    const lz = Buffer.allocUnsafe(piece);
+    const back = Buffer.allocUnsafe(piece);
+    for (const r of await v.allocated(65536)) {
+      for (let o = r.offset; o < r.offset + r.length; o += piece) {
+        const raw = await v.read(o, Math.min(piece, r.offset + r.length - o));
+        let t = process.hrtime.bigint();
+        const [n, crc] = await native().lz4CompressCrc(raw, lz);
+        compressNs += process.hrtime.bigint() - t;
+        t = process.hrtime.bigint();
+        if (n > 0) {
+          if (native().lz4DecompressInto(lz.subarray(4, n), back) !== raw.length) throw new Error('lz4 round trip failed');
+          if (native().crc32c(back.subarray(0, raw.length)) !== crc) throw new Error('CRC-32C mismatch');
+        } else if (native().crc32c(raw) !== crc) throw new Error('CRC-32C mismatch');
+        decompressNs += process.hrtime.bigint() - t;
+        t = process.hrtime.bigint();
+        for (let c = 0; c < raw.length; c += 65536) createHash('sha256').update(raw.subarray(c, c + 65536)).digest();
+        shaNs += process.hrtime.bigint() - t;
+        bytes += raw.length;
+        wire += n > 0 ? n : raw.length;
+      }
+    }
+  } finally {
+    await v.close();
+  }
+  const compressSeconds = Number(compressNs) / 1e9;
+  const decompressSeconds = Number(decompressNs) / 1e9;
+  const cpus = os.cpus().length;
+  // Meeting wire/allocated <= 0.4 needs at least this share of the data compressed (the rest may travel raw).
+  const wireRatio = wire / bytes;
+  const mustCompress = Math.min(1, (1 - 0.4) / (1 - wireRatio));
+  const ceilingMBps = bytes / 1e6 / ((mustCompress * (compressSeconds + decompressSeconds)) / cpus);
+  return { bytes, compressSeconds, decompressSeconds, sha256Seconds: Number(shaNs) / 1e9, wireRatio, mustCompress, cpus, ceilingMBps };
 }
 
 /**
@@ -108,6 +165,7 @@ async function main(): Promise<void> {
     const cpAlloc = statSync(cpTarget).blocks * 512;
     await fsp.rm(cpTarget);
     execFileSync('sync');
+    const floor = await codecFloor(source);
 
     const port = await freePort();
     const extra = process.env.TM_BENCH_PRIMARY_EXTRA ? (JSON.parse(process.env.TM_BENCH_PRIMARY_EXTRA) as Record<string, unknown>) : undefined;
@@ -171,6 +229,13 @@ async function main(): Promise<void> {
         targetAllocatedBytes: cpAlloc,
       },
       map,
+      codecFloor: {
+        ...floor,
+        note: 'one CPU, one 1 MiB piece at a time, data already in memory: lz4 compress + CRC-32C, lz4 decompress + CRC-32C, SHA-256 per 64 KiB; ceilingMBps = bytes / (mustCompress * (compress + decompress) / cpus): the most any pipeline that meets wire <= 0.4 can reach here, before reading, writing, hashing and sending',
+        neededForTargetMBps: (0.8 * srcAlloc) / 1e6 / cpSeconds,
+        // The mirror must also read and write every byte, which is all cp does (single-threaded, page cache to page cache).
+        ceilingWithCopyMBps: floor.bytes / 1e6 / ((floor.mustCompress * (floor.compressSeconds + floor.decompressSeconds) + cpSeconds) / floor.cpus),
+      },
       ratios: {
         throughputVsCp: cpSeconds / syncSeconds,
         throughputVsCpWithFsync: cpSyncSeconds / syncSeconds,
@@ -189,6 +254,14 @@ async function main(): Promise<void> {
     console.log(`  peak RSS              primary ${formatBytes(rssPrimary)}, secondary ${formatBytes(rssSecondary)} (target <= 200 MiB each)`);
     console.log(`  CPU                   primary ${cpuPrimary.toFixed(2)} s, secondary ${cpuSecondary.toFixed(2)} s (user+system, 2 cores shared by both)`);
     console.log(`  target allocated      ${formatBytes(tgtAlloc)} (cp: ${formatBytes(cpAlloc)})`);
+    console.log(
+      `  codec alone, 1 CPU    lz4+CRC-32C compress ${floor.compressSeconds.toFixed(2)} s, decompress ${floor.decompressSeconds.toFixed(2)} s, SHA-256 digests ${floor.sha256Seconds.toFixed(2)} s` +
+        ` for ${formatBytes(floor.bytes)} (lz4 ratio ${floor.wireRatio.toFixed(3)})`,
+    );
+    console.log(
+      `  ceiling on ${floor.cpus} CPUs     ${mb(floor.ceilingMBps)} compressing ${(100 * floor.mustCompress).toFixed(0)}% (the least for wire <= 0.4) and nothing else; ` +
+        `${mb(result.codecFloor.ceilingWithCopyMBps)} adding cp's own read+write time; 0.8 x cp needs ${mb(result.codecFloor.neededForTargetMBps)}`,
+    );
     console.log(`results: ${out}`);
     if (!identical) process.exitCode = 1;
   } finally {
