@@ -186,16 +186,22 @@ static void lz4_complete(napi_env env, napi_status status, void *data) {
   free(w);
 }
 
-napi_value Lz4CompressCrc(napi_env env, napi_callback_info info) {
+/* (src: Uint8Array, dst: Uint8Array) arguments; throws a TypeError naming `usage` and returns 0 when they are not. */
+static int src_dst(napi_env env, napi_callback_info info, const char *usage, napi_value argv[2], uint8_t **src, size_t *slen, uint8_t **dst, size_t *dlen) {
   size_t argc = 2;
-  napi_value argv[2];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2 || !u8_array(env, argv[0], src, slen) || !u8_array(env, argv[1], dst, dlen)) {
+    napi_throw_type_error(env, NULL, usage);
+    return 0;
+  }
+  return 1;
+}
+
+napi_value Lz4CompressCrc(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
   uint8_t *src, *dst;
   size_t slen, dlen;
-  if (argc < 2 || !u8_array(env, argv[0], &src, &slen) || !u8_array(env, argv[1], &dst, &dlen)) {
-    napi_throw_type_error(env, NULL, "lz4CompressCrc(src: Uint8Array, dst: Uint8Array)");
-    return NULL;
-  }
+  if (!src_dst(env, info, "lz4CompressCrc(src: Uint8Array, dst: Uint8Array)", argv, &src, &slen, &dst, &dlen)) return NULL;
   if ((src < dst + dlen && dst < src + slen) && slen && dlen) {
     napi_throw_range_error(env, NULL, "lz4CompressCrc: src and dst overlap");
     return NULL;
@@ -220,15 +226,10 @@ napi_value Lz4CompressCrc(napi_env env, napi_callback_info info) {
 }
 
 napi_value Lz4DecompressInto(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   uint8_t *src, *dst;
   size_t slen, dlen;
-  if (argc < 2 || !u8_array(env, argv[0], &src, &slen) || !u8_array(env, argv[1], &dst, &dlen)) {
-    napi_throw_type_error(env, NULL, "lz4DecompressInto(src: Uint8Array, dst: Uint8Array)");
-    return NULL;
-  }
+  if (!src_dst(env, info, "lz4DecompressInto(src: Uint8Array, dst: Uint8Array)", argv, &src, &slen, &dst, &dlen)) return NULL;
   napi_value r;
   if (slen == 0 || slen > (size_t)LZ4_MAX_INPUT_SIZE) {
     napi_create_int32(env, -1, &r);
