@@ -21,7 +21,7 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
-import { freePort, sha256File, writeMirrorConfigs } from '../src/cli/demo.js';
+import { freePort, sha256File, startPair, writeMirrorConfigs } from '../src/cli/demo.js';
 import type { DaemonStatus } from '../src/daemon/control.js';
 import { createSampleVolume } from '../src/util/sample.js';
 import { formatBytes, parseRate } from '../src/util/units.js';
@@ -67,12 +67,7 @@ async function run(
   });
   const daemons: DaemonProcess[] = [];
   try {
-    const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(work, 'secondary.log'));
-    daemons.push(secondary);
-    await secondary.waitReady();
-    const t0 = performance.now();
-    const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(work, 'primary.log'));
-    daemons.push(primary);
+    const { primary, t0 } = await startPair(cfg, work, daemons);
     const samples: Sample[] = [];
     let lastPrint = 0;
     const done = (s: DaemonStatus) => s.mirrors.length === volumes.length && s.mirrors.every((m) => m.committedGeneration >= 1 && m.state === 'in-sync');

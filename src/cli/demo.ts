@@ -53,6 +53,22 @@ export function writePairConfigs(o: PairOptions): Promise<PairConfigs> {
 export type PairConfigs = { primary: string; secondary: string; primaryState: string; secondaryState: string };
 
 /**
+ * Start the secondary of `cfg`, wait until it is ready, then start the
+ * primary; each is pushed to `daemons` as soon as it exists, so the caller's
+ * cleanup stops whatever started. Logs go to `logDir`/{secondary,primary}.log.
+ * `t0` is `performance.now()` just before the primary starts.
+ */
+export async function startPair(cfg: PairConfigs, logDir: string, daemons: DaemonProcess[]): Promise<{ secondary: DaemonProcess; primary: DaemonProcess; t0: number }> {
+  const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(logDir, 'secondary.log'));
+  daemons.push(secondary);
+  await secondary.waitReady();
+  const t0 = performance.now();
+  const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(logDir, 'primary.log'));
+  daemons.push(primary);
+  return { secondary, primary, t0 };
+}
+
+/**
  * Write a pre-shared key and the two daemons' configs for several mirrors
  * between the same two daemons on loopback; `primaryTop` adds top-level keys
  * to the primary's config (e.g. `peers:`).
@@ -124,12 +140,7 @@ export async function runDemo(o: { size?: number; keep: boolean }): Promise<numb
     say(`source volume: ${formatBytes(size)}, ${formatBytes(srcStat.blocks * 512)} allocated in 40 extents of text-like data`);
     const port = await freePort();
     const cfg = await writePairConfigs({ dir, mirror: 'demo', source, target, port, interval: '1s' });
-    const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
-    daemons.push(secondary);
-    await secondary.waitReady();
-    const t0 = Date.now();
-    const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(dir, 'primary.log'));
-    daemons.push(primary);
+    const { primary, t0 } = await startPair(cfg, dir, daemons);
     await primary.waitReady();
     say(`secondary (site-b) listening on 127.0.0.1:${port}, primary (site-a) started; logs in ${dir}`);
 
@@ -141,7 +152,7 @@ export async function runDemo(o: { size?: number; keep: boolean }): Promise<numb
         const now = Date.now();
         if (m.progress && (tty || now - lastPrint > 1000)) {
           lastPrint = now;
-          const mbps = m.sentBytes / 1e6 / Math.max(0.001, (now - t0) / 1000);
+          const mbps = m.sentBytes / 1e6 / Math.max(0.001, (performance.now() - t0) / 1000);
           const line = `initial sync ${bar(m.progress.doneBytes, m.progress.totalBytes)}  ${formatBytes(m.sentBytes)} payload, ${formatBytes(m.wireBytes)} on the wire, ${mbps.toFixed(0)} MB/s`;
           if (tty) process.stdout.write(`\r${line}`);
           else say(line);
@@ -152,7 +163,7 @@ export async function runDemo(o: { size?: number; keep: boolean }): Promise<numb
       'the initial sync',
       100,
     );
-    const syncSeconds = (Date.now() - t0) / 1000;
+    const syncSeconds = (performance.now() - t0) / 1000;
     const m1 = first.mirrors[0]!;
     if (tty) process.stdout.write(`\r${' '.repeat(110)}\r`);
     say(`initial sync done: generation 1 committed ${syncSeconds.toFixed(2)} s after the primary started`);

@@ -3,7 +3,7 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../../src/cli/daemon-process.js';
-import { freePort, sha256File, writeMirrorConfigs } from '../../src/cli/demo.js';
+import { freePort, sha256File, startPair, writeMirrorConfigs } from '../../src/cli/demo.js';
 import { createSampleVolume } from '../../src/util/sample.js';
 
 const MiB = 1024 * 1024;
@@ -46,13 +46,7 @@ describe('bandwidth caps (two daemons as child processes, random data so the wir
       ...(o.peerCap ? { primaryTop: { peers: [{ url: `ws://127.0.0.1:${port}`, bandwidth: o.peerCap }] } } : {}),
       ...(o.mirrorCap ? { extraPrimary: { bandwidth: o.mirrorCap } } : {}),
     });
-    const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
-    daemons.push(secondary);
-    await secondary.waitReady();
-    const t0 = performance.now();
-    const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(dir, 'primary.log'));
-    daemons.push(primary);
-    return { primary, t0 };
+    return startPair(cfg, dir, daemons);
   }
 
   /** Poll until every mirror is in sync, checking the cap at every sample; returns the samples. */
