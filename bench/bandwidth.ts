@@ -21,10 +21,10 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
-import { freePort, sha256File, startPair, writeMirrorConfigs } from '../src/cli/demo.js';
 import type { DaemonStatus } from '../src/daemon/control.js';
 import { createSampleVolume } from '../src/util/sample.js';
 import { formatBytes, parseRate } from '../src/util/units.js';
+import { freePort, sha256File, startPair, writeMirrorConfigs } from '../test/helpers/pair-config.js';
 import { writeResult } from './results.js';
 
 const MiB = 1024 * 1024;

@@ -17,12 +17,12 @@ import { promises as fsp, writeFileSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
-import { freePort, writePairConfigs } from '../src/cli/demo.js';
 import type { CycleReport } from '../src/mirror/status.js';
 import { createSampleVolume, prng } from '../src/util/sample.js';
 import { formatBytes } from '../src/util/units.js';
 import { SparseFileVolume } from '../src/volume/sparse-file.js';
 import { mergeRanges, type ByteRange } from '../src/volume/volume.js';
+import { freePort, writePairConfigs } from '../test/helpers/pair-config.js';
 import { LoopFs } from '../test/helpers/xfs.js';
 import { writeResult } from './results.js';
 

@@ -1,7 +1,7 @@
 // Probe (not part of npm run bench): how fast the primary's prepare pipeline runs alone on a file.
 import { SparseFileVolume } from '../src/volume/sparse-file.js';
-import { compressPayload } from '../src/wire/codec.js';
-import { chunkDigest } from '../src/track/scan.js';
+import { compressPayload } from '../src/wire/payload.js';
+import { chunkDigest } from '../src/volume/digest.js';
 import { createSampleVolume } from '../src/util/sample.js';
 const f = '/tmp/probe.img';
 await createSampleVolume(f, { size: 2 * 1024 ** 3, allocated: 512 * 1024 ** 2, extents: 512, seed: 42 });

@@ -16,13 +16,13 @@ import { promises as fsp, readFileSync, statSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
-import { freePort, sha256File, startPair, writePairConfigs } from '../src/cli/demo.js';
 import { createSampleVolume, prng } from '../src/util/sample.js';
 import { describeMap } from '../src/volume/map.js';
 import { SparseFileVolume } from '../src/volume/sparse-file.js';
-import { chunkDigest, DIGEST_BYTES } from '../src/track/scan.js';
-import { compressPayload, decompressPayload } from '../src/wire/codec.js';
+import { chunkDigest, DIGEST_BYTES } from '../src/volume/digest.js';
+import { compressPayload, decompressPayload } from '../src/wire/payload.js';
 import { formatBytes } from '../src/util/units.js';
+import { freePort, sha256File, startPair, writePairConfigs } from '../test/helpers/pair-config.js';
 import { writeResult } from './results.js';
 
 const GiB = 1024 ** 3;

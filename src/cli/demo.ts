@@ -1,115 +1,14 @@
-import { createHash } from 'node:crypto';
-import { createReadStream, promises as fsp } from 'node:fs';
-import * as net from 'node:net';
+import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { stringify } from 'yaml';
 import { ErrorCodes, TmError } from '../errors.js';
 import type { MirrorStatus } from '../mirror/status.js';
 import { createSampleVolume, prng, textLike } from '../util/sample.js';
+import { sha256File } from '../util/sha256.js';
 import { formatBytes } from '../util/units.js';
 import { SparseFileVolume } from '../volume/sparse-file.js';
-import { DaemonProcess } from './daemon-process.js';
-
-/** sha256 of a whole file, streamed. */
-export async function sha256File(file: string): Promise<string> {
-  const h = createHash('sha256');
-  for await (const chunk of createReadStream(file, { highWaterMark: 4 << 20 })) h.update(chunk as Buffer);
-  return h.digest('hex');
-}
-
-/** A TCP port free on 127.0.0.1 right now. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address() as net.AddressInfo;
-      s.close(() => resolve(a.port));
-    });
-  });
-}
-
-export interface PairOptions {
-  dir: string;
-  mirror: string;
-  source: string;
-  target: string;
-  port: number;
-  /** Port the primary connects to (default `port`; a test proxy sits between). */
-  peerPort?: number;
-  chunkSize?: string;
-  interval?: string;
-  extraPrimary?: Record<string, unknown>;
-  extraSecondary?: Record<string, unknown>;
-  psk?: string;
-}
-
-/** Write a pre-shared key and the two daemons' configs for one mirror on loopback. */
-export function writePairConfigs(o: PairOptions): Promise<PairConfigs> {
-  return writeMirrorConfigs({ ...o, mirrors: [{ name: o.mirror, source: o.source, target: o.target }] });
-}
-
-export type PairConfigs = { primary: string; secondary: string; primaryState: string; secondaryState: string };
-
-/**
- * Start the secondary of `cfg`, wait until it is ready, then start the
- * primary; each is pushed to `daemons` as soon as it exists, so the caller's
- * cleanup stops whatever started. Logs go to `logDir`/{secondary,primary}.log.
- * `t0` is `performance.now()` just before the primary starts.
- */
-export async function startPair(cfg: PairConfigs, logDir: string, daemons: DaemonProcess[]): Promise<{ secondary: DaemonProcess; primary: DaemonProcess; t0: number }> {
-  const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(logDir, 'secondary.log'));
-  daemons.push(secondary);
-  await secondary.waitReady();
-  const t0 = performance.now();
-  const primary = new DaemonProcess(cfg.primary, cfg.primaryState, path.join(logDir, 'primary.log'));
-  daemons.push(primary);
-  return { secondary, primary, t0 };
-}
-
-/**
- * Write a pre-shared key and the two daemons' configs for several mirrors
- * between the same two daemons on loopback; `primaryTop` adds top-level keys
- * to the primary's config (e.g. `peers:`).
- */
-export async function writeMirrorConfigs(
-  o: Omit<PairOptions, 'mirror' | 'source' | 'target'> & { mirrors: { name: string; source: string; target: string }[]; primaryTop?: Record<string, unknown> },
-): Promise<PairConfigs> {
-  const psk = path.join(o.dir, 'psk');
-  await fsp.writeFile(psk, o.psk ?? 'demo-pre-shared-key-0123456789abcdef\n', { mode: 0o600 });
-  const primaryState = path.join(o.dir, 'state-a');
-  const secondaryState = path.join(o.dir, 'state-b');
-  const primary = path.join(o.dir, 'primary.yaml');
-  const secondary = path.join(o.dir, 'secondary.yaml');
-  await fsp.writeFile(
-    secondary,
-    stringify({
-      node: { name: 'site-b', stateDir: secondaryState },
-      listen: { host: '127.0.0.1', port: o.port },
-      auth: { pskFile: psk },
-      mirrors: o.mirrors.map((m) => ({ name: m.name, role: 'secondary', volume: m.target, ...o.extraSecondary })),
-    }),
-  );
-  await fsp.writeFile(
-    primary,
-    stringify({
-      node: { name: 'site-a', stateDir: primaryState },
-      auth: { pskFile: psk },
-      ...o.primaryTop,
-      mirrors: o.mirrors.map((m) => ({
-        name: m.name,
-        role: 'primary',
-        volume: m.source,
-        peer: `ws://127.0.0.1:${o.peerPort ?? o.port}`,
-        chunkSize: o.chunkSize ?? '64KiB',
-        tracking: { mode: 'scan', interval: o.interval ?? '1s' },
-        ...o.extraPrimary,
-      })),
-    }),
-  );
-  return { primary, secondary, primaryState, secondaryState };
-}
+import type { DaemonProcess } from './daemon-process.js';
+import { freePort, loopbackPair, startPair, writeLoopbackPair } from './loopback-pair.js';
 
 function bar(done: number, total: number, width = 30): string {
   const f = total > 0 ? Math.min(1, done / total) : 1;
@@ -139,7 +38,7 @@ export async function runDemo(o: { size?: number; keep: boolean }): Promise<numb
     const srcStat = await fsp.stat(source);
     say(`source volume: ${formatBytes(size)}, ${formatBytes(srcStat.blocks * 512)} allocated in 40 extents of text-like data`);
     const port = await freePort();
-    const cfg = await writePairConfigs({ dir, mirror: 'demo', source, target, port, interval: '1s' });
+    const cfg = await writeLoopbackPair(loopbackPair({ dir, port, mirrors: [{ name: 'demo', source, target }], interval: '1s' }));
     const { primary, t0 } = await startPair(cfg, dir, daemons);
     await primary.waitReady();
     say(`secondary (site-b) listening on 127.0.0.1:${port}, primary (site-a) started; logs in ${dir}`);

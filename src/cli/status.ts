@@ -40,6 +40,15 @@ export function progressCell(m: Pick<MirrorStatusEntry, 'progress' | 'rateBytesP
   return parts.join('  ');
 }
 
+/**
+ * PAYLOAD: data payload bytes a primary sent (before compression) or a
+ * secondary wrote to its target (after decompression). A secondary of a daemon
+ * older than appliedBytes reported what it applied in sentBytes.
+ */
+export function payloadCell(m: Pick<MirrorStatusEntry, 'role' | 'sentBytes' | 'appliedBytes'>): string {
+  return formatBytes(m.role === 'secondary' ? ((m.appliedBytes as number | undefined) ?? m.sentBytes) : m.sentBytes);
+}
+
 export function lagCell(m: Pick<MirrorStatusEntry, 'lagSeconds'>): string {
   if (m.lagSeconds === null) return '-';
   return m.lagSeconds < 100 ? `${m.lagSeconds.toFixed(1)}s` : formatEta(m.lagSeconds);
@@ -47,12 +56,13 @@ export function lagCell(m: Pick<MirrorStatusEntry, 'lagSeconds'>): string {
 
 /**
  * The readable form of `status`: one row per mirror, errors below the table.
+ * PAYLOAD is what a primary sent or a secondary applied (see payloadCell).
  * PROGRESS (last column) is filled while a generation is in flight (the
  * initial sync or a cycle); LAG is the age of the oldest change not yet
  * committed on the secondary.
  */
 export function formatStatus(st: DaemonStatus): string {
-  const head = ['MIRROR', 'ROLE', 'STATE', 'GEN', 'COMMITTED', 'VOLUME', 'ALLOCATED', 'SENT', 'WIRE', 'DIRTY', 'LAG', 'PROGRESS'];
+  const head = ['MIRROR', 'ROLE', 'STATE', 'GEN', 'COMMITTED', 'VOLUME', 'ALLOCATED', 'PAYLOAD', 'WIRE', 'DIRTY', 'LAG', 'PROGRESS'];
   const rows = st.mirrors.map((m) => [
     m.name,
     m.role,
@@ -61,7 +71,7 @@ export function formatStatus(st: DaemonStatus): string {
     String(m.committedGeneration),
     formatBytes(m.volumeBytes),
     formatBytes(m.allocatedBytes),
-    formatBytes(m.sentBytes),
+    payloadCell(m),
     formatBytes(m.wireBytes),
     formatBytes(m.dirtyBytes),
     lagCell(m),

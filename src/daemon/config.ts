@@ -1,13 +1,11 @@
 import { promises as fsp, type Stats } from 'node:fs';
 import { isIP } from 'node:net';
 import * as path from 'node:path';
-import { createSecureContext } from 'node:tls';
-import { X509Certificate } from 'node:crypto';
 import { isNode, LineCounter, parseDocument, type Document } from 'yaml';
-import type { Logger } from 'pino';
 import { z } from 'zod';
 import { ErrorCodes, TmError } from '../errors.js';
 import { isValidChunkSize, parseDuration, parseRate, parseSize } from '../util/units.js';
+import type { TlsFiles } from '../wire/tls.js';
 
 /** Every default of the config in one place. Sizes in bytes, durations in seconds. */
 export const DEFAULTS = {
@@ -23,46 +21,13 @@ export const DEFAULTS = {
   trackingInterval: 30,
 } as const;
 
-export interface MirrorConfig {
-  name: string;
-  role: 'primary' | 'secondary';
-  /** Absolute path of the volume (source on a primary, target on a secondary). */
-  volume: string;
-  /** ws:// or wss:// URL of the secondary (primary only). */
-  peer?: string;
-  /** A primary with a wss:// peer: the mirror's own `tls:` files, else the node's. */
-  tls?: TlsFiles;
-  /** Plain ws:// accepted off loopback: to the peer (primary), on the listener (secondary). */
-  insecure: boolean;
-  chunkSize: number;
-  maxInFlight: number;
-  maxExtent: number;
-  checkpointBytes: number;
-  checkpointInterval: number;
-  reconnectMin: number;
-  reconnectMax: number;
-  tracking: { mode: TrackingMode; interval: number };
-  /** LVM thin pool of the volume (`tracking.mode: lvm-thin`): volume group and pool name. */
-  lvm?: { vg: string; pool: string };
-  /** Cap of this mirror's sends in bytes per second (primary only); absent: unlimited. */
-  bandwidth?: number;
-  /** Cap shared by every mirror to the same peer (from `peers:`), bytes per second; absent: unlimited. */
-  peerBandwidth?: number;
-}
+export type { MirrorConfig } from '../mirror/settings.js';
+import type { MirrorConfig } from '../mirror/settings.js';
 
 /** The key mirrors to one peer share a bandwidth bucket under: the URL's host:port. */
 export function peerKey(url: string): string {
   const u = new URL(url);
   return `${u.hostname}:${u.port || (u.protocol === 'wss:' ? '443' : '80')}`;
-}
-
-/** A TLS identity: CA certificate(s) that verify the peer, our certificate and its private key (absolute paths). */
-export interface TlsFiles {
-  ca: string;
-  cert: string;
-  key: string;
-  /** Where they are configured: the node's `tls:` or the mirror's own. */
-  origin: 'node' | 'mirror';
 }
 
 /** 127.0.0.0/8, ::1 (or ::ffff:127.x.y.z) and localhost: traffic that never leaves the host. */
@@ -74,9 +39,8 @@ export function isLoopbackHost(host: string): boolean {
   return false;
 }
 
-export const TRACKING_MODES = ['auto', 'scan', 'reflink', 'lvm-thin'] as const;
-/** `auto`: reflink where the volume's filesystem has it, scan elsewhere. */
-export type TrackingMode = (typeof TRACKING_MODES)[number];
+export { TRACKING_MODES, type TrackingMode } from '../track/source.js';
+import { TRACKING_MODES, type TrackingMode } from '../track/source.js';
 
 export interface DaemonConfig {
   node: { name: string; stateDir: string; logLevel: string };
@@ -345,57 +309,4 @@ export async function readPsk(file: string): Promise<Buffer> {
 /** A warning when the key file can be read by group or others, else null. */
 export function pskFileWarning(file: string, st: Stats): string | null {
   return (st.mode & 0o077) !== 0 ? `pre-shared key file ${file} is readable by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it` : null;
-}
-
-/** The PEM contents of a TLS identity, read by {@link readTlsFiles}. */
-export interface TlsMaterial {
-  ca: Buffer;
-  cert: Buffer;
-  key: Buffer;
-  /** Expiry of our certificate (validTo), for a warning when it is past. */
-  notAfter: Date;
-}
-
-/**
- * Read the CA, certificate and key of a TLS identity and check that they
- * parse and that the key belongs to the certificate. Failures are
- * TmError(TM_ERR_CONFIG) naming the config key (`what`, e.g. "tls" or
- * `mirror db1: tls`) and the file. An expired certificate is not refused
- * here: the peer refuses it (and says so); with `expiry` it is logged as a
- * warning naming who will refuse it.
- */
-export async function readTlsFiles(files: Omit<TlsFiles, 'origin'>, what: string, expiry?: { log: Logger; refusedBy: string }): Promise<TlsMaterial> {
-  const read = async (k: 'ca' | 'cert' | 'key'): Promise<Buffer> => {
-    try {
-      return await fsp.readFile(files[k]);
-    } catch (e) {
-      throw new TmError(ErrorCodes.CONFIG, `cannot read ${what}.${k} ${files[k]}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
-    }
-  };
-  const [ca, cert, key] = [await read('ca'), await read('cert'), await read('key')];
-  let notAfter: Date;
-  try {
-    notAfter = new Date(new X509Certificate(cert).validTo);
-  } catch (e) {
-    throw new TmError(ErrorCodes.CONFIG, `${what}.cert ${files.cert} is not a PEM certificate: ${(e as Error).message}`, { cause: e });
-  }
-  const caCerts = ca.toString('latin1').match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
-  if (caCerts.length === 0) throw new TmError(ErrorCodes.CONFIG, `${what}.ca ${files.ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`);
-  for (const pem of caCerts) {
-    try {
-      new X509Certificate(pem);
-    } catch (e) {
-      throw new TmError(ErrorCodes.CONFIG, `${what}.ca ${files.ca} holds a certificate that does not parse: ${(e as Error).message}`, { cause: e });
-    }
-  }
-  try {
-    createSecureContext({ ca, cert, key });
-  } catch (e) {
-    const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
-    throw new TmError(ErrorCodes.CONFIG, `${what}: cannot use ca ${files.ca}, cert ${files.cert} and key ${files.key} together (${reason}: ${(e as Error).message})`, { cause: e });
-  }
-  if (expiry && notAfter.getTime() < Date.now()) {
-    expiry.log.warn({ code: ErrorCodes.TLS, cert: files.cert, notAfter: notAfter.toISOString() }, `${what}.cert ${files.cert} expired on ${notAfter.toISOString()}: ${expiry.refusedBy} will refuse it`);
-  }
-  return { ca, cert, key, notAfter };
 }

@@ -1,22 +1,14 @@
-import * as http from 'node:http';
-import * as https from 'node:https';
-import type { Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
-import type { TLSSocket } from 'node:tls';
+import type * as http from 'node:http';
 import { promises as fsp } from 'node:fs';
 import { createRequire } from 'node:module';
 import { pino, type Logger } from 'pino';
-import { WebSocketServer, type WebSocket } from 'ws';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
-import { PrimaryMirror } from '../mirror/primary.js';
-import { SecondaryMirror } from '../mirror/secondary.js';
-import { blankStatus, type MirrorStatus } from '../mirror/status.js';
-import { refuse, secondaryHandshake } from '../wire/handshake.js';
-import { MAX_EXTENT_BYTES } from '../wire/messages.js';
-import { Session } from '../wire/session.js';
-import { clientCertRefusal, REFUSAL_HEADER, tlsReason, writeRefusal } from '../wire/tls.js';
+import { Mirror, serveSession } from '../mirror/mirror.js';
+import type { MirrorStatus } from '../mirror/status.js';
+import { readTlsFiles } from '../wire/tls.js';
+import { listen, type Listener } from '../wire/transport.js';
 import { BandwidthRegistry, throttle } from '../wire/bandwidth.js';
-import { loadConfig, peerKey, readPsk, readTlsFiles, type DaemonConfig, type MirrorConfig } from './config.js';
+import { loadConfig, peerKey, readPsk, type DaemonConfig, type MirrorConfig } from './config.js';
 import { startControlServer, startMetricsServer, type DaemonStatus, type MirrorStatusEntry } from './control.js';
 import { acquireLock } from './lock.js';
 import { MirrorMetrics } from './metrics.js';
@@ -24,7 +16,7 @@ import { checkReloadable, diffMirrors, reportOf, type LastReload, type ReloadRep
 
 export const VERSION: string = (createRequire(import.meta.url)('../../package.json') as { version: string }).version;
 
-type Entry = { config: MirrorConfig; mirror: PrimaryMirror | SecondaryMirror | null; startError: TmError | null };
+type Entry = { config: MirrorConfig; mirror: Mirror };
 
 /**
  * One daemon per host: owns every mirror of the config (primary and secondary
@@ -33,8 +25,7 @@ type Entry = { config: MirrorConfig; mirror: PrimaryMirror | SecondaryMirror | n
 export class Daemon {
   /** A reload sets or deletes one mirror's entry at a time, and at its end replaces the map to follow the new config's order. */
   private entries = new Map<string, Entry>();
-  private wss: WebSocketServer | null = null;
-  private httpServer: http.Server | null = null;
+  private listener: Listener | null = null;
   private control: http.Server | null = null;
   private metricsServer: http.Server | null = null;
   private metricsAddr: { host: string; port: number } | null = null;
@@ -80,7 +71,7 @@ export class Daemon {
     });
     this.releaseLock = await acquireLock(c.node.stateDir);
     this.psk = await readPsk(c.auth.pskFile);
-    for (const m of c.mirrors) this.entries.set(m.name, { config: m, mirror: null, startError: null });
+    for (const m of c.mirrors) this.entries.set(m.name, this.newEntry(m));
     // Secondaries first, so that a daemon holding both can receive at once.
     for (const e of this.entries.values()) if (e.config.role === 'secondary') await this.startMirror(e);
     if (c.listen) await this.listen(c.listen.host, c.listen.port);
@@ -99,18 +90,18 @@ export class Daemon {
     this.log.info({ version: VERSION, mirrors: c.mirrors.length, listen: this.listenAddr, metrics: this.metricsAddr, config: c.sourcePath }, 'daemon started');
   }
 
+  private newEntry(m: MirrorConfig): Entry {
+    const log = this.log.child({ mirror: m.name });
+    return { config: m, mirror: new Mirror(m, { nodeName: this.config.node.name, stateDir: this.config.node.stateDir, psk: this.psk, log, ...this.throttleFor(m) }) };
+  }
+
+  /** Start a mirror; one that cannot start stays in the map (its status shows why; a reload tries again). */
   private async startMirror(e: Entry): Promise<void> {
-    const log = this.log.child({ mirror: e.config.name });
     try {
-      const m =
-        e.config.role === 'primary'
-          ? new PrimaryMirror(e.config, { nodeName: this.config.node.name, stateDir: this.config.node.stateDir, psk: this.psk, log, ...this.throttleFor(e.config) })
-          : new SecondaryMirror(e.config, this.config.node.stateDir, log);
-      await m.start();
-      e.mirror = m;
+      await e.mirror.start();
     } catch (err) {
-      e.startError = asTmError(err, ErrorCodes.INTERNAL, `mirror ${e.config.name}`);
-      log.error({ code: e.startError.code }, `mirror cannot start: ${e.startError.message}`);
+      const te = asTmError(err, ErrorCodes.INTERNAL, `mirror ${e.config.name}`);
+      this.log.child({ mirror: e.config.name }).error({ code: te.code }, `mirror cannot start: ${te.message}`);
     }
   }
 
@@ -129,93 +120,19 @@ export class Daemon {
   }
 
   /**
-   * The listener of primaries: HTTPS with mutual TLS when the config has
-   * `tls:` (our certificate; primaries' client certificates verified against
-   * `tls.ca`), plain HTTP otherwise. A client whose certificate did not verify
-   * gets a 403 carrying TM_ERR_TLS and is logged; it never reaches the
-   * WebSocket (see src/wire/tls.ts for why this is not `rejectUnauthorized`).
+   * The listener of primaries (src/wire/transport.ts): HTTPS with mutual TLS
+   * when the config has `tls:`, plain HTTP otherwise; every session it
+   * accepts is served (handshake, then the mirror it names).
    */
   private async listen(host: string, port: number): Promise<void> {
     const files = this.config.tls;
     const tls = files ? await readTlsFiles(files, 'tls', { log: this.log, refusedBy: 'primaries' }) : null;
-    /** Why this request's client is refused (and logged), or null. */
-    const refusal = (req: http.IncomingMessage): string | null => {
-      if (!tls) return null;
-      const why = clientCertRefusal(req.socket as TLSSocket);
-      if (why) {
-        const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
-        this.log.warn({ code: ErrorCodes.TLS, remote, reason: (req.socket as TLSSocket).authorizationError ?? null }, `TLS client ${remote} refused: ${why}`);
-      }
-      return why;
-    };
-    const onRequest = (req: http.IncomingMessage, res: http.ServerResponse) => {
-      const why = refusal(req);
-      if (why) {
-        res.writeHead(403, { 'content-type': 'text/plain', connection: 'close', [REFUSAL_HEADER]: ErrorCodes.TLS });
-        return void res.end(`${ErrorCodes.TLS}: ${why}\n`);
-      }
-      res.writeHead(426, { 'content-type': 'text/plain' });
-      res.end('thinmirror: WebSocket upgrade required\n');
-    };
-    const server: http.Server = tls
-      ? https.createServer({ key: tls.key, cert: tls.cert, ca: tls.ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' }, onRequest)
-      : http.createServer(onRequest);
-    if (tls) {
-      // A socket that failed its handshake no longer knows its peer's address: note
-      // it when the TCP connection arrives (the TLS socket wraps it as `_parent`).
-      const remotes = new WeakMap<object, string>();
-      server.on('connection', (tcp: Socket) => remotes.set(tcp, `${tcp.remoteAddress}:${tcp.remotePort}`));
-      // The client certificate is checked on every request: no renegotiation (TLS 1.2) may swap it meanwhile.
-      server.on('secureConnection', (socket: TLSSocket) => socket.disableRenegotiation());
-      server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
-        const tcp = (socket as unknown as { _parent?: object })._parent;
-        const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : ((tcp && remotes.get(tcp)) ?? 'an unknown address');
-        const hint =
-          err.code === 'ECONNRESET'
-            ? ' (the client closed the connection during the TLS handshake: it may have refused this listener\'s certificate, see its log)'
-            : err.code === 'ERR_SSL_HTTP_REQUEST'
-              ? ' (a plain ws:// client: its peer should be wss://)'
-              : '';
-        this.log.warn({ code: ErrorCodes.TLS, remote, reason: err.code ?? null }, `TLS handshake with ${remote} failed: ${tlsReason(err)}${hint}`);
-      });
-    }
-    this.wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_EXTENT_BYTES + 65536 });
-    server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
-      const why = refusal(req);
-      if (why) return writeRefusal(socket, ErrorCodes.TLS, why);
-      this.wss?.handleUpgrade(req, socket, head, (ws) => this.wss?.emit('connection', ws, req));
-    });
-    this.wss.on('connection', (ws: WebSocket, req: http.IncomingMessage) => {
-      const peer = `primary ${req.socket.remoteAddress}:${req.socket.remotePort}`;
-      this.onConnection(new Session(ws, peer)).catch(() => {});
-    });
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', (e) => reject(asTmError(e, ErrorCodes.CONNECTION, `listening on ${host}:${port}`)));
-      server.listen(port, host, () => resolve());
-    });
-    this.httpServer = server;
-    const a = server.address();
-    this.listenAddr = a && typeof a === 'object' ? { host: a.address, port: a.port, tls: !!tls } : { host, port, tls: !!tls };
+    this.listener = await listen({ host, port, tls, log: this.log, onSession: (session) => void serveSession(session, { node: this.config.node.name, psk: this.psk, log: this.log, mirror: (name) => this.entries.get(name)?.mirror }) });
+    this.listenAddr = this.listener.address;
   }
 
-  private async onConnection(session: Session): Promise<void> {
-    try {
-      const { hello, auth } = await secondaryHandshake(session, { node: this.config.node.name, psk: this.psk });
-      const e = this.entries.get(hello.mirror);
-      if (!e || e.config.role !== 'secondary') {
-        throw refuse(session, new TmError(ErrorCodes.UNKNOWN_MIRROR, `node ${this.config.node.name} holds no secondary mirror named "${hello.mirror}" (asked by ${hello.node})`));
-      }
-      if (!e.mirror) throw refuse(session, e.startError ?? new TmError(ErrorCodes.INTERNAL, `mirror ${hello.mirror} is not running`));
-      await (e.mirror as SecondaryMirror).accept(session, hello, auth);
-    } catch (err) {
-      const te = asTmError(err, ErrorCodes.PROTOCOL, session.peerName);
-      if (session.isOpen) session.fail(te);
-      this.log.warn({ code: te.code, peer: session.peerName }, `session refused: ${te.message}`);
-    }
-  }
-
-  private async rawStatus(e: Entry): Promise<MirrorStatus> {
-    return e.mirror ? e.mirror.status() : placeholderStatus(e);
+  private rawStatus(e: Entry): Promise<MirrorStatus> {
+    return e.mirror.status();
   }
 
   async status(): Promise<DaemonStatus> {
@@ -277,7 +194,7 @@ export class Daemon {
     const psk = await readPsk(next.auth.pskFile);
     const pskChanged = !psk.equals(this.psk);
     // A mirror that could not start (volume missing...) is tried again.
-    const failed = [...this.entries.values()].filter((e) => !e.mirror).map((e) => e.config.name);
+    const failed = [...this.entries.values()].filter((e) => !e.mirror.running).map((e) => e.config.name);
     const diff = diffMirrors(old.mirrors, next.mirrors, { restartAll: pskChanged, restart: failed });
     const report = reportOf(diff);
     this.log.info({ config: next.sourcePath, ...report, pskChanged }, 'applying the new config');
@@ -303,7 +220,7 @@ export class Daemon {
     for (const role of ['secondary', 'primary'] as const) {
       for (const m of starting) {
         if (m.role !== role || this.stopping) continue;
-        const e: Entry = { config: m, mirror: null, startError: null };
+        const e = this.newEntry(m);
         await this.startMirror(e);
         // (A stop() asked meanwhile waits for this reload, then stops it with the rest.)
         this.entries.set(m.name, e);
@@ -326,10 +243,8 @@ export class Daemon {
       // A reload running now starts nothing more once it sees `stopping`; wait for it.
       await this.reloading;
       this.metrics?.stop();
-      await Promise.all([...this.entries.values()].map((e) => e.mirror?.stop().catch((err) => this.log.error({ err }, 'stopping mirror failed'))));
-      for (const ws of this.wss?.clients ?? []) ws.terminate();
-      this.wss?.close();
-      await new Promise((r) => (this.httpServer ? this.httpServer.close(r) : r(undefined)));
+      await Promise.all([...this.entries.values()].map((e) => e.mirror.stop().catch((err) => this.log.error({ err }, 'stopping mirror failed'))));
+      await this.listener?.close();
       await new Promise((r) => (this.control ? this.control.close(r) : r(undefined)));
       this.metricsServer?.closeAllConnections();
       await new Promise((r) => (this.metricsServer ? this.metricsServer.close(r) : r(undefined)));
@@ -338,19 +253,4 @@ export class Daemon {
     })();
     return this.stopping;
   }
-}
-
-function placeholderStatus(e: Entry): MirrorStatus {
-  return {
-    ...blankStatus({
-      name: e.config.name,
-      role: e.config.role,
-      state: 'error',
-      volume: e.config.volume,
-      peer: e.config.peer ?? null,
-      trackingMode: e.config.role === 'primary' ? e.config.tracking.mode : null,
-      chunkSize: e.config.chunkSize,
-    }),
-    error: e.startError ? e.startError.toJSON() : null,
-  };
 }

@@ -1,7 +1,7 @@
 import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
 import type { MirrorStatus } from '../mirror/status.js';
 
-/** Anything that reports one mirror's status: a PrimaryMirror, a SecondaryMirror, a fake in tests. */
+/** Anything that reports one mirror's status: a Mirror, a fake in tests. */
 export interface StatusProvider {
   status(): MirrorStatus | Promise<MirrorStatus>;
 }
@@ -41,9 +41,9 @@ interface Seen {
  * observation reads every mirror's status() once and updates the metrics from
  * that one snapshot; the daemon observes every second (so that error
  * transitions and completed cycles between scrapes are seen) and once more at
- * each scrape. Lifetime counters of MirrorStatus (sentBytes, wireBytes) are
- * exposed as they are; cycles and errors are counted from changes between
- * observations (docs/metrics.md says what that can miss).
+ * each scrape. Lifetime counters of MirrorStatus (sentBytes, appliedBytes,
+ * wireBytes) are exposed as they are; cycles and errors are counted from
+ * changes between observations (docs/metrics.md says what that can miss).
  */
 export class MirrorMetrics {
   readonly registry = new Registry();
@@ -63,6 +63,7 @@ export class MirrorMetrics {
   private readonly progressTotal: Gauge;
   private readonly rate: Gauge;
   private readonly payload: Counter;
+  private readonly applied: Counter;
   private readonly wire: Counter;
   private readonly cycles: Counter;
   private readonly cycleSeconds: Counter;
@@ -96,7 +97,8 @@ export class MirrorMetrics {
     this.progressDone = gauge('thinmirror_mirror_progress_done_bytes', 'Bytes of the generation in flight sent and acknowledged (primary) or applied (secondary); absent when none is in flight.');
     this.progressTotal = gauge('thinmirror_mirror_progress_total_bytes', 'Bytes of the generation in flight; absent when none is in flight.');
     this.rate = gauge('thinmirror_mirror_progress_rate_bytes_per_second', `Progress of the generation in flight per second, averaged over the last ${RATE_WINDOW_SECONDS} s; absent when none is in flight or not yet measured.`);
-    this.payload = counter('thinmirror_mirror_payload_bytes_total', 'Data payload bytes before compression sent (primary) or applied (secondary) since the daemon started.');
+    this.payload = counter('thinmirror_mirror_payload_bytes_total', 'Data payload bytes before compression sent by a primary since the daemon started; 0 on a secondary.');
+    this.applied = counter('thinmirror_mirror_applied_bytes_total', 'Data payload bytes after decompression written to the target by a secondary since the daemon started; 0 on a primary.');
     this.wire = counter('thinmirror_mirror_wire_bytes_total', 'WebSocket frame bytes sent (primary) or received (secondary) since the daemon started.');
     this.cycles = counter('thinmirror_mirror_cycles_total', 'Completed cycles (committed generations with a cycle report) observed; cycles completing within one observation interval count once.');
     this.cycleSeconds = counter('thinmirror_mirror_cycle_duration_seconds_total', 'Sum of the durations of the cycles counted by thinmirror_mirror_cycles_total.');
@@ -188,6 +190,7 @@ export class MirrorMetrics {
     setOrRemove(this.progressDone, l, s.progress?.doneBytes ?? null);
     setOrRemove(this.progressTotal, l, s.progress?.totalBytes ?? null);
     this.total(seen, this.payload, l, 'payload', s.sentBytes);
+    this.total(seen, this.applied, l, 'applied', s.appliedBytes);
     this.total(seen, this.wire, l, 'wire', s.wireBytes);
 
     // Rate of the generation in flight over the last RATE_WINDOW_SECONDS.

@@ -1,56 +1,162 @@
-import * as path from 'node:path';
 import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { z } from 'zod';
 import { ErrorCodes, TmError } from '../errors.js';
 import { readJsonFile, removeStaleTemps, writeFileAtomic } from '../util/atomic.js';
 
-/** Bumped when the layout of state.json changes incompatibly. */
-export const STATE_FORMAT = 1;
+/**
+ * Layout of state.json. Format 1 (releases up to 0.1.0) had one shape per
+ * role and refused a role change; format 2 holds both roles' fields in one
+ * shape, so that a role change is a field change. A format-1 file is migrated
+ * when it is loaded (and written back in format 2).
+ */
+export const STATE_FORMAT = 2;
 
-export interface PrimaryState {
-  format: number;
-  role: 'primary';
+export type Role = 'primary' | 'secondary';
+
+export type { Applying } from './receiver.js';
+import type { Applying } from './receiver.js';
+
+/**
+ * One mirror's durable state (format 2). Every field exists whatever the
+ * role: the sending fields (generation, pending, cursor, reconcile,
+ * oldestUncommittedAt) are what a primary drives; the receiving fields
+ * (applying, committedAt) what a secondary drives; committedGeneration and the
+ * volume identity are shared.
+ */
+export interface MirrorState {
+  format: typeof STATE_FORMAT;
+  role: Role;
   /** Random id of the source volume, fixed for the mirror's life (hex). */
   volumeId: string;
   volumeSize: number;
   chunkSize: number;
-  /** Last generation created (its bitmap exists until committed). */
+  /** Node name of the peer of the last session (a secondary: the primary that sent), or null. */
+  peerNode: string | null;
+  /** Last generation created (sending) or begun (receiving). */
   generation: number;
-  /** Last generation the secondary acknowledged. */
+  /** Last generation committed on the secondary (acknowledged to the primary). */
   committedGeneration: number;
-  /** Generation whose bitmap is on disk and not yet acknowledged, or null. */
+  /** Sending: generation whose bitmap is on disk and not yet acknowledged, or null. */
   pending: number | null;
-  /** For `pending`: bytes below which the secondary reported it durable. */
+  /** Sending, for `pending`: bytes below which the secondary reported it durable. */
   cursor: number;
-  /**
-   * Why the next generation must come from comparing digests with the
-   * secondary (tracking state lost), or null/absent.
-   */
-  reconcile?: string | null;
-  /** Unix ms of the oldest change not yet committed on the secondary (lag), or null. */
+  /** Sending: why the next generation must come from comparing digests with the secondary (tracking state lost), or null. */
+  reconcile: string | null;
+  /** Sending: Unix ms of the oldest change not yet committed on the secondary (lag), or null. */
   oldestUncommittedAt: number | null;
-}
-
-export interface SecondaryState {
-  format: number;
-  role: 'secondary';
-  volumeId: string;
-  volumeSize: number;
-  chunkSize: number;
-  primaryNode: string;
-  committedGeneration: number;
-  /** A generation partly applied: chunks of it below `cursor` (bytes) are durable. */
-  applying: { generation: number; cursor: number } | null;
-  /** Unix ms when the last generation was committed. */
+  /** Receiving: a generation partly applied, or null (the target holds `committedGeneration`). */
+  applying: Applying | null;
+  /** Receiving: Unix ms when the last generation was committed, or null. */
   committedAt: number | null;
 }
 
-export type MirrorState = PrimaryState | SecondaryState;
+const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+const applying = z.strictObject({ generation: count, cursor: count }).nullable();
+const identity = {
+  volumeId: z.string().regex(/^[0-9a-f]{1,64}$/, 'expected a hex volume id'),
+  volumeSize: count,
+  chunkSize: count.refine((n) => n > 0 && (n & (n - 1)) === 0, 'expected a power of two'),
+};
+
+const format2 = z.strictObject({
+  format: z.literal(2),
+  role: z.enum(['primary', 'secondary']),
+  ...identity,
+  peerNode: z.string().nullable(),
+  generation: count,
+  committedGeneration: count,
+  pending: count.nullable(),
+  cursor: count,
+  reconcile: z.string().nullable(),
+  oldestUncommittedAt: count.nullable(),
+  applying,
+  committedAt: count.nullable(),
+});
+
+/** Format 1 as the 0.1.0 release wrote it, one shape per role. */
+const format1Primary = z.strictObject({
+  format: z.literal(1),
+  role: z.literal('primary'),
+  ...identity,
+  generation: count,
+  committedGeneration: count,
+  pending: count.nullable(),
+  cursor: count,
+  reconcile: z.string().nullable().optional(),
+  oldestUncommittedAt: count.nullable(),
+});
+const format1Secondary = z.strictObject({
+  format: z.literal(1),
+  role: z.literal('secondary'),
+  ...identity,
+  primaryNode: z.string(),
+  committedGeneration: count,
+  applying,
+  committedAt: count.nullable(),
+});
+
+/** A fresh state of `role` for a volume (nothing sent or applied yet). */
+export function newState(role: Role, id: { volumeId: string; volumeSize: number; chunkSize: number; peerNode?: string | null }): MirrorState {
+  return {
+    format: STATE_FORMAT,
+    role,
+    volumeId: id.volumeId,
+    volumeSize: id.volumeSize,
+    chunkSize: id.chunkSize,
+    peerNode: id.peerNode ?? null,
+    generation: 0,
+    committedGeneration: 0,
+    pending: null,
+    cursor: 0,
+    reconcile: null,
+    oldestUncommittedAt: null,
+    applying: null,
+    committedAt: null,
+  };
+}
+
+/**
+ * Parse the contents of a state file of format 1 or 2 into format 2.
+ * `migrated` says the input was format 1. Throws TM_ERR_STATE naming `file`
+ * and the field at fault.
+ */
+export function parseState(value: unknown, file: string): { state: MirrorState; migrated: boolean } {
+  const fmt = typeof value === 'object' && value !== null ? (value as { format?: unknown }).format : undefined;
+  const schema = fmt === 2 ? format2 : fmt === 1 ? z.discriminatedUnion('role', [format1Primary, format1Secondary]) : null;
+  if (!schema) throw new TmError(ErrorCodes.STATE, `${file}: unknown state format ${JSON.stringify(fmt)} (this release reads formats 1 and 2)`);
+  const r = schema.safeParse(value);
+  if (!r.success) {
+    const i = r.error.issues[0]!;
+    throw new TmError(ErrorCodes.STATE, `${file}: ${i.path.length ? i.path.join('.') : 'state'}: ${i.message}`);
+  }
+  const v = r.data;
+  if (v.format === 2) return { state: v, migrated: false };
+  const base = newState(v.role, v);
+  if (v.role === 'primary') {
+    return {
+      state: { ...base, generation: v.generation, committedGeneration: v.committedGeneration, pending: v.pending, cursor: v.cursor, reconcile: v.reconcile ?? null, oldestUncommittedAt: v.oldestUncommittedAt },
+      migrated: true,
+    };
+  }
+  return {
+    state: {
+      ...base,
+      peerNode: v.primaryNode,
+      generation: Math.max(v.committedGeneration, v.applying?.generation ?? 0),
+      committedGeneration: v.committedGeneration,
+      applying: v.applying,
+      committedAt: v.committedAt,
+    },
+    migrated: true,
+  };
+}
 
 /**
  * The mirror's `state.json` under `stateDir/<mirror>/`, always replaced
  * atomically, so a crash leaves the old or the new version and never a torn one.
  */
-export class StateFile<T extends MirrorState> {
+export class StateFile {
   readonly file: string;
   constructor(readonly dir: string) {
     this.file = path.join(dir, 'state.json');
@@ -61,19 +167,16 @@ export class StateFile<T extends MirrorState> {
     await removeStaleTemps(this.dir);
   }
 
-  async load(role: T['role']): Promise<T | undefined> {
-    const s = await readJsonFile<T>(this.file);
-    if (s === undefined) return undefined;
-    if (typeof s !== 'object' || s === null || s.format !== STATE_FORMAT) {
-      throw new TmError(ErrorCodes.STATE, `${this.file}: unknown state format ${JSON.stringify((s as { format?: unknown })?.format)}`);
-    }
-    if (s.role !== role) {
-      throw new TmError(ErrorCodes.STATE, `${this.file} belongs to a ${s.role} mirror, but the config says ${role}; promote/demote are not available yet`);
-    }
-    return s;
+  /** The state on disk (format 1 is migrated and written back as format 2), or undefined when there is none. */
+  async load(): Promise<{ state: MirrorState; migrated: boolean } | undefined> {
+    const raw = await readJsonFile<unknown>(this.file);
+    if (raw === undefined) return undefined;
+    const r = parseState(raw, this.file);
+    if (r.migrated) await this.save(r.state);
+    return r;
   }
 
-  async save(state: T): Promise<void> {
+  async save(state: MirrorState): Promise<void> {
     await writeFileAtomic(this.file, JSON.stringify(state, null, 2) + '\n');
   }
 }

@@ -2,7 +2,7 @@ import type { ErrorCode } from '../errors.js';
 
 export type PrimaryPhase = 'connecting' | 'reconciling' | 'initial-sync' | 'syncing' | 'in-sync' | 'error' | 'stopped';
 
-/** A comparison of digests with the secondary after tracking state was lost (the last one, kept). */
+/** A comparison of digests with the secondary after tracking state was lost (the last one, kept in status). */
 export interface ReconcileReport {
   reason: string;
   generation: number;
@@ -11,6 +11,13 @@ export interface ReconcileReport {
   /** Bytes of the chunks found different (sent as `generation`). */
   differingBytes: number;
   finished: boolean;
+}
+
+/** Progress of the generation being sent or applied, in bytes (of changed chunks when sending; of the volume when applying). */
+export interface Progress {
+  generation: number;
+  doneBytes: number;
+  totalBytes: number;
 }
 export type SecondaryPhase = 'waiting' | 'receiving' | 'idle' | 'error' | 'stopped';
 
@@ -34,8 +41,10 @@ export interface MirrorStatus {
   chunkSize: number;
   volumeBytes: number;
   allocatedBytes: number;
-  /** Data payload bytes before compression sent (primary) or applied (secondary). */
+  /** Primary: data payload bytes (before compression) sent over the mirror's life in this daemon; 0 on a secondary. */
   sentBytes: number;
+  /** Secondary: data payload bytes (after decompression) written to the target; 0 on a primary. */
+  appliedBytes: number;
   /** Frame bytes on the WebSocket, sent (primary) or received (secondary). */
   wireBytes: number;
   /** Bytes of chunks known to differ on the secondary (pending generation, not yet durable there). */
@@ -45,7 +54,7 @@ export interface MirrorStatus {
   /** Age of the oldest change not yet committed on the secondary (RPO now); 0 when in sync; null when unknown. */
   lagSeconds: number | null;
   /** Progress of the generation being sent or applied. */
-  progress: { generation: number; doneBytes: number; totalBytes: number } | null;
+  progress: Progress | null;
   lastCycle: CycleReport | null;
   /** Primary only: the last reconciliation by digests, null when there was none in this daemon's life. */
   reconcile?: ReconcileReport | null;
@@ -71,6 +80,7 @@ export function blankStatus(id: StatusIdentity): MirrorStatus {
     volumeBytes: 0,
     allocatedBytes: 0,
     sentBytes: 0,
+    appliedBytes: 0,
     wireBytes: 0,
     dirtyBytes: 0,
     generation: 0,

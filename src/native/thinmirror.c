@@ -5,7 +5,13 @@
  *   zeroRange(fd, offset, length)                fallocate ZERO_RANGE|KEEP_SIZE   (Promise, threadpool)
  *   blkGetSize64(fd)                             ioctl BLKGETSIZE64
  *   blkDiscard(fd, offset, length)               ioctl BLKDISCARD                 (Promise, threadpool)
- * The payload codec (CRC-32C, LZ4) is in payload.c.
+ *   ficlone(destFd, srcFd)                       ioctl FICLONE: destFd shares srcFd's extents (Promise, threadpool)
+ *   fiemap(fd, offset, length, sync)             ioctl FS_IOC_FIEMAP, FIEMAP_FLAG_SYNC if sync (Promise, threadpool):
+ *                                                Float64Array, 4 numbers per extent: logical, physical, length, flags
+ *   sdNotify(socketPath, message)                sd_notify(3): one datagram to the NOTIFY_SOCKET path ("@" = abstract);
+ *                                                false when socketPath is empty
+ * Also exported here, implemented in payload.c (the payload codec):
+ *   crc32c(buf), crc32cPortable(buf), lz4CompressCrc(src, dst), lz4DecompressInto(src, dst)
  * Errors are Node-style: message "<syscall> failed: <strerror>", code "E...", errno, syscall.
  * Offsets and lengths are JS numbers (exact up to 2^53 bytes).
  */

@@ -1,4 +1,3 @@
-import type { MirrorConfig } from '../daemon/config.js';
 import { ErrorCodes, TmError } from '../errors.js';
 import type { Volume } from '../volume/volume.js';
 import * as path from 'node:path';
@@ -7,14 +6,14 @@ import { SystemLvm } from './lvm.js';
 import { LvmThinSource } from './lvm-thin.js';
 import { ReflinkSource, reflinkUsable } from './reflink.js';
 import { ScanSource } from './scan.js';
-import type { ChangeSource } from './source.js';
+import type { ChangeSource, SourceConfig } from './source.js';
 
 /**
  * The change source a primary mirror's `tracking.mode` asks for. `auto` picks
  * reflink when the volume is a regular file and the state directory is on its
  * filesystem with FICLONE working, scan otherwise; `reason` says why.
  */
-export async function createSource(c: MirrorConfig, volume: Volume, stateDir: string): Promise<{ source: ChangeSource; reason?: string }> {
+export async function createSource(c: SourceConfig, volume: Volume, stateDir: string): Promise<{ source: ChangeSource; reason?: string }> {
   const mode = c.tracking.mode;
   if (mode === 'scan') return { source: new ScanSource(volume, c.chunkSize, stateDir) };
   if (mode === 'reflink' || mode === 'auto') {

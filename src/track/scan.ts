@@ -1,37 +1,15 @@
-import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { writeFileAtomic } from '../util/atomic.js';
+import { chunkDigest, DIGEST_BYTES, ZERO_DIGEST } from '../volume/digest.js';
 import type { Volume } from '../volume/volume.js';
-import { isAllZero } from '../volume/zero.js';
+import { walk } from '../volume/walk.js';
 import { RoaringBitmap32 } from './bitmap-store.js';
 import type { ChangeSource, DetectOptions, Detection } from './source.js';
 
-/** Bytes per chunk digest: SHA-256 truncated to 128 bits. */
-export const DIGEST_BYTES = 16;
-/** The digest of a chunk that reads as zeros (hole or zero data). */
-const ZERO_DIGEST = Buffer.alloc(DIGEST_BYTES, 0);
-/** The digest of a chunk whose state is unknown: never equal to a computed digest in practice. */
-const UNKNOWN_DIGEST = Buffer.alloc(DIGEST_BYTES, 0xff);
-
-/** How much the scan reads per request (bytes); a multiple of the chunk size. */
+/** How much the scan reads per request (bytes); rounded down to whole chunks by walk(). */
 const SCAN_READ_BYTES = 4 * 1024 * 1024;
-
-/**
- * Digest of a chunk's content, ZERO_DIGEST for all-zero bytes. `out` receives
- * DIGEST_BYTES at `at`.
- */
-export function chunkDigest(data: Buffer, out: Buffer, at: number): void {
-  if (isAllZero(data)) {
-    out.fill(0, at, at + DIGEST_BYTES);
-    return;
-  }
-  const d = createHash('sha256').update(data).digest();
-  d.copy(out, at, 0, DIGEST_BYTES);
-  // A computed digest of all zero bytes would read as "zeros": keep it distinct.
-  if (out.compare(ZERO_DIGEST, 0, DIGEST_BYTES, at, at + DIGEST_BYTES) === 0) out[at] = 1;
-}
 
 /**
  * `tracking.mode: scan`: each pass reads every allocated chunk, digests it and
@@ -103,32 +81,21 @@ export class ScanSource implements ChangeSource {
     const changed = new RoaringBitmap32();
     const fresh = Buffer.alloc(DIGEST_BYTES);
     let readBytes = 0;
-    const alloc = await this.volume.allocated(cs);
-    let next = 0; // first chunk not yet examined
-    const markZeroUpTo = (endChunk: number) => {
-      for (let c = next; c < endChunk; c++) {
-        if (this.digests.compare(ZERO_DIGEST, 0, DIGEST_BYTES, c * DIGEST_BYTES, (c + 1) * DIGEST_BYTES) !== 0) changed.add(c);
+    const differs = (digest: Buffer, c: number) => this.digests.compare(digest, 0, DIGEST_BYTES, c * DIGEST_BYTES, (c + 1) * DIGEST_BYTES) !== 0;
+    // Holes count as zeros without being read; walk() checks the signal before every read.
+    const items = walk(this.volume, { from: 0, to: this.volume.size, window: SCAN_READ_BYTES, chunkSize: cs, signal });
+    for await (const w of items) {
+      if (w.data === null) {
+        for (let c = w.offset / cs; c < Math.ceil((w.offset + w.length) / cs); c++) if (differs(ZERO_DIGEST, c)) changed.add(c);
+        continue;
       }
-    };
-    const step = Math.max(cs, Math.floor(SCAN_READ_BYTES / cs) * cs);
-    for (const r of alloc) {
-      signal?.throwIfAborted();
-      const firstChunk = r.offset / cs;
-      markZeroUpTo(firstChunk);
-      for (let off = r.offset; off < r.offset + r.length; off += step) {
-        signal?.throwIfAborted();
-        const len = Math.min(step, r.offset + r.length - off);
-        const buf = await this.volume.read(off, len);
-        readBytes += len;
-        for (let at = 0; at < len; at += cs) {
-          const c = (off + at) / cs;
-          chunkDigest(buf.subarray(at, Math.min(at + cs, len)), fresh, 0);
-          if (this.digests.compare(fresh, 0, DIGEST_BYTES, c * DIGEST_BYTES, (c + 1) * DIGEST_BYTES) !== 0) changed.add(c);
-        }
+      readBytes += w.length;
+      for (let at = 0; at < w.length; at += cs) {
+        const c = (w.offset + at) / cs;
+        chunkDigest(w.data.subarray(at, Math.min(at + cs, w.length)), fresh, 0);
+        if (differs(fresh, c)) changed.add(c);
       }
-      next = Math.ceil((r.offset + r.length) / cs);
     }
-    markZeroUpTo(this.chunkCount);
     return { bitmap: changed, readBytes };
   }
 
@@ -190,5 +157,3 @@ export class ScanSource implements ChangeSource {
     await this.persist();
   }
 }
-
-export { UNKNOWN_DIGEST, ZERO_DIGEST };

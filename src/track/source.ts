@@ -1,6 +1,21 @@
 import type { Volume } from '../volume/volume.js';
 import type { RoaringBitmap32 } from './bitmap-store.js';
 
+export const TRACKING_MODES = ['auto', 'scan', 'reflink', 'lvm-thin'] as const;
+/** `auto`: reflink where the volume's filesystem has it, scan elsewhere. */
+export type TrackingMode = (typeof TRACKING_MODES)[number];
+
+/** What a change source is built from: the parts of a mirror's config that concern tracking. */
+export interface SourceConfig {
+  /** The mirror's name, for messages. */
+  name: string;
+  /** Path of the source volume. */
+  volume: string;
+  chunkSize: number;
+  tracking: { mode: TrackingMode };
+  lvm?: { vg: string; pool: string };
+}
+
 /** What one detection pass found and cost. */
 export interface Detection {
   /** Chunk indices whose content or allocation changed since the previous generation's view. */

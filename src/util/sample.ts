@@ -1,6 +1,5 @@
 import { randomFillSync } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import type { ByteRange } from '../volume/volume.js';
 
 /** Deterministic PRNG (mulberry32), so sample volumes are reproducible from a seed. */
 export function prng(seed: number): () => number {
@@ -59,16 +58,22 @@ export interface SampleVolumeOptions {
   align?: number;
 }
 
+/** A written range in bytes: a volume ByteRange's shape, spelled out because util imports no layer. */
+export interface SampleRange {
+  offset: number;
+  length: number;
+}
+
 /**
  * Create a sparse file of `size` bytes with about `allocated` bytes written in
  * `extents` scattered, non-overlapping extents. Returns the written ranges.
  */
-export async function createSampleVolume(path: string, o: SampleVolumeOptions): Promise<ByteRange[]> {
+export async function createSampleVolume(path: string, o: SampleVolumeOptions): Promise<SampleRange[]> {
   const rnd = prng(o.seed ?? 1);
   const align = o.align ?? 4096;
   const per = Math.max(align, Math.floor(o.allocated / o.extents / align) * align);
   const slots = Math.floor(o.size / align);
-  const ranges: ByteRange[] = [];
+  const ranges: SampleRange[] = [];
   // Pick extent starts in distinct strides of the volume so they never overlap.
   const stride = Math.floor(slots / o.extents);
   if (stride * align < per) throw new Error(`cannot fit ${o.extents} extents of ${per} bytes in ${o.size} bytes`);

@@ -1,5 +1,5 @@
 import { formatBytes } from '../util/units.js';
-import { SparseFileVolume } from './sparse-file.js';
+import { openVolume } from './factory.js';
 import { totalBytes, type ByteRange } from './volume.js';
 
 export interface MapResult {
@@ -13,7 +13,7 @@ export interface MapResult {
 
 /** The chunk-aligned allocation map of a volume, for `thinmirror map`. */
 export async function describeMap(file: string, chunkSize: number): Promise<MapResult> {
-  const v = await SparseFileVolume.open(file, { readOnly: true });
+  const v = await openVolume(file, { readOnly: true });
   try {
     const extents = await v.allocated(chunkSize);
     return { path: file, kind: v.kind, size: v.size, chunkSize, extents, allocatedBytes: totalBytes(extents) };

@@ -1,7 +1,10 @@
 /**
- * The storage interface every backend implements (sparse file now; block device
- * and LVM thin later). Offsets and lengths are bytes. A backend never knows
- * about the network or about mirrors.
+ * The storage interface every backend implements: a sparse file (or a block
+ * device opened as a file: sparse-file.ts), a block device with an optional
+ * allocation map (block-device.ts: loop devices, LVM thin snapshots) and
+ * memory (memory.ts, for tests). factory.ts picks the backend for a path.
+ * Offsets and lengths are bytes. A backend never knows about the network or
+ * about mirrors.
  */
 
 /** A byte range [offset, offset + length). */

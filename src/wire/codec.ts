@@ -1,6 +1,6 @@
 import { Packr } from 'msgpackr';
 import { ErrorCodes, TmError } from '../errors.js';
-import { native } from '../native/index.js';
+import { lz4PayloadProblem } from './lz4-block.js';
 import {
   DIGEST_BYTES,
   MAX_DIGEST_RANGE,
@@ -23,17 +23,15 @@ import {
  * messages pass the same checks, so that a bug on this side never reaches the
  * wire (TM_ERR_INTERNAL).
  *
- * Copies: a decoded data extent's `payload` is a view into the frame, not a copy;
- * {@link decompressPayload} returns that same view for `raw` and, for `lz4`,
- * the caller's scratch buffer or one new buffer. A frame must therefore not be reused while its message is alive
- * (ws hands out a fresh Buffer per message).
+ * Copies: a decoded data extent's `payload` is a view into the frame, not a copy
+ * (payload.ts's decompressPayload returns that same view for `raw`). A frame must
+ * therefore not be reused while its message is alive (ws hands out a fresh Buffer
+ * per message).
  */
 
 /** Smallest and largest chunk size, bytes. Every chunk size is a multiple of the smallest. */
 export const MIN_CHUNK_SIZE = 4096;
 export const MAX_CHUNK_SIZE = 4 * 1024 * 1024;
-/** An lz4 payload starts with the uncompressed length, uint32 little-endian (lz4_flex "size prepended"). */
-const LZ4_PREFIX_BYTES = 4;
 
 // Configured once. Decoding: maps as plain objects (`__proto__` keys are renamed by
 // msgpackr), 64-bit integers as numbers (anything beyond 2^53 then fails the
@@ -290,22 +288,10 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
   if (codec === 'raw') {
     if (payload.length !== length) fail(`extent.payload holds ${payload.length} bytes, a raw payload holds length (${length}) bytes`);
   } else {
-    checkLz4(payload, length);
+    const why = lz4PayloadProblem(payload, length);
+    if (why) fail(why);
   }
   return { type: t, seq, kind, offset, length, codec, crc32c: crc === 0 ? 0 : crc, payload };
-}
-
-/**
- * An lz4 payload is the uncompressed length (uint32 LE) and one lz4 block, and is
- * smaller than the data (else it travels raw). The announced length bounds what
- * decompression allocates, so it must be `length` exactly (no lz4 bomb).
- */
-function checkLz4(payload: Buffer, length: number): void {
-  if (payload.length <= LZ4_PREFIX_BYTES || payload.length >= length) {
-    fail(`extent.payload of ${payload.length} bytes cannot be lz4 of length ${length}: it must hold ${LZ4_PREFIX_BYTES + 1}..${length - 1} bytes`);
-  }
-  const announced = payload.readUInt32LE(0);
-  if (announced !== length) fail(`extent.payload announces ${announced} lz4 bytes, length is ${length}`);
 }
 
 /**
@@ -368,72 +354,4 @@ export function decode(frame: Buffer, ctx: DecodeContext): Message {
     // A value no check anticipated (an exotic object from an extension type).
     throw new TmError(ErrorCodes.PROTOCOL, `invalid frame: ${e instanceof Error ? e.message : String(e)}`);
   }
-}
-
-/** CRC-32C (Castagnoli, as iSCSI and ext4) of `buf`: an unsigned 32-bit integer. SSE4.2 where the CPU has it (native addon). */
-export function crc32c(buf: Uint8Array): number {
-  return native().crc32c(buf);
-}
-
-/** A data payload ready to send: lz4 or raw, and the CRC-32C of the uncompressed bytes. */
-export interface PreparedPayload {
-  codec: 'raw' | 'lz4';
-  payload: Buffer;
-  crc32c: number;
-}
-
-/**
- * Compress a data payload with lz4 (uint32 LE length prepended, then one LZ4
- * block) and take its CRC-32C, both in one pass on the threadpool (native
- * addon, upstream liblz4). lz4 is kept only when strictly smaller than `raw`;
- * otherwise the payload is `raw` itself (no copy). The lz4 bytes go to the
- * start of `into` when given (it must not overlap `raw`, and must stay
- * untouched while the payload is in use), else to a new buffer; a compressed
- * payload never needs more than `raw.length` bytes.
- */
-export async function compressPayload(raw: Buffer, into?: Buffer): Promise<PreparedPayload> {
-  const dst = into && into.length >= raw.length ? into : Buffer.allocUnsafe(raw.length);
-  const [n, crc] = await native().lz4CompressCrc(raw, dst);
-  return n > 0 ? { codec: 'lz4', payload: dst.subarray(0, n), crc32c: crc } : { codec: 'raw', payload: raw, crc32c: crc };
-}
-
-/**
- * The uncompressed bytes of a data extent, checked against its CRC-32C: the
- * payload itself for `raw`; for `lz4`, the start of `scratch` when it holds
- * `length` bytes (the caller must be done with what it held before), else one
- * new buffer. lz4 is decoded by the native addon straight into that buffer.
- * Nothing of a payload that fails must be written.
- *
- * @throws TmError TM_ERR_CHECKSUM when the bytes do not match `crc32c` or lz4
- *   yields another length than `length`; TM_ERR_PROTOCOL when the lz4 payload
- *   is not lz4; TM_ERR_INTERNAL when called on a zero or trim extent.
- */
-export function decompressPayload(msg: ExtentMsg, scratch?: Buffer): Buffer {
-  const where = `extent at offset ${msg.offset}, length ${msg.length}`;
-  if (msg.kind !== 'data' || !msg.payload || msg.crc32c === undefined) throw new TmError(ErrorCodes.INTERNAL, `${where}: a ${msg.kind} extent without a payload has nothing to decompress`);
-  let raw: Buffer;
-  if (msg.codec === 'lz4') {
-    let n: number;
-    try {
-      // Also checked by decode; repeated because the prefix bounds the output.
-      checkLz4(msg.payload, msg.length);
-      raw = scratch && scratch.length >= msg.length ? scratch.subarray(0, msg.length) : Buffer.allocUnsafe(msg.length);
-      n = native().lz4DecompressInto(msg.payload.subarray(LZ4_PREFIX_BYTES), raw);
-    } catch (e) {
-      throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: ${e instanceof Error ? e.message : String(e)}`);
-    }
-    if (n < 0) throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: malformed lz4 block or more than ${msg.length} bytes`);
-    if (n !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the lz4 payload decompresses to ${n} bytes; nothing written`);
-  } else {
-    raw = msg.payload;
-    if (raw.length !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the raw payload holds ${raw.length} bytes; nothing written`);
-  }
-  if (crc32c(raw) !== msg.crc32c) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the payload does not match its CRC-32C; nothing written`);
-  return raw;
-}
-
-/** A data extent of `raw` at `offset` (bytes): lz4 when that is smaller, CRC-32C of `raw`. */
-export async function makeDataExtent(seq: number, offset: number, raw: Buffer): Promise<ExtentMsg> {
-  const { codec, payload, crc32c } = await compressPayload(raw);
-  return { type: 'extent', seq, kind: 'data', offset, length: raw.length, codec, crc32c, payload };
 }

@@ -116,8 +116,8 @@ export interface CommittedMsg {
 
 /** Largest range one digest-req may ask for: 64 MiB. */
 export const MAX_DIGEST_RANGE = 64 * 1024 * 1024;
-/** Bytes per chunk digest (SHA-256 truncated; all-zero chunks: 16 zero bytes). */
-export const DIGEST_BYTES = 16;
+/** Bytes per chunk digest (SHA-256 truncated; all-zero chunks: 16 zero bytes); defined with the digest. */
+export { DIGEST_BYTES } from '../volume/digest.js';
 
 /**
  * Primary -> secondary, between generations: send the digests of the target's

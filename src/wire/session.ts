@@ -1,12 +1,12 @@
 import { EventEmitter } from 'node:events';
-import type { WebSocket, RawData } from 'ws';
 import { ErrorCodes, TmError, type ErrorCode } from '../errors.js';
+import type { FrameChannel } from './channel.js';
 import { decode, encode } from './codec.js';
 import { CloseCodes, type DecodeContext, type Message } from './messages.js';
 
 const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
 
-/** Bytes counted on one session, both ways, as frames on the WebSocket. */
+/** Bytes counted on one session, both ways, as frames on the channel. */
 export interface SessionCounters {
   framesOut: number;
   bytesOut: number;
@@ -15,10 +15,11 @@ export interface SessionCounters {
 }
 
 /**
- * One WebSocket carrying one mirror. Decodes and validates every frame before it
+ * One channel (a WebSocket, see transport.ts; or memory.ts in tests) carrying
+ * one mirror. Decodes and validates every frame before it
  * is handed out; a violation ends the session with an error frame and a coded
  * close, reported once through {@link Session.closed}. Received messages queue
- * until {@link Session.next} takes them; the socket is paused while more than
+ * until {@link Session.next} takes them; the channel is paused while more than
  * `maxQueued` messages wait, so a slow consumer bounds memory.
  */
 export class Session extends EventEmitter {
@@ -34,17 +35,18 @@ export class Session extends EventEmitter {
   private resolveClosed!: (e: TmError | null) => void;
 
   constructor(
-    readonly ws: WebSocket,
+    readonly channel: FrameChannel,
     readonly peerName: string,
     private readonly maxQueued = 64,
   ) {
     super();
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    ws.binaryType = 'nodebuffer';
-    ws.on('message', (data: RawData, isBinary: boolean) => this.onFrame(data, isBinary));
-    ws.on('close', (code: number, reason: Buffer) => this.onClose(code, reason.toString()));
-    ws.on('error', (err: Error) => {
-      this.end(new TmError(ErrorCodes.CONNECTION, `connection to ${this.peerName} failed: ${err.message}`, { cause: err }));
+    channel.attach({
+      frame: (data, isBinary) => this.onFrame(data, isBinary),
+      close: (code, reason) => this.onClose(code, reason),
+      error: (err) => {
+        this.end(new TmError(ErrorCodes.CONNECTION, `connection to ${this.peerName} failed: ${err.message}`, { cause: err }));
+      },
     });
   }
 
@@ -52,15 +54,15 @@ export class Session extends EventEmitter {
   send(msg: Message): number {
     if (this.ended) throw this.failure ?? new TmError(ErrorCodes.CONNECTION, `session with ${this.peerName} is closed`);
     const frame = encode(msg);
-    this.ws.send(frame, { binary: true });
+    this.channel.send(frame);
     this.counters.framesOut++;
     this.counters.bytesOut += frame.length;
     return frame.length;
   }
 
-  /** Bytes queued in the socket and not yet handed to the kernel. */
+  /** Bytes queued in the channel and not yet handed on (to the kernel, for a socket). */
   get bufferedAmount(): number {
-    return this.ws.bufferedAmount;
+    return this.channel.bufferedAmount;
   }
 
   get isOpen(): boolean {
@@ -105,16 +107,16 @@ export class Session extends EventEmitter {
   fail(err: TmError, closeCode: number = CloseCodes.PROTOCOL): void {
     if (this.ended) return;
     try {
-      if (this.ws.readyState === this.ws.OPEN) {
-        this.ws.send(encode({ type: 'error', code: err.code, message: err.message.slice(0, 1000) }));
-        this.ws.close(closeCode, err.code);
+      if (this.channel.isOpen) {
+        this.channel.send(encode({ type: 'error', code: err.code, message: err.message.slice(0, 1000) }));
+        this.channel.close(closeCode, err.code);
       }
     } catch {
       // the socket may already be gone; the peer learns from the close
     }
     this.end(err);
     // Give the close handshake a moment, then make sure the socket is gone.
-    setTimeout(() => this.ws.terminate(), 2000).unref();
+    setTimeout(() => this.channel.terminate(), 2000).unref();
   }
 
   /** Normal end: close code 1000. Idempotent. */
@@ -122,22 +124,21 @@ export class Session extends EventEmitter {
     if (this.ended) return;
     this.end(null);
     try {
-      this.ws.close(CloseCodes.NORMAL, 'bye');
+      this.channel.close(CloseCodes.NORMAL, 'bye');
     } catch {
       // already closed
     }
-    setTimeout(() => this.ws.terminate(), 2000).unref();
+    setTimeout(() => this.channel.terminate(), 2000).unref();
   }
 
   /** Abort at once without telling the peer anything. */
   destroy(err?: TmError): void {
     this.end(err ?? new TmError(ErrorCodes.ABORTED, `session with ${this.peerName} aborted`));
-    this.ws.terminate();
+    this.channel.terminate();
   }
 
-  private onFrame(data: RawData, isBinary: boolean): void {
+  private onFrame(frame: Buffer, isBinary: boolean): void {
     if (this.ended) return;
-    const frame = Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data as ArrayBuffer);
     this.counters.framesIn++;
     this.counters.bytesIn += frame.length;
     if (!isBinary) {
@@ -166,14 +167,14 @@ export class Session extends EventEmitter {
     this.queue.push(msg);
     if (!this.paused && this.queue.length >= this.maxQueued) {
       this.paused = true;
-      this.ws.pause();
+      this.channel.pause();
     }
   }
 
   private maybeResume(): void {
     if (this.paused && this.queue.length < this.maxQueued / 2) {
       this.paused = false;
-      this.ws.resume();
+      this.channel.resume();
     }
   }
 

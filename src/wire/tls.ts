@@ -1,6 +1,9 @@
+import { X509Certificate } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
 import type * as http from 'node:http';
 import type { Duplex } from 'node:stream';
-import type { TLSSocket } from 'node:tls';
+import { createSecureContext, type TLSSocket } from 'node:tls';
+import type { Logger } from 'pino';
 import { ErrorCodes, TmError, type ErrorCode } from '../errors.js';
 
 /**
@@ -130,4 +133,66 @@ export function connectError(url: string, err: Error): TmError {
     return new TmError(ErrorCodes.TLS, `the certificate of secondary ${url} was refused: ${tlsReason(err)}`, { cause: err });
   }
   return new TmError(ErrorCodes.TLS, `TLS with secondary ${url} failed: ${tlsReason(err)}`, { cause: err });
+}
+
+/** A TLS identity: CA certificate(s) that verify the peer, our certificate and its private key (absolute paths). */
+export interface TlsFiles {
+  ca: string;
+  cert: string;
+  key: string;
+  /** Where they are configured: the node's `tls:` or the mirror's own. */
+  origin: 'node' | 'mirror';
+}
+
+/** The PEM contents of a TLS identity, read by {@link readTlsFiles}. */
+export interface TlsMaterial {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  /** Expiry of our certificate (validTo), for a warning when it is past. */
+  notAfter: Date;
+}
+
+/**
+ * Read the CA, certificate and key of a TLS identity and check that they
+ * parse and that the key belongs to the certificate. Failures are
+ * TmError(TM_ERR_CONFIG) naming the config key (`what`, e.g. "tls" or
+ * `mirror db1: tls`) and the file. An expired certificate is not refused
+ * here: the peer refuses it (and says so); with `expiry` it is logged as a
+ * warning naming who will refuse it.
+ */
+export async function readTlsFiles(files: Omit<TlsFiles, 'origin'>, what: string, expiry?: { log: Logger; refusedBy: string }): Promise<TlsMaterial> {
+  const read = async (k: 'ca' | 'cert' | 'key'): Promise<Buffer> => {
+    try {
+      return await fsp.readFile(files[k]);
+    } catch (e) {
+      throw new TmError(ErrorCodes.CONFIG, `cannot read ${what}.${k} ${files[k]}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
+    }
+  };
+  const [ca, cert, key] = [await read('ca'), await read('cert'), await read('key')];
+  let notAfter: Date;
+  try {
+    notAfter = new Date(new X509Certificate(cert).validTo);
+  } catch (e) {
+    throw new TmError(ErrorCodes.CONFIG, `${what}.cert ${files.cert} is not a PEM certificate: ${(e as Error).message}`, { cause: e });
+  }
+  const caCerts = ca.toString('latin1').match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+  if (caCerts.length === 0) throw new TmError(ErrorCodes.CONFIG, `${what}.ca ${files.ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`);
+  for (const pem of caCerts) {
+    try {
+      new X509Certificate(pem);
+    } catch (e) {
+      throw new TmError(ErrorCodes.CONFIG, `${what}.ca ${files.ca} holds a certificate that does not parse: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  try {
+    createSecureContext({ ca, cert, key });
+  } catch (e) {
+    const reason = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+    throw new TmError(ErrorCodes.CONFIG, `${what}: cannot use ca ${files.ca}, cert ${files.cert} and key ${files.key} together (${reason}: ${(e as Error).message})`, { cause: e });
+  }
+  if (expiry && notAfter.getTime() < Date.now()) {
+    expiry.log.warn({ code: ErrorCodes.TLS, cert: files.cert, notAfter: notAfter.toISOString() }, `${what}.cert ${files.cert} expired on ${notAfter.toISOString()}: ${expiry.refusedBy} will refuse it`);
+  }
+  return { ca, cert, key, notAfter };
 }

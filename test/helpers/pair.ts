@@ -2,8 +2,8 @@ import { promises as fsp, statSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../../src/cli/daemon-process.js';
-import { freePort, sha256File, writePairConfigs, type PairOptions } from '../../src/cli/demo.js';
 import type { MirrorStatus } from '../../src/mirror/status.js';
+import { freePort, sha256File, writePairConfigs, type PairOptions } from './pair-config.js';
 
 export { sha256File };
 

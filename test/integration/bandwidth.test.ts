@@ -3,8 +3,8 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../../src/cli/daemon-process.js';
-import { freePort, sha256File, startPair, writeMirrorConfigs } from '../../src/cli/demo.js';
 import { createSampleVolume } from '../../src/util/sample.js';
+import { freePort, sha256File, startPair, writeMirrorConfigs } from '../helpers/pair-config.js';
 
 const MiB = 1024 * 1024;
 /** The token bucket's default burst for these caps (a quarter second, at least 64 KiB). */

@@ -50,7 +50,7 @@ describe('integration: daemon lifecycle', function () {
     await pair.primary!.waitFor((s) => s.mirrors[0]!.sentBytes >= 0.3 * allocated, 120_000, '30% sent', 20);
     // DaemonProcess.stop sends SIGTERM and SIGKILLs after 10 s: exit code 0 without a signal is a clean stop within 10 s.
     expect(await pair.primary!.stop(10_000)).to.deep.equal({ code: 0, signal: null });
-    const applied = (await pair.secondaryMirror()).sentBytes;
+    const applied = (await pair.secondaryMirror()).appliedBytes;
     expect(applied, 'the stop came too late to test a resume').to.be.lessThan(0.9 * allocated);
     expect(await pair.secondary!.stop(10_000)).to.deep.equal({ code: 0, signal: null });
 

@@ -1,9 +1,9 @@
 import { expect } from 'chai';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
-import { freePort } from '../../src/cli/demo.js';
 import { createSampleVolume } from '../../src/util/sample.js';
 import { FaultProxy } from '../helpers/fault-proxy.js';
+import { freePort } from '../helpers/pair-config.js';
 import { Pair, sha256File } from '../helpers/pair.js';
 import { LoopFs } from '../helpers/xfs.js';
 
@@ -47,15 +47,15 @@ describe('integration: faults between and under the daemons (real TCP proxy, rea
     for (let cut = 0; cut < 10; cut++) {
       // Cut only after the sync made progress since the last cut: every cut lands mid-transfer.
       const from = applied;
-      const st = await pair.secondary!.waitFor((s) => s.mirrors[0]!.sentBytes >= from + 12 * MiB, 60_000, `progress before cut ${cut + 1}`, 20);
-      applied = st.mirrors[0]!.sentBytes;
+      const st = await pair.secondary!.waitFor((s) => s.mirrors[0]!.appliedBytes >= from + 12 * MiB, 60_000, `progress before cut ${cut + 1}`, 20);
+      applied = st.mirrors[0]!.appliedBytes;
       expect(st.mirrors[0]!.committedGeneration, 'the sync is still running').to.equal(0);
       proxy!.cut();
     }
     expect(proxy!.counters.cuts).to.equal(10);
     await pair.waitInSync(1, 120_000);
     expect(await sha256File(pair.target)).to.equal(await sha256File(pair.source));
-    const total = (await pair.secondaryMirror()).sentBytes;
+    const total = (await pair.secondaryMirror()).appliedBytes;
     const resent = total - allocated;
     console.log(`      10 cuts: ${(resent / MiB).toFixed(1)} MiB resent of ${allocated / MiB} MiB (${((100 * resent) / allocated).toFixed(1)}%), ${proxy!.counters.accepted} connections`);
     expect(proxy!.counters.accepted).to.be.at.least(11);

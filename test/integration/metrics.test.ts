@@ -2,9 +2,9 @@ import { expect } from 'chai';
 import { promises as fsp } from 'node:fs';
 import * as http from 'node:http';
 import { parse, stringify } from 'yaml';
-import { freePort } from '../../src/cli/demo.js';
 import { controlGet, type DaemonStatus } from '../../src/daemon/control.js';
 import { createSampleVolume } from '../../src/util/sample.js';
+import { freePort } from '../helpers/pair-config.js';
 import { Pair } from '../helpers/pair.js';
 import { key, parseExposition } from '../helpers/prometheus.js';
 
@@ -87,8 +87,8 @@ describe('integration: metrics over the control socket and TCP (two daemons on l
     const sec = await pair.secondary!.status();
     const sm = parseExposition((await httpGet(secondaryPort, '/metrics')).body);
     const sl = { mirror: pair.mirror, role: 'secondary' };
-    expect(sm.get(key('thinmirror_mirror_payload_bytes_total', sl))).to.equal(sec.mirrors[0]!.sentBytes);
-    expect(sm.get(key('thinmirror_mirror_payload_bytes_total', sl))).to.equal(a.sentBytes);
+    expect(sm.get(key('thinmirror_mirror_applied_bytes_total', sl))).to.equal(sec.mirrors[0]!.appliedBytes);
+    expect(sm.get(key('thinmirror_mirror_applied_bytes_total', sl))).to.equal(a.sentBytes);
     expect(sm.get(key('thinmirror_mirror_committed_generation', sl))).to.equal(sec.mirrors[0]!.committedGeneration);
     expect((await httpGet(secondaryPort, '/status')).statusCode, 'the TCP listener serves only /metrics').to.equal(404);
 

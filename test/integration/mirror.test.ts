@@ -91,7 +91,7 @@ describe('integration: sparse file to sparse file, two daemons on loopback', fun
     await pair.primary!.waitFor((s) => s.mirrors[0]!.sentBytes >= 0.35 * allocated, 120_000, '35% sent', 20);
     pair.primary!.kill('SIGKILL');
     await pair.primary!.exited;
-    const applied = (await pair.secondaryMirror()).sentBytes;
+    const applied = (await pair.secondaryMirror()).appliedBytes;
     expect(applied, 'the kill came too late to test a resume').to.be.lessThan(0.9 * allocated);
 
     pair.startPrimary();
@@ -99,7 +99,7 @@ describe('integration: sparse file to sparse file, two daemons on loopback', fun
     expect(await sha256File(pair.target)).to.equal(await sha256File(pair.source));
     // The secondary counts every payload byte it applied over its lifetime: the
     // excess over the allocated data is what the restart sent again.
-    const totalApplied = (await pair.secondaryMirror()).sentBytes;
+    const totalApplied = (await pair.secondaryMirror()).appliedBytes;
     const resent = totalApplied - allocated;
     expect(resent / allocated).to.be.lessThan(0.25);
     expect(m.sentBytes).to.be.lessThan(allocated); // the restarted primary did not start over

@@ -4,10 +4,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { stringify } from 'yaml';
 import { DaemonProcess } from '../../src/cli/daemon-process.js';
-import { freePort, sha256File } from '../../src/cli/demo.js';
 import type { DaemonStatus, MirrorStatusEntry } from '../../src/daemon/control.js';
 import type { LastReload } from '../../src/daemon/reload.js';
 import { createSampleVolume } from '../../src/util/sample.js';
+import { freePort, sha256File } from '../helpers/pair-config.js';
 
 const MiB = 1024 * 1024;
 const NAMES = ['A', 'B', 'C', 'D', 'E'] as const;

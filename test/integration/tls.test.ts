@@ -4,10 +4,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { stringify } from 'yaml';
 import { DaemonProcess } from '../../src/cli/daemon-process.js';
-import { freePort } from '../../src/cli/demo.js';
 import type { MirrorStatus } from '../../src/mirror/status.js';
 import { createSampleVolume } from '../../src/util/sample.js';
 import { makeTestPki, type CertFiles, type TestPki } from '../helpers/certs.js';
+import { freePort } from '../helpers/pair-config.js';
 import { Pair, sha256File } from '../helpers/pair.js';
 
 const MiB = 1024 * 1024;

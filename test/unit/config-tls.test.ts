@@ -3,8 +3,9 @@ import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { isLoopbackHost, loadConfig, parseConfig, readTlsFiles } from '../../src/daemon/config.js';
+import { isLoopbackHost, loadConfig, parseConfig } from '../../src/daemon/config.js';
 import { TmError } from '../../src/errors.js';
+import { readTlsFiles } from '../../src/wire/tls.js';
 import { makeCa, issue } from '../helpers/certs.js';
 import { configProblems as problems } from '../helpers/config.js';
 

@@ -5,6 +5,7 @@ import { WebSocket, WebSocketServer } from 'ws';
 import { TmError } from '../../src/errors.js';
 import { primaryHandshake, secondaryHandshake } from '../../src/wire/handshake.js';
 import { Session } from '../../src/wire/session.js';
+import { wsChannel } from '../../src/wire/transport.js';
 import { PROTOCOL_VERSION } from '../../src/wire/messages.js';
 
 const KEY = Buffer.from('the-shared-key-of-this-test-0001');
@@ -14,11 +15,11 @@ async function pair(): Promise<{ client: Session; server: Session; close: () => 
   const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
   await once(wss, 'listening');
   const port = (wss.address() as AddressInfo).port;
-  const serverP = once(wss, 'connection').then(([ws]) => new Session(ws as WebSocket, 'primary test'));
+  const serverP = once(wss, 'connection').then(([ws]) => new Session(wsChannel(ws as WebSocket), 'primary test'));
   const ws = new WebSocket(`ws://127.0.0.1:${port}`);
   await once(ws, 'open');
   const server = await serverP;
-  const client = new Session(ws, 'secondary test');
+  const client = new Session(wsChannel(ws), 'secondary test');
   return {
     client,
     server,
@@ -90,7 +91,7 @@ describe('handshake: version, mutual HMAC, coded refusals (real ws on loopback)'
     const p = await pair();
     try {
       const sec = secondaryHandshake(p.server, { node: 'site-b', psk: KEY }).catch((e: TmError) => e);
-      p.client.ws.send(Buffer.from([0xc1, 0xff, 0x00, 0x13]));
+      p.client.channel.send(Buffer.from([0xc1, 0xff, 0x00, 0x13]));
       const err = (await sec) as TmError;
       expect(err.code).to.equal('TM_ERR_PROTOCOL');
       const seen = await p.client.next(5000).catch((e: TmError) => e);

@@ -96,22 +96,31 @@ describe('metrics: Prometheus exposition of mirror status (fake mirrors)', () =>
     expect(m.has(key('thinmirror_mirror_progress_total_bytes', pa))).to.equal(false);
   });
 
-  it('payload and wire totals equal the status lifetime counters; a total that went down restarts the series', async () => {
+  it('payload (sent), applied and wire totals equal the status lifetime counters; a total that went down restarts the series', async () => {
     a.set({ sentBytes: 1000, wireBytes: 700 });
-    b.set({ sentBytes: 50, wireBytes: 60 });
+    b.set({ appliedBytes: 50, wireBytes: 60 });
     let m = await scrape();
     expect(m.get(key('thinmirror_mirror_payload_bytes_total', pa))).to.equal(1000);
+    expect(m.get(key('thinmirror_mirror_applied_bytes_total', pa)), 'a primary applies nothing').to.equal(0);
     expect(m.get(key('thinmirror_mirror_wire_bytes_total', pa))).to.equal(700);
-    expect(m.get(key('thinmirror_mirror_payload_bytes_total', sb))).to.equal(50);
+    expect(m.get(key('thinmirror_mirror_applied_bytes_total', sb))).to.equal(50);
+    expect(m.get(key('thinmirror_mirror_payload_bytes_total', sb)), 'what a secondary applied is not counted as sent').to.equal(0);
+    expect(m.get(key('thinmirror_mirror_wire_bytes_total', sb))).to.equal(60);
     a.set({ sentBytes: 5000, wireBytes: 2100 });
+    b.set({ appliedBytes: 4000 });
     await metrics.observe(); // the once-a-second poll in between
     a.set({ sentBytes: 6000, wireBytes: 2500 });
+    b.set({ appliedBytes: 5500 });
     m = await scrape();
     expect(m.get(key('thinmirror_mirror_payload_bytes_total', pa))).to.equal(6000);
     expect(m.get(key('thinmirror_mirror_wire_bytes_total', pa))).to.equal(2500);
+    expect(m.get(key('thinmirror_mirror_applied_bytes_total', sb))).to.equal(5500);
+    expect(m.get(key('thinmirror_mirror_payload_bytes_total', sb))).to.equal(0);
     a.set({ sentBytes: 10 });
+    b.set({ appliedBytes: 20 });
     m = await scrape();
     expect(m.get(key('thinmirror_mirror_payload_bytes_total', pa))).to.equal(10);
+    expect(m.get(key('thinmirror_mirror_applied_bytes_total', sb))).to.equal(20);
   });
 
   it('cycles: one per distinct lastCycle seen, durations summed, last cycle gauges', async () => {

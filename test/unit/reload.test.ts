@@ -131,6 +131,7 @@ describe('reload: metrics forget a removed or restarted mirror', () => {
       volumeBytes: 1 << 30,
       allocatedBytes: 1 << 28,
       sentBytes: 1000,
+      appliedBytes: 0,
       wireBytes: 800,
       dirtyBytes: 0,
       generation: 3,
@@ -159,9 +160,10 @@ describe('reload: metrics forget a removed or restarted mirror', () => {
     expect(seriesOf(m, 'B')).to.deep.equal(b);
     expect(metrics.rateOf('A')).to.equal(null);
     // Restarted (changed) as a secondary: no primary series left behind, totals from its own count.
-    mirrors = [status('A', { role: 'secondary', state: 'waiting', sentBytes: 5, error: null, lastCycle: null }), status('B')];
+    mirrors = [status('A', { role: 'secondary', state: 'waiting', sentBytes: 0, appliedBytes: 5, error: null, lastCycle: null }), status('B')];
     m = parseExposition(await metrics.scrape());
     expect(seriesOf(m, 'A').some((k) => k.includes('role="primary"'))).to.equal(false);
-    expect(m.get('thinmirror_mirror_payload_bytes_total{mirror="A",role="secondary"}')).to.equal(5);
+    expect(m.get('thinmirror_mirror_applied_bytes_total{mirror="A",role="secondary"}')).to.equal(5);
+    expect(m.get('thinmirror_mirror_payload_bytes_total{mirror="A",role="secondary"}')).to.equal(0);
   });
 });

@@ -1,8 +1,9 @@
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { ScanSource } from '../../src/track/scan.js';
+import { MemoryVolume } from '../../src/volume/memory.js';
 import { SparseFileVolume } from '../../src/volume/sparse-file.js';
 
 const KiB = 1024;
@@ -87,5 +88,49 @@ describe('scan change source: digests of allocated chunks vs. what was sent', ()
     const b = new ScanSource(vol, CS, dir);
     await b.open();
     expect((await b.detect(1)).bitmap.toArray()).to.deep.equal([]);
+  });
+
+  it('reads allocated data in 4 MiB windows and counts them in readBytes; a memory volume with the same content detects the same', async () => {
+    const size = 100 * CS + 100;
+    const big = 5 * 1024 * KiB; // one run longer than a scan read
+    const file = await SparseFileVolume.open(path.join(dir, 'big.img'), { create: { size } });
+    const mem = MemoryVolume.create(size);
+    try {
+      const memDir = path.join(dir, 'mem');
+      mkdirSync(memDir);
+      const onFile = new ScanSource(file, CS, dir);
+      const onMem = new ScanSource(mem, CS, memDir);
+      for (const v of [file, mem]) {
+        await v.write(CS, Buffer.alloc(big, 6));
+        await v.write(100 * CS + 99, Buffer.from([1]));
+      }
+      for (const [v, src] of [[file, onFile], [mem, onMem]] as const) {
+        for (let c = 0; c * CS < size; c++) src.recordSent(c, await v.read(c * CS, Math.min(CS, size - c * CS)));
+        await v.write(3 * CS, Buffer.from('x'));
+        await v.zero(100 * CS, 100); // the short tail chunk is zeroed (it stays allocated, as on ext4)
+        await v.write(90 * CS, Buffer.alloc(CS)); // zeros over a hole: reads the same
+      }
+      const before = mem.reads;
+      const a = await onFile.detect(1);
+      const b = await onMem.detect(1);
+      expect(a.bitmap.toArray()).to.deep.equal([3, 100]);
+      expect(b.bitmap.toArray()).to.deep.equal([3, 100]);
+      expect(a.readBytes).to.equal(big + CS + 100);
+      expect(b.readBytes).to.equal(big + CS + 100);
+      expect(mem.reads - before).to.equal(4); // 4 MiB + 1 MiB, chunk 90, the tail
+    } finally {
+      await file.close();
+    }
+  });
+
+  it('an aborted signal stops detect before it reads, with the reason', async () => {
+    const mem = MemoryVolume.create(16 * CS);
+    await mem.write(2 * CS, Buffer.alloc(CS, 1));
+    const src = new ScanSource(mem, CS, dir);
+    const ac = new AbortController();
+    ac.abort(new Error('shutting down'));
+    const e = await src.detect(1, { signal: ac.signal }).then(() => null, (x: unknown) => x);
+    expect(e).to.be.instanceOf(Error).with.property('message', 'shutting down');
+    expect(mem.reads).to.equal(0);
   });
 });

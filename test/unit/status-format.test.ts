@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { formatEta, formatStatus, lagCell, progressBar, progressCell } from '../../src/cli/status.js';
+import { formatEta, formatStatus, lagCell, payloadCell, progressBar, progressCell } from '../../src/cli/status.js';
 import type { DaemonStatus, MirrorStatusEntry } from '../../src/daemon/control.js';
 
 const MiB = 1024 * 1024;
@@ -16,6 +16,7 @@ function mirror(p: Partial<MirrorStatusEntry>): MirrorStatusEntry {
     volumeBytes: 4096 * MiB,
     allocatedBytes: 1024 * MiB,
     sentBytes: 0,
+    appliedBytes: 0,
     wireBytes: 0,
     dirtyBytes: 0,
     generation: 1,
@@ -72,14 +73,14 @@ describe('status: readable table (progress bar, rate, ETA, lag)', () => {
     const out = formatStatus(
       daemon([
         mirror({ name: 'vm1', state: 'initial-sync', generation: 1, committedGeneration: 0, lagSeconds: 30, progress: { generation: 1, doneBytes: 512 * MiB, totalBytes: 1024 * MiB }, rateBytesPerSecond: 128 * MiB }),
-        mirror({ name: 'db1', state: 'in-sync', generation: 9, committedGeneration: 9, lagSeconds: 0 }),
-        mirror({ name: 'bk1', role: 'secondary', state: 'error', lagSeconds: null, error: { code: 'TM_ERR_NO_SPACE', message: 'target full' } }),
+        mirror({ name: 'db1', state: 'in-sync', generation: 9, committedGeneration: 9, lagSeconds: 0, sentBytes: 300 * MiB }),
+        mirror({ name: 'bk1', role: 'secondary', state: 'error', lagSeconds: null, appliedBytes: 700 * MiB, error: { code: 'TM_ERR_NO_SPACE', message: 'target full' } }),
       ]),
     );
     const lines = out.split('\n');
     expect(lines[0]).to.equal('node site-a (pid 42, thinmirror 0.1.0), metrics on http://127.0.0.1:9464/metrics');
     const head = lines[1]!;
-    expect(head).to.match(/^MIRROR\s+ROLE\s+STATE\s+GEN\s+COMMITTED\s+VOLUME\s+ALLOCATED\s+SENT\s+WIRE\s+DIRTY\s+LAG\s+PROGRESS$/);
+    expect(head).to.match(/^MIRROR\s+ROLE\s+STATE\s+GEN\s+COMMITTED\s+VOLUME\s+ALLOCATED\s+PAYLOAD\s+WIRE\s+DIRTY\s+LAG\s+PROGRESS$/);
     const col = (line: string, name: string) => line.slice(head.indexOf(name)).split(/\s{2,}/)[0];
     const vm1 = lines.find((l) => l.startsWith('vm1 '))!;
     const db1 = lines.find((l) => l.startsWith('db1 '))!;
@@ -91,7 +92,15 @@ describe('status: readable table (progress bar, rate, ETA, lag)', () => {
     expect(col(db1, 'COMMITTED')).to.equal('9');
     expect(db1.slice(head.indexOf('PROGRESS')), 'no progress cell').to.equal('');
     expect(col(bk1, 'LAG')).to.equal('-');
+    expect(col(db1, 'PAYLOAD'), 'a primary: what it sent').to.equal('300 MiB');
+    expect(col(bk1, 'PAYLOAD'), 'a secondary: what it applied').to.equal('700 MiB');
     expect(lines.at(-1)).to.equal('bk1: TM_ERR_NO_SPACE: target full');
+  });
+
+  it('payloadCell: sentBytes of a primary, appliedBytes of a secondary (sentBytes of a secondary of an older daemon)', () => {
+    expect(payloadCell({ role: 'primary', sentBytes: 2 * MiB, appliedBytes: 0 })).to.equal('2.00 MiB');
+    expect(payloadCell({ role: 'secondary', sentBytes: 0, appliedBytes: 3 * MiB })).to.equal('3.00 MiB');
+    expect(payloadCell({ role: 'secondary', sentBytes: 5 * MiB } as MirrorStatusEntry)).to.equal('5.00 MiB');
   });
 
   it('formatStatus: a daemon without the rate field (older) still formats, rate shown as measuring', () => {

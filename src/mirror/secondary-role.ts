@@ -1,0 +1,280 @@
+import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { totalBytes, type Volume } from '../volume/volume.js';
+import { refuse } from '../wire/handshake.js';
+import type { AuthMsg, HelloMsg, ReadyMsg } from '../wire/messages.js';
+import type { Session } from '../wire/session.js';
+import type { RoleContext } from './context.js';
+import { Receiver, type ReplicaRecord } from './receiver.js';
+import { newState, type MirrorState } from './state.js';
+import type { MirrorStatus, Progress, SecondaryPhase } from './status.js';
+
+/** How long the allocated figure of the target in status is reused (ms). */
+const ALLOCATED_TTL_MS = 2000;
+
+/**
+ * What a Mirror runs while its role is secondary. Takes sessions the daemon
+ * has authenticated, checks the volume identity against the state, opens the
+ * target (from this host's config, never from the wire) and runs a
+ * {@link Receiver} on it until the session ends. A new session replaces a
+ * running one: its peer may be gone without the socket having noticed.
+ */
+export class SecondaryRole {
+  readonly role = 'secondary' as const;
+  private phase: SecondaryPhase = 'waiting';
+  private lastError: TmError | null = null;
+  private session: Session | null = null;
+  private receiver: Receiver | null = null;
+  /** The target while a session runs (the status reads its allocation from it). */
+  private target: Volume | null = null;
+  private sessionDone: Promise<void> = Promise.resolve();
+  private accepting: Promise<void> = Promise.resolve();
+  private appliedBase = 0;
+  private wireBytesBase = 0;
+  private allocated: { at: number; bytes: number } = { at: 0, bytes: 0 };
+  private stopped = false;
+  private sessions = 0;
+  private connectedSince: Date | null = null;
+
+  constructor(private readonly r: RoleContext) {}
+
+  private get name(): string {
+    return this.r.config.name;
+  }
+
+  async start(): Promise<void> {
+    const s = this.r.store.state;
+    if (s) {
+      // The allocated figure for status until the first session: one look at the target, if it exists.
+      try {
+        const v = await this.r.openVolume(this.r.config.volume, { readOnly: true });
+        try {
+          this.allocated = { at: Date.now(), bytes: totalBytes(await v.allocated()) };
+        } finally {
+          await v.close();
+        }
+      } catch {
+        // the target may not exist yet
+      }
+    }
+    this.r.log.info({ committedGeneration: s?.committedGeneration ?? 0, applying: s?.applying ?? null }, 'secondary mirror ready');
+  }
+
+  /** Take an authenticated session for this mirror (replacing a running one). */
+  accept(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
+    // One accept at a time: two sessions racing through the checks must not
+    // both end up applying to the target.
+    const run = this.accepting.then(() => this.acceptNow(session, hello, auth));
+    this.accepting = run.catch(() => {});
+    return run;
+  }
+
+  private async acceptNow(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
+    const c = this.r.config;
+    if (this.stopped) throw refuse(session, new TmError(ErrorCodes.CONNECTION, `mirror ${this.name} on this node is shutting down`));
+    if (this.session) {
+      this.r.log.warn({ peer: hello.node }, 'new session replaces the running one');
+      this.session.destroy(new TmError(ErrorCodes.CONNECTION, 'replaced by a new session'));
+      await this.sessionDone;
+    }
+    let target: Volume | undefined;
+    try {
+      if (auth.chunkSize !== c.chunkSize) {
+        throw refuse(
+          session,
+          new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${this.name}: the primary uses chunks of ${auth.chunkSize} bytes, this node's config says ${c.chunkSize} (chunkSize must match on both sides)`),
+        );
+      }
+      target = await this.openTarget(session, auth);
+      this.session = session;
+      const ready = await this.admit(session, hello, auth);
+      session.ctx.volumeSize = auth.volumeSize;
+      session.ctx.chunkSize = auth.chunkSize;
+      session.send(ready);
+    } catch (e) {
+      await target?.close();
+      const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
+      if (session.isOpen) refuse(session, err);
+      this.setError(err);
+      if (this.session === session) this.session = null;
+      throw err;
+    }
+    this.phase = 'idle';
+    this.lastError = null;
+    this.sessions++;
+    this.connectedSince = new Date();
+    this.target = target;
+    this.allocated.at = 0;
+    const s = this.r.store.state!;
+    this.r.log.info({ peer: hello.node, committedGeneration: s.committedGeneration, applying: s.applying, sessions: this.sessions }, 'session accepted');
+    const receiver = new Receiver(session, target, this.record(), {
+      chunkSize: s.chunkSize,
+      checkpointBytes: c.checkpointBytes,
+      checkpointInterval: c.checkpointInterval,
+      what: `mirror ${this.name}`,
+      log: this.r.log,
+    });
+    this.receiver = receiver;
+    const v = target;
+    this.sessionDone = receiver
+      .run()
+      .catch((e) => {
+        const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
+        if (session.isOpen) session.fail(err);
+        if (err.code === ErrorCodes.CONNECTION || err.code === ErrorCodes.ABORTED) {
+          this.r.log.info({ code: err.code }, err.message);
+          this.phase = 'waiting';
+        } else {
+          this.setError(err);
+        }
+      })
+      .finally(async () => {
+        this.wireBytesBase += session.counters.bytesIn;
+        this.appliedBase += receiver.appliedBytes;
+        this.receiver = null;
+        if (this.session === session) {
+          this.session = null;
+          this.connectedSince = null;
+        }
+        await this.refreshAllocated(true);
+        this.target = null;
+        await v.close().catch(() => {});
+      });
+  }
+
+  /** The state file as the receiver's durable record. */
+  private record(): ReplicaRecord {
+    const store = this.r.store;
+    const s = store.state!;
+    return {
+      get committedGeneration() {
+        return s.committedGeneration;
+      },
+      get applying() {
+        return s.applying;
+      },
+      saveApplying: async (a) => {
+        s.applying = a;
+        s.generation = Math.max(s.generation, a.generation);
+        await store.save();
+      },
+      saveCommitted: async (gen) => {
+        s.committedGeneration = gen;
+        s.applying = null;
+        s.committedAt = Date.now();
+        await store.save();
+        this.allocated.at = 0;
+      },
+    };
+  }
+
+  private async openTarget(session: Session, auth: AuthMsg): Promise<Volume> {
+    const path = this.r.config.volume;
+    let volume: Volume;
+    try {
+      volume = await this.r.openVolume(path, { create: { size: auth.volumeSize } });
+    } catch (e) {
+      throw refuse(session, asTmError(e, ErrorCodes.VOLUME_IO, `target ${path}`));
+    }
+    if (volume.size !== auth.volumeSize) {
+      await volume.close();
+      throw refuse(
+        session,
+        new TmError(ErrorCodes.SIZE_MISMATCH, `mirror ${this.name}: the source volume has ${auth.volumeSize} bytes but the target ${path} has ${volume.size}; nothing was written`),
+      );
+    }
+    return volume;
+  }
+
+  /** Check the primary's identity against the state (creating it on the first session); returns the ready frame. */
+  private async admit(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<ReadyMsg> {
+    const store = this.r.store;
+    let s: MirrorState | null = store.state;
+    if (s && s.volumeId === auth.volumeId && s.chunkSize !== auth.chunkSize) {
+      throw refuse(session, new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${this.name}: the primary uses chunks of ${auth.chunkSize} bytes, the replica was built with ${s.chunkSize}`));
+    }
+    if (s && s.volumeId !== auth.volumeId) {
+      if (!auth.fresh) {
+        throw refuse(
+          session,
+          new TmError(
+            ErrorCodes.IDENTITY_MISMATCH,
+            `mirror ${this.name}: the primary's volume id ${auth.volumeId} is not ${s.volumeId}, the volume this replica holds; nothing was written (remove ${store.file} to replace the replica)`,
+          ),
+        );
+      }
+      // The primary lost its tracking state (or is new) and says so: keep the
+      // replica and its generation numbers; the primary compares digests with it.
+      this.r.log.warn({ was: s.volumeId, now: auth.volumeId, committedGeneration: s.committedGeneration }, 'the primary has no tracking state: adopting its volume id; it will compare digests with this replica');
+      s.volumeId = auth.volumeId;
+      s.peerNode = hello.node;
+      await store.save();
+    }
+    if (!s) {
+      s = newState('secondary', { volumeId: auth.volumeId, volumeSize: auth.volumeSize, chunkSize: auth.chunkSize, peerNode: hello.node });
+      await store.set(s);
+    } else if (s.peerNode !== hello.node) {
+      s.peerNode = hello.node;
+      await store.save();
+    }
+    return { type: 'ready', committedGeneration: s.committedGeneration, applying: s.applying };
+  }
+
+  private setError(err: TmError): void {
+    this.lastError = err;
+    this.phase = 'error';
+    this.r.log.error({ code: err.code }, err.message);
+  }
+
+  /** The target's allocated bytes, looked up at most every ALLOCATED_TTL_MS on the open target (`now`: at once). */
+  private async refreshAllocated(now = false): Promise<void> {
+    const t = this.target;
+    if (!t || (!now && Date.now() - this.allocated.at <= ALLOCATED_TTL_MS)) return;
+    try {
+      this.allocated = { at: Date.now(), bytes: totalBytes(await t.allocated()) };
+    } catch {
+      // closed meanwhile: keep the last figure
+    }
+  }
+
+  async status(): Promise<MirrorStatus> {
+    const s = this.r.store.state;
+    await this.refreshAllocated();
+    const progress: Progress | null = this.receiver?.progress ? { ...this.receiver.progress } : null;
+    return {
+      name: this.name,
+      role: 'secondary',
+      // Inside a generation while the receiver has one open.
+      state: this.phase === 'idle' && progress ? 'receiving' : this.phase,
+      volume: this.r.config.volume,
+      peer: s?.peerNode ?? null,
+      trackingMode: null,
+      chunkSize: s?.chunkSize ?? this.r.config.chunkSize,
+      volumeBytes: s?.volumeSize ?? 0,
+      allocatedBytes: this.allocated.bytes,
+      sentBytes: 0,
+      appliedBytes: this.appliedBase + (this.receiver?.appliedBytes ?? 0),
+      wireBytes: this.wireBytesBase + (this.session?.counters.bytesIn ?? 0),
+      dirtyBytes: 0,
+      generation: s?.applying?.generation ?? s?.committedGeneration ?? 0,
+      committedGeneration: s?.committedGeneration ?? 0,
+      lagSeconds: null,
+      progress,
+      lastCycle: null,
+      error: this.lastError ? this.lastError.toJSON() : null,
+      sessions: this.sessions,
+      connectedSince: this.session && this.connectedSince ? this.connectedSince.toISOString() : null,
+    };
+  }
+
+  /** Stop: end the session (the primary resends from the durable cursor). Idempotent. */
+  async stop(abort = false): Promise<void> {
+    this.stopped = true;
+    // A session being accepted right now is let through its checks first, so
+    // that it is closed below rather than left applying after the stop.
+    await this.accepting;
+    if (abort) this.session?.destroy();
+    else this.session?.close();
+    await this.sessionDone;
+    this.phase = 'stopped';
+  }
+}

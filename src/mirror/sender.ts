@@ -1,0 +1,223 @@
+import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { bitmapRuns, type RoaringBitmap32 } from '../track/bitmap-store.js';
+import { Coalesced } from '../util/coalesce.js';
+import type { Volume } from '../volume/volume.js';
+import { segments, type Segment } from '../volume/walk.js';
+import { isAllZero } from '../volume/zero.js';
+import type { ExtentMsg } from '../wire/messages.js';
+import { compressPayload } from '../wire/payload.js';
+import type { Session } from '../wire/session.js';
+import { FlowControl } from './flow.js';
+import { bitmapBytes } from './generations.js';
+import { ReadRing } from './read-ring.js';
+import type { Progress } from './status.js';
+
+/** Read requests prepared ahead of the socket (operations in flight on the read side). */
+const READ_AHEAD = 32;
+/** ... and at most this many bytes of them (scattered small pieces: many reads in flight; 1 MiB pieces: 4). */
+const READ_AHEAD_BYTES = 4 * 1024 * 1024;
+/** Frame bytes besides the payload, counted against a bandwidth cap (an estimate: msgpack keys and ws header). */
+export const FRAME_OVERHEAD = 96;
+
+type Prepared = Omit<ExtentMsg, 'seq'>;
+
+/** One generation to send: its number, its changed chunks and where the secondary's durable cursor stands. */
+export interface GenerationChanges {
+  generation: number;
+  bitmap: RoaringBitmap32;
+  /** Bytes below which the secondary holds the generation durably (0: from the start). */
+  resumeFrom: number;
+  /**
+   * Told what is sent for each chunk (`data` null: `count` chunks from `chunk`
+   * travel as zeros or a hole); the scan change source learns its digests here.
+   */
+  recordSent(chunk: number, data: Buffer | null, count?: number): void;
+}
+
+export interface SenderOptions {
+  chunkSize: number;
+  /** Largest piece read and sent as one extent (bytes). */
+  maxExtent: number;
+  /** Frame bytes sent and not yet acknowledged (flow control). */
+  maxInFlight: number;
+  signal: AbortSignal;
+  /** Bandwidth cap: resolves when `bytes` more may go on the wire. */
+  throttle?: (bytes: number, signal: AbortSignal) => Promise<void>;
+  /**
+   * The secondary reported `durable` bytes of this generation as durable (it
+   * made a checkpoint). Runs synchronously; {@link persist} then follows.
+   */
+  onDurable(durable: number): void;
+  /** Make the sending side's checkpoint (tracking state, then the cursor) durable. One at a time, coalesced. */
+  persist(): Promise<void>;
+}
+
+/** Bytes counted over the life of a role (shared by its senders). */
+export interface SendCounters {
+  /** Data payload bytes before compression. */
+  sentBytes: number;
+  /** Bytes read from views. */
+  readBytes: number;
+}
+
+
+/**
+ * Sends one generation over a session and returns once the secondary has
+ * committed it: `begin`, the extents of the changed chunks in ascending order,
+ * `commit`. The extent pipeline: the changed chunks are cut against the
+ * view's allocation map (holes travel as trims and are never read), allocated
+ * pieces are read ahead into one ring of buffers, all-zero chunks become zero
+ * extents, the rest data extents compressed by the payload codec; flow control
+ * bounds the frame bytes not yet acknowledged, and each checkpoint the
+ * secondary reports is followed by one of ours. Knows nothing of state files,
+ * change sources or sockets.
+ */
+export class Sender {
+  readonly progress: Progress;
+  private readonly cs: number;
+
+  constructor(
+    private readonly view: Volume,
+    private readonly changes: GenerationChanges,
+    private readonly session: Session,
+    private readonly o: SenderOptions,
+    private readonly counters: SendCounters = { sentBytes: 0, readBytes: 0 },
+  ) {
+    this.cs = o.chunkSize;
+    const total = this.bytesFrom(0);
+    this.progress = { generation: changes.generation, doneBytes: total - this.bytesFrom(Math.ceil(changes.resumeFrom / this.cs)), totalBytes: total };
+  }
+
+  private bytesFrom(chunk: number): number {
+    return bitmapBytes(this.changes.bitmap, this.cs, this.view.size, chunk);
+  }
+
+  async run(): Promise<void> {
+    const { generation: gen, resumeFrom } = this.changes;
+    const session = this.session;
+    const flow = new FlowControl(this.o.maxInFlight);
+    const checkpoint = new Coalesced(this.o.persist, (e) => flow.fail(asTmError(e, ErrorCodes.STATE, `checkpoint of generation ${gen}`)));
+    let durable = resumeFrom;
+    const reader = (async () => {
+      for (;;) {
+        const m = await session.next();
+        if (m.type === 'ack') {
+          flow.acked(m.seq);
+          this.progress.doneBytes = this.progress.totalBytes - this.bytesFrom(Math.ceil(flow.ackedEnd / this.cs));
+          if (m.durable > durable) {
+            // The secondary made a checkpoint: make ours too, so that after a crash
+            // neither the cursor nor the digests of what it holds are lost.
+            durable = m.durable;
+            this.o.onDurable(durable);
+            checkpoint.request();
+          }
+        } else if (m.type === 'committed') {
+          if (m.generation !== gen || !flow.drained) {
+            throw new TmError(ErrorCodes.PROTOCOL, `committed(${m.generation}) while generation ${gen} has extents unacknowledged`);
+          }
+          return;
+        } else {
+          throw new TmError(ErrorCodes.PROTOCOL, `unexpected ${m.type} frame from the secondary during generation ${gen}`);
+        }
+      }
+    })();
+    reader.catch((e) => flow.fail(asTmError(e, ErrorCodes.CONNECTION)));
+
+    session.send({ type: 'begin', generation: gen, resumeFrom });
+    let seq = 0;
+    for await (const ext of this.extents(Math.ceil(resumeFrom / this.cs))) {
+      await flow.ready();
+      if (this.o.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
+      const msg = { ...ext, seq: ++seq } as ExtentMsg;
+      if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
+      const n = session.send(msg);
+      flow.sent(seq, n, msg.offset + msg.length);
+      if (msg.kind === 'data') this.counters.sentBytes += msg.length;
+    }
+    session.send({ type: 'commit', generation: gen });
+    try {
+      await reader;
+    } finally {
+      await checkpoint.settled().catch(() => {});
+    }
+    await checkpoint.settled();
+  }
+
+  /** The generation's byte ranges from `fromChunk`, as holes and allocated pieces of at most maxExtent bytes. */
+  private *pieces(alloc: Awaited<ReturnType<Volume['allocated']>>, fromChunk: number): Generator<Segment> {
+    const cs = this.cs;
+    const size = this.view.size;
+    const ranges = (function* (bitmap: RoaringBitmap32): Generator<[number, number]> {
+      for (const [a, b] of bitmapRuns(bitmap, fromChunk)) yield [a * cs, Math.min(b * cs, size)];
+    })(this.changes.bitmap);
+    yield* segments(ranges, alloc, this.o.maxExtent);
+  }
+
+  /**
+   * Extents of the generation with up to READ_AHEAD pieces (READ_AHEAD_BYTES)
+   * read and compressed ahead of the socket. Pieces are read into one ring of
+   * buffers: a piece's buffer goes back when the consumer asks for what
+   * follows its extents, i.e. after it has encoded (copied) and sent all of them.
+   */
+  private async *extents(fromChunk: number): AsyncGenerator<Prepared> {
+    const alloc = await this.view.allocated(this.cs);
+    // A piece takes twice its length: the bytes read, then room for their lz4 form.
+    const ring = new ReadRing(2 * (READ_AHEAD_BYTES + 2 * this.o.maxExtent));
+    const ahead: { p: Promise<Prepared[]>; bytes: number; buf: Buffer | null }[] = [];
+    let aheadBytes = 0;
+    const next = async function* () {
+      const a = ahead.shift()!;
+      aheadBytes -= a.bytes;
+      yield* await a.p;
+      if (a.buf) ring.release(a.buf);
+    };
+    for (const seg of this.pieces(alloc, fromChunk)) {
+      const buf = seg.hole ? null : ring.take(2 * seg.length);
+      const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(seg, buf!);
+      p.catch(() => {}); // awaited below in order; avoid an unhandled rejection meanwhile
+      const bytes = seg.hole ? 0 : seg.length;
+      ahead.push({ p, bytes, buf });
+      aheadBytes += bytes;
+      while (ahead.length >= READ_AHEAD || aheadBytes >= READ_AHEAD_BYTES) yield* next();
+    }
+    while (ahead.length) yield* next();
+  }
+
+  private hole(seg: Segment): Prepared[] {
+    this.changes.recordSent(seg.offset / this.cs, null, Math.ceil(seg.length / this.cs));
+    return [{ type: 'extent', kind: 'trim', offset: seg.offset, length: seg.length }];
+  }
+
+  /**
+   * Read one allocated piece into the first half of `into` (2 × its length);
+   * all-zero chunks become zero extents, the rest data, lz4-compressed into
+   * the second half.
+   */
+  private async prepare(seg: Segment, into: Buffer): Promise<Prepared[]> {
+    const cs = this.cs;
+    const buf = await this.view.read(seg.offset, seg.length, into.subarray(0, seg.length));
+    const lz4Room = into.subarray(seg.length);
+    this.counters.readBytes += seg.length;
+    const out: Prepared[] = [];
+    const runs: { zero: boolean; start: number; end: number }[] = [];
+    for (let at = 0; at < buf.length; at += cs) {
+      const chunk = buf.subarray(at, Math.min(at + cs, buf.length));
+      const zero = isAllZero(chunk);
+      this.changes.recordSent((seg.offset + at) / cs, zero ? null : chunk);
+      const last = runs[runs.length - 1];
+      if (last && last.zero === zero) last.end = at + chunk.length;
+      else runs.push({ zero, start: at, end: at + chunk.length });
+    }
+    for (const r of runs) {
+      const offset = seg.offset + r.start;
+      const length = r.end - r.start;
+      if (r.zero) {
+        out.push({ type: 'extent', kind: 'zero', offset, length });
+      } else {
+        const { codec, payload, crc32c } = await compressPayload(buf.subarray(r.start, r.end), lz4Room.subarray(r.start, r.end));
+        out.push({ type: 'extent', kind: 'data', offset, length, codec, crc32c, payload });
+      }
+    }
+    return out;
+  }
+}

@@ -1,0 +1,35 @@
+import type { TrackingMode } from '../track/source.js';
+import type { TlsFiles } from '../wire/tls.js';
+
+/**
+ * One mirror as the config resolves it (defaults applied, sizes in bytes,
+ * durations in seconds). Defined here, below the daemon that parses it, so
+ * that the mirror layer never imports upward.
+ */
+export interface MirrorConfig {
+  name: string;
+  /** The role the mirror starts with when it has no state yet (and must match the state's). */
+  role: 'primary' | 'secondary';
+  /** Path of the volume (source on a primary, target on a secondary): a file, a block device, or memory:NAME. */
+  volume: string;
+  /** ws:// or wss:// URL of the secondary (primary only). */
+  peer?: string;
+  /** A primary with a wss:// peer: the mirror's own `tls:` files, else the node's. */
+  tls?: TlsFiles;
+  /** Plain ws:// accepted off loopback: to the peer (primary), on the listener (secondary). */
+  insecure: boolean;
+  chunkSize: number;
+  maxInFlight: number;
+  maxExtent: number;
+  checkpointBytes: number;
+  checkpointInterval: number;
+  reconnectMin: number;
+  reconnectMax: number;
+  tracking: { mode: TrackingMode; interval: number };
+  /** LVM thin pool of the volume (`tracking.mode: lvm-thin`): volume group and pool name. */
+  lvm?: { vg: string; pool: string };
+  /** Cap of this mirror's sends in bytes per second (primary only); absent: unlimited. */
+  bandwidth?: number;
+  /** Cap shared by every mirror to the same peer (from `peers:`), bytes per second; absent: unlimited. */
+  peerBandwidth?: number;
+}

@@ -1,0 +1,133 @@
+import { expect } from 'chai';
+import { once } from 'node:events';
+import * as http from 'node:http';
+import * as net from 'node:net';
+import { pino } from 'pino';
+import { ErrorCodes } from '../../src/errors.js';
+import type { Session } from '../../src/wire/session.js';
+import { connect, listen, type Listener } from '../../src/wire/transport.js';
+import { rejection } from '../helpers/rejection.js';
+
+const log = pino({ level: 'silent' });
+
+/** A loopback listener; `accepted()` gives its sessions in the order they arrived. */
+async function loopback(): Promise<{ listener: Listener; url: string; accepted: () => Promise<Session> }> {
+  const waiting: Session[] = [];
+  const wanted: ((s: Session) => void)[] = [];
+  const listener = await listen({
+    host: '127.0.0.1',
+    port: 0,
+    tls: null,
+    log,
+    onSession: (s) => {
+      const w = wanted.shift();
+      if (w) w(s);
+      else waiting.push(s);
+    },
+  });
+  const accepted = () => new Promise<Session>((resolve) => (waiting.length > 0 ? resolve(waiting.shift()!) : wanted.push(resolve)));
+  return { listener, url: `ws://127.0.0.1:${listener.address.port}`, accepted };
+}
+
+/** A port nothing listens on (just closed). */
+async function closedPort(): Promise<number> {
+  const s = net.createServer().listen(0, '127.0.0.1');
+  await once(s, 'listening');
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+describe('transport: the WebSocket listener and client (loopback, no TLS)', () => {
+  it('connect() and listen() exchange messages both ways; a close reaches the other side', async () => {
+    const { listener, url, accepted } = await loopback();
+    try {
+      expect(listener.address).to.include({ host: '127.0.0.1', tls: false });
+      expect(listener.address.port).to.be.greaterThan(0);
+      const client = await connect(url, { tls: null, signal: new AbortController().signal });
+      const server = await accepted();
+      expect(client.peerName).to.equal(`secondary ${url}`);
+      expect(server.peerName).to.match(/^primary 127\.0\.0\.1:\d+$/);
+      client.send({ type: 'commit', generation: 1 });
+      expect(await server.next(2000)).to.deep.equal({ type: 'commit', generation: 1 });
+      server.send({ type: 'committed', generation: 1 });
+      expect(await client.next(2000)).to.deep.equal({ type: 'committed', generation: 1 });
+      client.close();
+      const err = await server.closed;
+      expect(err?.code).to.equal(ErrorCodes.CONNECTION);
+      expect(err?.message).to.equal(`${server.peerName} closed the session`);
+    } finally {
+      await listener.close();
+    }
+  });
+
+  it('close() terminates the sessions it accepted and stops listening; it is idempotent', async () => {
+    const { listener, url, accepted } = await loopback();
+    const client = await connect(url, { tls: null, signal: new AbortController().signal });
+    await accepted();
+    await Promise.all([listener.close(), listener.close()]);
+    const err = await client.closed;
+    expect(err?.code).to.equal(ErrorCodes.CONNECTION);
+    expect(err?.message).to.contain('code 1006');
+    const again = await rejection(connect(url, { tls: null, signal: new AbortController().signal }));
+    expect(again.code).to.equal(ErrorCodes.CONNECTION);
+  });
+
+  it('answers a plain HTTP request with 426', async () => {
+    const { listener, url } = await loopback();
+    try {
+      const res = await new Promise<http.IncomingMessage>((resolve, reject) => http.get(url.replace('ws:', 'http:'), resolve).on('error', reject));
+      let body = '';
+      for await (const chunk of res.setEncoding('utf8')) body += chunk as string;
+      expect(res.statusCode).to.equal(426);
+      expect(body).to.equal('thinmirror: WebSocket upgrade required\n');
+    } finally {
+      await listener.close();
+    }
+  });
+
+  it('a port already in use is TM_ERR_CONNECTION naming host:port', async () => {
+    const { listener } = await loopback();
+    try {
+      const { port } = listener.address;
+      const err = await rejection(listen({ host: '127.0.0.1', port, tls: null, log, onSession: () => {} }));
+      expect(err.code).to.equal(ErrorCodes.CONNECTION);
+      expect(err.message).to.contain(`listening on 127.0.0.1:${port}`);
+    } finally {
+      await listener.close();
+    }
+  });
+
+  it('connect() to a closed port is TM_ERR_CONNECTION "cannot connect to <url>" with the cause', async () => {
+    const url = `ws://127.0.0.1:${await closedPort()}`;
+    const err = await rejection(connect(url, { tls: null, signal: new AbortController().signal }));
+    expect(err.code).to.equal(ErrorCodes.CONNECTION);
+    expect(err.message).to.match(new RegExp(`^cannot connect to ${url}: connect ECONNREFUSED`));
+    expect((err.cause as NodeJS.ErrnoException).code).to.equal('ECONNREFUSED');
+  });
+
+  it('aborting the signal during the upgrade terminates the socket and rejects with TM_ERR_CONNECTION', async () => {
+    // A server that accepts TCP and never answers the upgrade.
+    const sockets: net.Socket[] = [];
+    const silent = net.createServer((s) => sockets.push(s)).listen(0, '127.0.0.1');
+    await once(silent, 'listening');
+    try {
+      const url = `ws://127.0.0.1:${(silent.address() as net.AddressInfo).port}`;
+      const ac = new AbortController();
+      const pending = rejection(connect(url, { tls: null, signal: ac.signal }));
+      await once(silent, 'connection');
+      const closed = once(sockets[0]!, 'close');
+      ac.abort();
+      const err = await pending;
+      expect(err.code).to.equal(ErrorCodes.CONNECTION);
+      expect(err.message).to.contain(`cannot connect to ${url}`);
+      await closed; // the client's socket is gone
+      // A signal aborted before connect() is honoured as well.
+      const early = await rejection(connect(url, { tls: null, signal: AbortSignal.abort() }));
+      expect(early.code).to.equal(ErrorCodes.CONNECTION);
+    } finally {
+      for (const s of sockets) s.destroy();
+      await new Promise((r) => silent.close(r));
+    }
+  });
+});
