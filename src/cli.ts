@@ -9,6 +9,9 @@ Usage:
   thinmirror status --config FILE [--json]  show the mirrors of a running daemon
   thinmirror map PATH [--json] [--chunk-size SIZE]
                                             print the allocation map of a volume
+  thinmirror rollback MIRROR --config FILE [--json]
+                                            restore a stopped secondary's replica to its
+                                            last committed generation
   thinmirror demo [--size SIZE] [--keep]    mirror a sample volume on loopback, end to end
   thinmirror --help | --version
 
@@ -73,6 +76,14 @@ async function main(argv: string[]): Promise<number> {
       const m = await describeMap(file, chunk);
       console.log(values.json ? JSON.stringify(m, null, 2) : formatMap(m));
       return EXIT.OK;
+    }
+    case 'rollback': {
+      const { values, positionals } = parse('rollback', rest, { config: { type: 'string', short: 'c' }, json: { type: 'boolean' } }, 1);
+      if (values.help) return help();
+      const name = positionals[0];
+      if (!name) throw new TmError(ErrorCodes.USAGE, 'rollback: MIRROR is required');
+      const { runRollback } = await import('./cli/rollback.js');
+      return runRollback(requireOpt('rollback', values.config, 'config'), name, values.json ?? false);
     }
     case 'demo': {
       const { values } = parse('demo', rest, { size: { type: 'string' }, keep: { type: 'boolean' } });

@@ -61,6 +61,8 @@ export const ErrorCodes = {
   TRACKING: 'TM_ERR_TRACKING',
   /** The two images differ (demo / verify). */
   VERIFY: 'TM_ERR_VERIFY',
+  /** consistency: reflink where the target's filesystem has no reflink, or a base/journal that cannot be made. */
+  CONSISTENCY: 'TM_ERR_CONSISTENCY',
   /** An invariant was violated: a bug. */
   INTERNAL: 'TM_ERR_INTERNAL',
 } as const;

@@ -19,10 +19,11 @@ export const DEFAULTS = {
   reconnectMax: 30,
   trackingMode: 'auto',
   trackingInterval: 30,
+  consistency: 'auto',
 } as const;
 
 export type { MirrorConfig } from '../mirror/settings.js';
-import type { MirrorConfig } from '../mirror/settings.js';
+import { CONSISTENCY_MODES, type MirrorConfig } from '../mirror/settings.js';
 
 /** The key mirrors to one peer share a bandwidth bucket under: the URL's host:port. */
 export function peerKey(url: string): string {
@@ -98,6 +99,8 @@ const mirrorSchema = z.strictObject({
   maxInFlight: size.optional(),
   maxExtent: size.optional(),
   checkpoint: z.strictObject({ bytes: size.optional(), interval: duration.optional() }).optional(),
+  consistency: z.enum(CONSISTENCY_MODES).optional(),
+  consistencyDir: pathString.optional(),
   reconnect: z.strictObject({ min: duration.optional(), max: duration.optional() }).optional(),
   tracking: z.strictObject({ mode: z.enum(TRACKING_MODES).optional(), interval: duration.optional() }).optional(),
   lvm: z.strictObject({ pool: z.string().regex(/^[A-Za-z0-9+_.-]+\/[A-Za-z0-9+_.-]+$/, 'expected VG/POOL, e.g. vg0/pool0') }).optional(),
@@ -189,6 +192,8 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       maxExtent: m.maxExtent ?? DEFAULTS.maxExtent,
       checkpointBytes: m.checkpoint?.bytes ?? DEFAULTS.checkpointBytes,
       checkpointInterval: m.checkpoint?.interval ?? DEFAULTS.checkpointInterval,
+      consistency: m.consistency ?? DEFAULTS.consistency,
+      ...(m.consistencyDir !== undefined ? { consistencyDir: abs(m.consistencyDir) } : {}),
       reconnectMin: m.reconnect?.min ?? DEFAULTS.reconnectMin,
       reconnectMax: m.reconnect?.max ?? DEFAULTS.reconnectMax,
       tracking: { mode: m.tracking?.mode ?? DEFAULTS.trackingMode, interval: m.tracking?.interval ?? DEFAULTS.trackingInterval },

@@ -22,6 +22,13 @@ export interface Applying {
 export interface ReplicaRecord {
   readonly committedGeneration: number;
   readonly applying: Applying | null;
+  /**
+   * Generation `gen` begins (or resumes at `resumeFrom`): called before any
+   * write of it, so that the committed image stays restorable (a base image,
+   * an undo journal), and the first time also to record that the target is
+   * now between `committedGeneration` and `gen`.
+   */
+  begin(gen: number, resumeFrom: number): Promise<void>;
   /** The target is between `committedGeneration` and `a.generation`, durable below `a.cursor`. */
   saveApplying(a: Applying): Promise<void>;
   /** The target holds generation `gen` durably. */
@@ -107,7 +114,7 @@ export class Receiver {
             current = msg.generation;
             nextOffset = durable = msg.resumeFrom;
             // From here the target is between committed and `current`.
-            if (!a || a.generation !== current) await rec.saveApplying({ generation: current, cursor: msg.resumeFrom });
+            await rec.begin(current, msg.resumeFrom);
             this.progress = { generation: current, doneBytes: msg.resumeFrom, totalBytes: target.size };
             lastCheckpointAt = Date.now();
             this.o.log.info({ generation: current, resumeFrom: msg.resumeFrom }, 'generation begins');

@@ -4,7 +4,8 @@ import { refuse } from '../wire/handshake.js';
 import type { AuthMsg, HelloMsg, ReadyMsg } from '../wire/messages.js';
 import type { Session } from '../wire/session.js';
 import type { RoleContext } from './context.js';
-import { Receiver, type ReplicaRecord } from './receiver.js';
+import { Consistency, rollbackTarget } from './consistency.js';
+import { Receiver, type Applying, type ReplicaRecord } from './receiver.js';
 import { newState, type MirrorState } from './state.js';
 import type { MirrorStatus, Progress, SecondaryPhase } from './status.js';
 
@@ -28,6 +29,7 @@ export class SecondaryRole {
   private target: Volume | null = null;
   private sessionDone: Promise<void> = Promise.resolve();
   private accepting: Promise<void> = Promise.resolve();
+  private consistency: Consistency | null = null;
   private appliedBase = 0;
   private wireBytesBase = 0;
   private allocated: { at: number; bytes: number } = { at: 0, bytes: 0 };
@@ -43,6 +45,7 @@ export class SecondaryRole {
 
   async start(): Promise<void> {
     const s = this.r.store.state;
+    if (s && s.applying === null) await this.finishRollback(s.committedGeneration);
     if (s) {
       // The allocated figure for status until the first session: one look at the target, if it exists.
       try {
@@ -57,6 +60,27 @@ export class SecondaryRole {
       }
     }
     this.r.log.info({ committedGeneration: s?.committedGeneration ?? 0, applying: s?.applying ?? null }, 'secondary mirror ready');
+  }
+
+  /**
+   * Nothing is being applied, yet a base image or journal above the committed
+   * generation is left: a rollback was interrupted (it records `applying:
+   * null` first) or a crash came between preparing a generation and recording
+   * it. Either way restoring the committed image is what must happen.
+   */
+  private async finishRollback(committed: number): Promise<void> {
+    let v: Volume;
+    try {
+      v = await this.r.openVolume(this.r.config.volume, {});
+    } catch {
+      return; // no target yet: nothing to restore
+    }
+    try {
+      const r = await rollbackTarget(this.r.config, this.r.store.dir, v, committed, this.r.log);
+      if (r.generation !== null) this.r.log.warn({ mode: r.mode, committedGeneration: committed, bytes: r.bytes }, 'an interrupted rollback was completed: the target holds the committed generation');
+    } finally {
+      await v.close();
+    }
   }
 
   /** Take an authenticated session for this mirror (replacing a running one). */
@@ -76,6 +100,7 @@ export class SecondaryRole {
       this.session.destroy(new TmError(ErrorCodes.CONNECTION, 'replaced by a new session'));
       await this.sessionDone;
     }
+    let raw: Volume | undefined;
     let target: Volume | undefined;
     try {
       if (auth.chunkSize !== c.chunkSize) {
@@ -84,14 +109,18 @@ export class SecondaryRole {
           new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${this.name}: the primary uses chunks of ${auth.chunkSize} bytes, this node's config says ${c.chunkSize} (chunkSize must match on both sides)`),
         );
       }
-      target = await this.openTarget(session, auth);
+      raw = await this.openTarget(session, auth);
       this.session = session;
       const ready = await this.admit(session, hello, auth);
+      // The consistency mode is resolved once the target exists (the first session creates it).
+      this.consistency ??= await Consistency.pick(c, this.r.store.dir, raw, this.r.log);
+      if (this.consistency.choice.reason) this.r.log.info({ consistency: this.consistency.choice.mode }, `consistency auto: ${this.consistency.choice.reason}`);
+      target = await this.consistency.wrap(raw, this.r.store.state!.committedGeneration);
       session.ctx.volumeSize = auth.volumeSize;
       session.ctx.chunkSize = auth.chunkSize;
       session.send(ready);
     } catch (e) {
-      await target?.close();
+      await (target ?? raw)?.close();
       const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
       if (session.isOpen) refuse(session, err);
       this.setError(err);
@@ -106,7 +135,7 @@ export class SecondaryRole {
     this.allocated.at = 0;
     const s = this.r.store.state!;
     this.r.log.info({ peer: hello.node, committedGeneration: s.committedGeneration, applying: s.applying, sessions: this.sessions }, 'session accepted');
-    const receiver = new Receiver(session, target, this.record(), {
+    const receiver = new Receiver(session, target, this.record(target), {
       chunkSize: s.chunkSize,
       checkpointBytes: c.checkpointBytes,
       checkpointInterval: c.checkpointInterval,
@@ -141,10 +170,16 @@ export class SecondaryRole {
       });
   }
 
-  /** The state file as the receiver's durable record. */
-  private record(): ReplicaRecord {
+  /** The state file as the receiver's durable record; `target` is what the receiver writes (journaled or not). */
+  private record(target: Volume): ReplicaRecord {
     const store = this.r.store;
     const s = store.state!;
+    const consistency = this.consistency!;
+    const saveApplying = async (a: Applying) => {
+      s.applying = a;
+      s.generation = Math.max(s.generation, a.generation);
+      await store.save();
+    };
     return {
       get committedGeneration() {
         return s.committedGeneration;
@@ -152,17 +187,20 @@ export class SecondaryRole {
       get applying() {
         return s.applying;
       },
-      saveApplying: async (a) => {
-        s.applying = a;
-        s.generation = Math.max(s.generation, a.generation);
-        await store.save();
+      begin: async (gen, resumeFrom) => {
+        // The base or the journal first: a crash before `applying` is saved leaves the target untouched.
+        await consistency.begin(target, gen, s.committedGeneration);
+        if (!s.applying || s.applying.generation !== gen) await saveApplying({ generation: gen, cursor: resumeFrom });
       },
+      saveApplying,
       saveCommitted: async (gen) => {
         s.committedGeneration = gen;
         s.applying = null;
         s.committedAt = Date.now();
         await store.save();
         this.allocated.at = 0;
+        // Only now may the base or the journal go: the commit is durable.
+        await consistency.committed(target, gen);
       },
     };
   }
@@ -260,6 +298,12 @@ export class SecondaryRole {
       lagSeconds: null,
       progress,
       lastCycle: null,
+      consistency: {
+        mode: this.consistency?.choice.mode ?? null,
+        reason: this.consistency?.choice.reason ?? null,
+        // With a base image or a journal the committed generation can always be restored; with off only while nothing is applied.
+        consistentGeneration: s && (s.applying === null || (this.consistency && this.consistency.choice.mode !== 'off')) ? s.committedGeneration : null,
+      },
       error: this.lastError ? this.lastError.toJSON() : null,
       sessions: this.sessions,
       connectedSince: this.session && this.connectedSince ? this.connectedSince.toISOString() : null,

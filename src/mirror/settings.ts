@@ -6,6 +6,15 @@ import type { TlsFiles } from '../wire/tls.js';
  * durations in seconds). Defined here, below the daemon that parses it, so
  * that the mirror layer never imports upward.
  */
+export const CONSISTENCY_MODES = ['auto', 'reflink', 'journal', 'off'] as const;
+/**
+ * How a secondary keeps a consistent image while a generation is applied:
+ * `reflink` a FICLONE base image of the last committed generation, `journal`
+ * an undo journal, `off` none; `auto` picks reflink where the target's
+ * filesystem has it, journal elsewhere.
+ */
+export type ConsistencyMode = (typeof CONSISTENCY_MODES)[number];
+
 export interface MirrorConfig {
   name: string;
   /** The role the mirror starts with when it has no state yet (and must match the state's). */
@@ -26,6 +35,10 @@ export interface MirrorConfig {
   reconnectMin: number;
   reconnectMax: number;
   tracking: { mode: TrackingMode; interval: number };
+  /** Secondary: how the replica stays consistent while a generation is applied. */
+  consistency: ConsistencyMode;
+  /** Secondary: where base images and journals live (default: `.thinmirror/<name>/` next to a file target; the mirror's state directory for a block device). */
+  consistencyDir?: string;
   /** LVM thin pool of the volume (`tracking.mode: lvm-thin`): volume group and pool name. */
   lvm?: { vg: string; pool: string };
   /** Cap of this mirror's sends in bytes per second (primary only); absent: unlimited. */

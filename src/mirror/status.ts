@@ -58,6 +58,13 @@ export interface MirrorStatus {
   lastCycle: CycleReport | null;
   /** Primary only: the last reconciliation by digests, null when there was none in this daemon's life. */
   reconcile?: ReconcileReport | null;
+  /**
+   * Secondary only: how the replica stays consistent. `mode` null until the
+   * first session resolves it; `consistentGeneration` is the generation the
+   * replica can be brought back to now (rollback), null when none (mode off
+   * while a generation is applied: a torn image).
+   */
+  consistency?: { mode: 'reflink' | 'journal' | 'off' | null; reason: string | null; consistentGeneration: number | null };
   error: { code: ErrorCode; message: string } | null;
   /**
    * Sessions established (primary: handshake done; secondary: accepted) over

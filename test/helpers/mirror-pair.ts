@@ -28,6 +28,7 @@ export function memoryMirrorConfig(name: string, role: 'primary' | 'secondary', 
     reconnectMin: 0.005,
     reconnectMax: 0.02,
     tracking: { mode: 'scan', interval: 0.02 },
+    consistency: 'auto',
     ...o,
   };
 }
@@ -60,7 +61,7 @@ export class MemoryMirrorPair {
     readonly sourceName: string,
     readonly targetName: string,
     size: number,
-    private readonly configs: { primary: MirrorConfig; secondary: MirrorConfig },
+    readonly configs: { primary: MirrorConfig; secondary: MirrorConfig },
   ) {
     this.source = MemoryVolume.create(size, { path: sourceName });
     MemoryVolume.register(sourceName.slice('memory:'.length), this.source);

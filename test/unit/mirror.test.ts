@@ -7,6 +7,8 @@ import { prng, textLike } from '../../src/util/sample.js';
 import { sameContent, type MemoryVolume } from '../../src/volume/memory.js';
 import { totalBytes } from '../../src/volume/volume.js';
 import { MemoryMirrorPair } from '../helpers/mirror-pair.js';
+import { pino } from 'pino';
+import { rollbackStopped } from '../../src/mirror/rollback.js';
 
 const FIXTURES = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'state-format1');
 const KiB = 1024;
@@ -163,6 +165,81 @@ describe('mirror engine over MemoryVolumes and in-memory sessions (no processes)
     expect(st.sentBytes).to.equal(above);
     const migrated = JSON.parse(await fsp.readFile(path.join(pair.secondaryState, 'vm1', 'state.json'), 'utf8'));
     expect(migrated).to.include({ format: 2, role: 'secondary', committedGeneration: 1 });
+  });
+
+  describe('consistency: journal (undo journal on a MemoryVolume target) and rollback', () => {
+    /** Sync generation 1, then cut the link for good in the middle of generation 2 and stop both sides. Returns the image of generation 1. */
+    async function tornSecondGeneration(): Promise<MemoryVolume> {
+      pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { checkpointBytes: 64 * KiB } });
+      await fill(pair.source, 21);
+      await pair.startSecondary();
+      await pair.startPrimary();
+      await pair.waitCommitted(1);
+      const image1 = pair.target.clone();
+      const rnd = prng(22);
+      for (let i = 0; i < 16; i++) await pair.source.write(i * 128 * KiB, textLike(64 * KiB, rnd));
+      await pair.source.zero(1536 * KiB, 256 * KiB);
+      const from = pair.framesSeen;
+      let cut = false;
+      pair.onFrame = (i) => (i >= from + 24 ? ((cut = true), 'cut') : 'pass');
+      await pair.waitPrimary(() => cut, 'the cut in generation 2');
+      await pair.secondary!.abort();
+      await pair.primary!.abort();
+      pair.onFrame = null;
+      const st = JSON.parse(await fsp.readFile(path.join(pair.secondaryState, 'vm1', 'state.json'), 'utf8'));
+      expect(st.committedGeneration).to.equal(1);
+      expect(st.applying?.generation, 'generation 2 was partly applied').to.equal(2);
+      expect(await sameContent(image1, pair.target), 'the target is torn').to.equal(false);
+      return image1;
+    }
+
+    it('status names the mode; rollback of a stopped secondary restores generation 1 exactly, and a second run changes nothing', async () => {
+      const image1 = await tornSecondGeneration();
+      const log = pino({ level: 'silent' });
+      const c = pair.configs.secondary;
+      const r = await rollbackStopped(c, pair.secondaryState, log);
+      expect(r).to.include({ committedGeneration: 1, undone: 2, mode: 'journal' });
+      expect(r.bytes).to.be.greaterThan(0);
+      expect(await sameContent(image1, pair.target), 'generation 1 restored').to.equal(true);
+      const again = await rollbackStopped(c, pair.secondaryState, log);
+      expect(again).to.include({ undone: null, mode: null });
+      expect(await sameContent(image1, pair.target)).to.equal(true);
+      // Replication picks up from generation 1 and converges.
+      const sec = await pair.startSecondary();
+      expect((await sec.status()).consistency).to.deep.include({ mode: null, consistentGeneration: 1 });
+      await pair.startPrimary();
+      await pair.waitCommitted(2);
+      await expectSame(pair);
+      expect((await sec.status()).consistency).to.deep.include({ mode: 'journal', consistentGeneration: 2 });
+    });
+
+    it('a rollback killed after recording the state is completed by the next start of the secondary', async () => {
+      const image1 = await tornSecondGeneration();
+      // The first write back fails, as a kill would stop it: the state already says nothing is applied.
+      pair.target.failNext('write', Object.assign(new Error('killed'), { code: 'EIO' }));
+      const err = await rollbackStopped(pair.configs.secondary, pair.secondaryState, pino({ level: 'silent' })).catch((e) => e);
+      expect(err.code).to.equal('TM_ERR_VOLUME_IO');
+      const st = JSON.parse(await fsp.readFile(path.join(pair.secondaryState, 'vm1', 'state.json'), 'utf8'));
+      expect(st.applying).to.equal(null);
+      await pair.startSecondary();
+      expect(await sameContent(image1, pair.target), 'the start completed the rollback').to.equal(true);
+    });
+
+    it('with consistency: off a torn generation cannot be rolled back (TM_ERR_CONSISTENCY) and status says the replica is not consistent', async () => {
+      pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { checkpointBytes: 64 * KiB, consistency: 'off' } });
+      await fill(pair.source, 23);
+      let cut = false;
+      pair.onFrame = (i) => (i >= 30 ? ((cut = true), 'cut') : 'pass');
+      await pair.startSecondary();
+      await pair.startPrimary();
+      await pair.waitPrimary(() => cut, 'the cut');
+      const st = await pair.secondary!.status();
+      expect(st.consistency).to.deep.include({ mode: 'off', consistentGeneration: null });
+      await pair.secondary!.abort();
+      await pair.primary!.abort();
+      const err = await rollbackStopped(pair.configs.secondary, pair.secondaryState, pino({ level: 'silent' })).catch((e) => e);
+      expect(err.code).to.equal('TM_ERR_CONSISTENCY');
+    });
   });
 
   describe('role changes (Mirror.changeRole)', () => {

@@ -15,6 +15,9 @@ function record(): Record {
     committedGeneration: 0,
     applying: null as Applying | null,
     saves: [] as string[],
+    async begin(gen: number, resumeFrom: number) {
+      if (!r.applying || r.applying.generation !== gen) await r.saveApplying({ generation: gen, cursor: resumeFrom });
+    },
     async saveApplying(a: Applying) {
       r.applying = a;
       r.saves.push(`applying ${a.generation}@${a.cursor}`);
