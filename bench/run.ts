@@ -8,7 +8,10 @@
  * reflink cycle on the same change, on a loop-mounted XFS; and the bandwidth
  * case (bench/bandwidth.ts): measured rate against a per-mirror and a per-peer cap.
  *
- * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Then the consistency case (bench/consistency.ts): the apply time of a generation overwriting every
+ * allocated chunk with consistency off, reflink and journal.
+ *
+ * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -268,10 +271,10 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=initial|incremental|bandwidth runs one case; all by default. */
+/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency runs one case; all by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['initial', 'incremental', 'bandwidth'].includes(only)) throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental or bandwidth`);
+  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency'].includes(only)) throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth or consistency`);
   if (!only || only === 'initial') await main();
   if (!only || only === 'incremental') {
     const { incrementalBench } = await import('./incremental.js');
@@ -282,6 +285,11 @@ async function all(): Promise<void> {
     const { bandwidthBench } = await import('./bandwidth.js');
     console.log('');
     await bandwidthBench();
+  }
+  if (!only || only === 'consistency') {
+    const { consistencyBench } = await import('./consistency.js');
+    console.log('');
+    await consistencyBench();
   }
 }
 
