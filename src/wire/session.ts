@@ -123,8 +123,13 @@ export class Session extends EventEmitter {
   close(): void {
     if (this.ended) return;
     this.end(null);
+    this.closeChannel(CloseCodes.NORMAL, 'bye');
+  }
+
+  /** Start the close handshake, and terminate the connection if it has not ended after a short grace period. */
+  private closeChannel(code: number, reason: string): void {
     try {
-      this.channel.close(CloseCodes.NORMAL, 'bye');
+      this.channel.close(code, reason);
     } catch {
       // already closed
     }
@@ -156,6 +161,9 @@ export class Session extends EventEmitter {
     if (msg.type === 'error') {
       const code = (KNOWN_CODES.has(msg.code) ? msg.code : ErrorCodes.PEER) as ErrorCode;
       this.end(new TmError(code, `${this.peerName} ended the session: ${msg.message}`));
+      // The peer said it is done: our side of the connection goes too, whether
+      // or not the peer closes it (one that never does must not hold a socket).
+      this.closeChannel(CloseCodes.NORMAL, 'peer error');
       return;
     }
     if (this.waiter) {

@@ -128,6 +128,17 @@ describe('memory session pair: two Sessions joined in memory', () => {
     expect(ends).to.equal(1);
   });
 
+  it('regression (issue 14 §1): an error frame from a peer that never closes still closes our side of the connection', async () => {
+    const { a, b } = memorySessionPair();
+    // b speaks raw: an error frame, and no close after it.
+    b.channel.send(encode({ type: 'error', code: ErrorCodes.AUTH_FAILED, message: 'go away' }));
+    const err = await a.closed;
+    expect(err?.code).to.equal(ErrorCodes.AUTH_FAILED);
+    // a closed the connection: b sees the close (before the fix b stayed open for ever).
+    const seen = await Promise.race([b.closed.then(() => 'closed'), new Promise((r) => setTimeout(() => r('still open'), 500))]);
+    expect(seen).to.equal('closed');
+  });
+
   it('destroy() ends the peer with an abnormal close (1006)', async () => {
     const { a, b } = memorySessionPair();
     a.destroy();
