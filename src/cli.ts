@@ -12,6 +12,12 @@ Usage:
   thinmirror rollback MIRROR --config FILE [--json]
                                             restore a stopped secondary's replica to its
                                             last committed generation
+  thinmirror drill start MIRROR [--name NAME] --config FILE [--json]
+                                            writable clone of a secondary's consistent
+                                            image while replication goes on (docs/drills.md)
+  thinmirror drill list --config FILE [--json]
+  thinmirror drill stop MIRROR NAME [--force] --config FILE [--json]
+                                            delete a drill's clone (refused while in use)
   thinmirror demo [--size SIZE] [--keep]    mirror a sample volume on loopback, end to end
   thinmirror --help | --version
 
@@ -84,6 +90,12 @@ async function main(argv: string[]): Promise<number> {
       if (!name) throw new TmError(ErrorCodes.USAGE, 'rollback: MIRROR is required');
       const { runRollback } = await import('./cli/rollback.js');
       return runRollback(requireOpt('rollback', values.config, 'config'), name, values.json ?? false);
+    }
+    case 'drill': {
+      const { values, positionals } = parse('drill', rest, { config: { type: 'string', short: 'c' }, name: { type: 'string' }, force: { type: 'boolean' }, json: { type: 'boolean' } }, 3);
+      if (values.help) return help();
+      const { runDrill } = await import('./cli/drill.js');
+      return runDrill(requireOpt('drill', values.config, 'config'), positionals, { name: values.name, force: values.force ?? false, json: values.json ?? false });
     }
     case 'demo': {
       const { values } = parse('demo', rest, { size: { type: 'string' }, keep: { type: 'boolean' } });

@@ -63,6 +63,14 @@ export const ErrorCodes = {
   VERIFY: 'TM_ERR_VERIFY',
   /** consistency: reflink where the target's filesystem has no reflink, or a base/journal that cannot be made. */
   CONSISTENCY: 'TM_ERR_CONSISTENCY',
+  /** `drill start` where the target's filesystem has no reflink (FICLONE) or the consistency mode keeps no clonable image. */
+  DRILL_UNSUPPORTED: 'TM_ERR_DRILL_UNSUPPORTED',
+  /** `drill stop` while the clone is held open by a process or backs a loop device (without --force). */
+  DRILL_BUSY: 'TM_ERR_DRILL_BUSY',
+  /** `drill start` with the name of a drill (or a file) that already exists. */
+  DRILL_EXISTS: 'TM_ERR_DRILL_EXISTS',
+  /** `drill stop` of a drill the mirror does not record. */
+  DRILL_UNKNOWN: 'TM_ERR_DRILL_UNKNOWN',
   /** An invariant was violated: a bug. */
   INTERNAL: 'TM_ERR_INTERNAL',
 } as const;

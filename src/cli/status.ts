@@ -82,6 +82,7 @@ export function formatStatus(st: DaemonStatus): string {
   const where = [st.listen ? `listening on ${st.listen.host}:${st.listen.port}${st.listen.tls ? ' (mutual TLS)' : ''}` : '', st.metrics ? `metrics on http://${st.metrics.host}:${st.metrics.port}/metrics` : ''].filter(Boolean);
   const out = [`node ${st.node} (pid ${st.pid}, thinmirror ${st.version})${where.map((w) => `, ${w}`).join('')}`, line(head), ...rows.map(line)];
   for (const m of st.mirrors) if (m.error) out.push(`${m.name}: ${m.error.code}: ${m.error.message}`);
+  for (const m of st.mirrors) for (const d of m.drills ?? []) out.push(`${m.name}: drill ${d.name}, generation ${d.generation}, ${formatEta(d.ageSeconds)} old: ${d.path}`);
   // (st.config is absent when asking a daemon older than config reload.)
   const r = st.config?.lastReload;
   if (r && !r.ok && r.error) out.push(`config reload at ${r.at} failed, the previous config keeps running: ${r.error.code}: ${r.error.message}`);

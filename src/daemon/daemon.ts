@@ -9,7 +9,7 @@ import { readTlsFiles } from '../wire/tls.js';
 import { listen, type Listener } from '../wire/transport.js';
 import { BandwidthRegistry, throttle } from '../wire/bandwidth.js';
 import { loadConfig, peerKey, readPsk, type DaemonConfig, type MirrorConfig } from './config.js';
-import { startControlServer, startMetricsServer, type DaemonStatus, type MirrorStatusEntry } from './control.js';
+import { startControlServer, startMetricsServer, type DaemonStatus, type DrillHandlers, type MirrorStatusEntry } from './control.js';
 import { acquireLock } from './lock.js';
 import { MirrorMetrics } from './metrics.js';
 import { checkReloadable, diffMirrors, reportOf, type LastReload, type ReloadReport } from './reload.js';
@@ -81,7 +81,7 @@ export class Daemon {
     this.metrics = metrics;
     metrics.start(1000);
     const scrape = async () => ({ contentType: metrics.contentType, body: await metrics.scrape() });
-    this.control = await startControlServer(c.node.stateDir, { status: () => this.status(), metrics: scrape });
+    this.control = await startControlServer(c.node.stateDir, { status: () => this.status(), metrics: scrape, drills: this.drillHandlers() });
     if (c.metrics) {
       this.metricsServer = await startMetricsServer(c.metrics.host, c.metrics.port, scrape);
       const a = this.metricsServer.address();
@@ -129,6 +129,20 @@ export class Daemon {
     const tls = files ? await readTlsFiles(files, 'tls', { log: this.log, refusedBy: 'primaries' }) : null;
     this.listener = await listen({ host, port, tls, log: this.log, onSession: (session) => void serveSession(session, { node: this.config.node.name, psk: this.psk, log: this.log, mirror: (name) => this.entries.get(name)?.mirror }) });
     this.listenAddr = this.listener.address;
+  }
+
+  /** The drill actions of the control socket (docs/drills.md): the named mirror's, every running secondary's for the list. */
+  private drillHandlers(): DrillHandlers {
+    const mirror = (name: string) => {
+      const e = this.entries.get(name);
+      if (!e) throw new TmError(ErrorCodes.UNKNOWN_MIRROR, `this node (${this.config.node.name}) has no mirror named "${name}"`);
+      return e.mirror;
+    };
+    return {
+      start: async (name, drill) => mirror(name).drills().start(drill),
+      stop: async (name, drill, force) => mirror(name).drills().stop(drill, force),
+      list: async () => [...this.entries.values()].flatMap((e) => (e.mirror.running && e.mirror.role === 'secondary' ? e.mirror.drills().list() : [])),
+    };
   }
 
   private rawStatus(e: Entry): Promise<MirrorStatus> {

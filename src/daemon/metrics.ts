@@ -34,6 +34,8 @@ interface Seen {
   cycleGeneration: number | null;
   samples: Sample[];
   rate: number | null;
+  /** Names of the drills exported at the last observation. */
+  drills: Set<string>;
 }
 
 /**
@@ -73,6 +75,9 @@ export class MirrorMetrics {
   private readonly lastCycleWire: Gauge;
   private readonly errors: Counter;
   private readonly errorNow: Gauge;
+  private readonly drillCount: Gauge;
+  private readonly drillAge: Gauge;
+  private readonly drillGeneration: Gauge;
   /** Every metric labelled by mirror. */
   private readonly perMirror: (Gauge | Counter)[] = [];
 
@@ -108,6 +113,9 @@ export class MirrorMetrics {
     this.lastCycleWire = gauge('thinmirror_mirror_last_cycle_wire_bytes', 'WebSocket bytes of the last completed cycle.');
     this.errors = counter('thinmirror_errors_total', 'Errors by code: each time a mirror reports an error that differs (code or message) from what it reported at the previous observation.', [...ml, 'code']);
     this.errorNow = gauge('thinmirror_mirror_error', 'Present (value 1, labelled with the code) while the mirror reports an error.', [...ml, 'code']);
+    this.drillCount = gauge('thinmirror_mirror_drills', 'Drills (writable clones of the replica) the secondary keeps; absent on a primary.');
+    this.drillAge = gauge('thinmirror_drill_age_seconds', 'Seconds since the drill was started.', [...ml, 'drill']);
+    this.drillGeneration = gauge('thinmirror_drill_generation', 'Committed generation whose image the drill was cloned from.', [...ml, 'drill']);
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
   }
 
@@ -176,7 +184,7 @@ export class MirrorMetrics {
     const l = { mirror: s.name, role: s.role };
     let seen = this.seen.get(s.name);
     if (!seen) {
-      seen = { totals: new Map(), error: null, errorLabels: null, cycleGeneration: null, samples: [], rate: null };
+      seen = { totals: new Map(), error: null, errorLabels: null, cycleGeneration: null, samples: [], rate: null, drills: new Set() };
       this.seen.set(s.name, seen);
     }
     const states = STATES[s.role].includes(s.state) ? STATES[s.role] : [...STATES[s.role], s.state];
@@ -221,6 +229,20 @@ export class MirrorMetrics {
       this.cycles.inc(l, 0);
       this.cycleSeconds.inc(l, 0);
     }
+
+    // Drills (a secondary's): one series per drill, gone with the drill.
+    setOrRemove(this.drillCount, l, s.drills ? s.drills.length : null);
+    const drills = new Set((s.drills ?? []).map((d) => d.name));
+    for (const name of seen.drills) {
+      if (drills.has(name)) continue;
+      this.drillAge.remove({ ...l, drill: name });
+      this.drillGeneration.remove({ ...l, drill: name });
+    }
+    for (const d of s.drills ?? []) {
+      this.drillAge.set({ ...l, drill: d.name }, d.ageSeconds);
+      this.drillGeneration.set({ ...l, drill: d.name }, d.generation);
+    }
+    seen.drills = drills;
 
     const e = s.error;
     const key = e ? `${e.code}\n${e.message}` : null;

@@ -8,6 +8,7 @@ import type { Session } from '../wire/session.js';
 import { connect } from '../wire/transport.js';
 import { readTlsFiles } from '../wire/tls.js';
 import type { MirrorContext, RoleContext, StateStore } from './context.js';
+import type { Drills } from './drill.js';
 import { PrimaryRole } from './primary-role.js';
 import { changeRole } from './role.js';
 import { SecondaryRole } from './secondary-role.js';
@@ -129,6 +130,13 @@ export class Mirror {
     const r = this.runner;
     if (!(r instanceof SecondaryRole)) throw refuse(session, this.failedStart ?? new TmError(ErrorCodes.INTERNAL, `mirror ${this.name} is not running`));
     await r.accept(session, hello, auth);
+  }
+
+  /** The drills of this mirror (docs/drills.md): a running secondary's; TM_ERR_UNKNOWN_MIRROR on a primary, TM_ERR_STATE while not running. */
+  drills(): Drills {
+    if (this.runner instanceof SecondaryRole) return this.runner.drills;
+    if (this.role !== 'secondary') throw new TmError(ErrorCodes.UNKNOWN_MIRROR, `mirror ${this.name} is primary on this node: drills are taken on the secondary's host`);
+    throw new TmError(ErrorCodes.STATE, `mirror ${this.name} is not running${this.failedStart ? ` (${this.failedStart.code}: ${this.failedStart.message})` : ''}`);
   }
 
   /** Why the role could not start (the last attempt), or null. */

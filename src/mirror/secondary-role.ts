@@ -5,6 +5,7 @@ import type { AuthMsg, HelloMsg, ReadyMsg } from '../wire/messages.js';
 import type { Session } from '../wire/session.js';
 import type { RoleContext } from './context.js';
 import { Consistency, rollbackTarget } from './consistency.js';
+import { Drills } from './drill.js';
 import { Receiver, type Applying, type ReplicaRecord } from './receiver.js';
 import { newState, type MirrorState } from './state.js';
 import type { MirrorStatus, Progress, SecondaryPhase } from './status.js';
@@ -36,8 +37,37 @@ export class SecondaryRole {
   private stopped = false;
   private sessions = 0;
   private connectedSince: Date | null = null;
+  /**
+   * The replica's turn: ReplicaRecord.begin and saveCommitted run in it, and
+   * so does a drill while it picks the consistent image and clones it. Held
+   * by neither, `applying` cannot go from null to a generation (no target
+   * write can start) nor back (the base image cannot go).
+   */
+  private replicaTurn: Promise<unknown> = Promise.resolve();
+  /** The drills of this replica (issue 11 §3, docs/drills.md). */
+  readonly drills: Drills;
 
-  constructor(private readonly r: RoleContext) {}
+  constructor(private readonly r: RoleContext) {
+    this.drills = new Drills({ config: r.config, store: r.store, log: r.log, consistency: () => this.resolveConsistency(), exclusive: (job) => this.exclusive(job) });
+  }
+
+  private exclusive<T>(job: () => Promise<T>): Promise<T> {
+    const run = this.replicaTurn.then(job);
+    this.replicaTurn = run.catch(() => {});
+    return run;
+  }
+
+  /** The consistency mode; before the first session resolves it, resolved here on the existing target (a drill asks). */
+  private async resolveConsistency(): Promise<Consistency> {
+    if (this.consistency) return this.consistency;
+    const v = await this.r.openVolume(this.r.config.volume, { readOnly: true });
+    try {
+      const c = await Consistency.pick(this.r.config, this.r.store.dir, v, this.r.log);
+      return (this.consistency ??= c);
+    } finally {
+      await v.close();
+    }
+  }
 
   private get name(): string {
     return this.r.config.name;
@@ -46,6 +76,7 @@ export class SecondaryRole {
   async start(): Promise<void> {
     const s = this.r.store.state;
     if (s && s.applying === null) await this.finishRollback(s.committedGeneration);
+    await this.drills.removeStaleTemps();
     if (s) {
       // The allocated figure for status until the first session: one look at the target, if it exists.
       try {
@@ -187,21 +218,24 @@ export class SecondaryRole {
       get applying() {
         return s.applying;
       },
-      begin: async (gen, resumeFrom) => {
-        // The base or the journal first: a crash before `applying` is saved leaves the target untouched.
-        await consistency.begin(target, gen, s.committedGeneration);
-        if (!s.applying || s.applying.generation !== gen) await saveApplying({ generation: gen, cursor: resumeFrom });
-      },
+      // Both in the replica's turn: a drill never sees `applying` without its base, nor clones a target being written.
+      begin: (gen, resumeFrom) =>
+        this.exclusive(async () => {
+          // The base or the journal first: a crash before `applying` is saved leaves the target untouched.
+          await consistency.begin(target, gen, s.committedGeneration);
+          if (!s.applying || s.applying.generation !== gen) await saveApplying({ generation: gen, cursor: resumeFrom });
+        }),
       saveApplying,
-      saveCommitted: async (gen) => {
-        s.committedGeneration = gen;
-        s.applying = null;
-        s.committedAt = Date.now();
-        await store.save();
-        this.allocated.at = 0;
-        // Only now may the base or the journal go: the commit is durable.
-        await consistency.committed(target, gen);
-      },
+      saveCommitted: (gen) =>
+        this.exclusive(async () => {
+          s.committedGeneration = gen;
+          s.applying = null;
+          s.committedAt = Date.now();
+          await store.save();
+          this.allocated.at = 0;
+          // Only now may the base or the journal go: the commit is durable.
+          await consistency.committed(target, gen);
+        }),
     };
   }
 
@@ -304,6 +338,7 @@ export class SecondaryRole {
         // With a base image or a journal the committed generation can always be restored; with off only while nothing is applied.
         consistentGeneration: s && (s.applying === null || (this.consistency && this.consistency.choice.mode !== 'off')) ? s.committedGeneration : null,
       },
+      drills: this.drills.status(),
       error: this.lastError ? this.lastError.toJSON() : null,
       sessions: this.sessions,
       connectedSince: this.session && this.connectedSince ? this.connectedSince.toISOString() : null,

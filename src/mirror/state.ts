@@ -49,10 +49,27 @@ export interface MirrorState {
   applying: Applying | null;
   /** Receiving: Unix ms when the last generation was committed, or null. */
   committedAt: number | null;
+  /** Receiving: the drills (writable clones of the replica) this mirror keeps; absent in files written before drills. */
+  drills?: DrillRecord[];
+}
+
+/** A drill (issue 11 §3): a writable clone of the replica's consistent image, a regular file next to the target. */
+export interface DrillRecord {
+  /** Its name: letters, digits, `.`, `_`, `-`, at most 64, starting with a letter or a digit. */
+  name: string;
+  /** The clone (absolute path). */
+  path: string;
+  /** The committed generation whose image was cloned. */
+  generation: number;
+  /** Unix ms when it was taken. */
+  createdAt: number;
 }
 
 const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
 const applying = z.strictObject({ generation: count, cursor: count }).nullable();
+/** A drill's name: letters, digits, `.`, `_`, `-`; at most 64; the first a letter or a digit (never `.`/`..`, never an option). */
+export const DRILL_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const drill = z.strictObject({ name: z.string().regex(DRILL_NAME, 'expected a drill name'), path: z.string().min(1), generation: count, createdAt: count });
 const identity = {
   volumeId: z.string().regex(/^[0-9a-f]{1,64}$/, 'expected a hex volume id'),
   volumeSize: count,
@@ -72,6 +89,7 @@ const format2 = z.strictObject({
   oldestUncommittedAt: count.nullable(),
   applying,
   committedAt: count.nullable(),
+  drills: z.array(drill).optional(),
 });
 
 /** Format 1 as the 0.1.0 release wrote it, one shape per role. */
@@ -158,6 +176,8 @@ export function parseState(value: unknown, file: string): { state: MirrorState; 
  */
 export class StateFile {
   readonly file: string;
+  /** The last save asked (see {@link save}). */
+  private saving: Promise<unknown> = Promise.resolve();
   constructor(readonly dir: string) {
     this.file = path.join(dir, 'state.json');
   }
@@ -176,7 +196,14 @@ export class StateFile {
     return r;
   }
 
-  async save(state: MirrorState): Promise<void> {
-    await writeFileAtomic(this.file, JSON.stringify(state, null, 2) + '\n');
+  /**
+   * Saves run one at a time, each writing `state` as it is when its turn
+   * comes: two saves asked at once (a receiver's checkpoint and a drill's
+   * record) can never leave the older snapshot on disk.
+   */
+  save(state: MirrorState): Promise<void> {
+    const run = this.saving.then(() => writeFileAtomic(this.file, JSON.stringify(state, null, 2) + '\n'));
+    this.saving = run.catch(() => {});
+    return run;
   }
 }

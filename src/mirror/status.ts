@@ -30,6 +30,14 @@ export interface CycleReport {
   durationSeconds: number;
 }
 
+/** A drill in a secondary's status: its name, the clone's path, the committed generation it holds, seconds since it was taken. */
+export interface DrillStatus {
+  name: string;
+  path: string;
+  generation: number;
+  ageSeconds: number;
+}
+
 /** One mirror's entry in GET /status. Byte counts are bytes; counters cover the daemon's lifetime. */
 export interface MirrorStatus {
   name: string;
@@ -65,6 +73,8 @@ export interface MirrorStatus {
    * while a generation is applied: a torn image).
    */
   consistency?: { mode: 'reflink' | 'journal' | 'off' | null; reason: string | null; consistentGeneration: number | null };
+  /** Secondary only: the drills kept (writable clones of the replica, docs/drills.md), oldest first. */
+  drills?: DrillStatus[];
   error: { code: ErrorCode; message: string } | null;
   /**
    * Sessions established (primary: handshake done; secondary: accepted) over

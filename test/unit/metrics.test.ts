@@ -189,6 +189,24 @@ describe('metrics: Prometheus exposition of mirror status (fake mirrors)', () =>
     expect(progressRate([{ t: 0, generation: 1, done: 0 }, { t: 400, generation: 1, done: 10 }])).to.equal(null);
   });
 
+  it('drills: a count per secondary, age and generation per drill; the series of a stopped drill go; nothing on a primary', async () => {
+    b.set({ drills: [{ name: 'd1', path: '/v/db1.img.drill-d1', generation: 7, ageSeconds: 12.5 }, { name: 'd2', path: '/v/db1.img.drill-d2', generation: 9, ageSeconds: 1 }] });
+    let m = await scrape();
+    expect(m.get(key('thinmirror_mirror_drills', sb))).to.equal(2);
+    expect(m.get(key('thinmirror_drill_age_seconds', { ...sb, drill: 'd1' }))).to.equal(12.5);
+    expect(m.get(key('thinmirror_drill_generation', { ...sb, drill: 'd2' }))).to.equal(9);
+    expect(m.has(key('thinmirror_mirror_drills', pa))).to.equal(false);
+    b.set({ drills: [{ name: 'd2', path: '/v/db1.img.drill-d2', generation: 9, ageSeconds: 2 }] });
+    m = await scrape();
+    expect(m.get(key('thinmirror_mirror_drills', sb))).to.equal(1);
+    expect(m.has(key('thinmirror_drill_age_seconds', { ...sb, drill: 'd1' }))).to.equal(false);
+    expect(m.has(key('thinmirror_drill_generation', { ...sb, drill: 'd1' }))).to.equal(false);
+    expect(m.get(key('thinmirror_drill_age_seconds', { ...sb, drill: 'd2' }))).to.equal(2);
+    await metrics.forget('db1');
+    m = parseExposition(await metrics.registry.metrics());
+    expect(m.has(key('thinmirror_drill_age_seconds', { ...sb, drill: 'd2' }))).to.equal(false);
+  });
+
   it('observations run one at a time, so a slow status never applies after a newer one', async () => {
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));

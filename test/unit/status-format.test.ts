@@ -103,6 +103,11 @@ describe('status: readable table (progress bar, rate, ETA, lag)', () => {
     expect(payloadCell({ role: 'secondary', sentBytes: 5 * MiB } as MirrorStatusEntry)).to.equal('5.00 MiB');
   });
 
+  it('formatStatus: the drills of a secondary are listed below the table', () => {
+    const out = formatStatus(daemon([mirror({ role: 'secondary', drills: [{ name: 'pre-upgrade', path: '/srv/vm1.img.drill-pre-upgrade', generation: 42, ageSeconds: 725 }] })]));
+    expect(out.split('\n').at(-1)).to.equal('vm1: drill pre-upgrade, generation 42, 12m05s old: /srv/vm1.img.drill-pre-upgrade');
+  });
+
   it('formatStatus: a daemon without the rate field (older) still formats, rate shown as measuring', () => {
     const m = mirror({ state: 'syncing', progress: { generation: 3, doneBytes: 1, totalBytes: 2 } }) as Partial<MirrorStatusEntry>;
     delete m.rateBytesPerSecond;
