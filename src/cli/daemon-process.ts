@@ -26,6 +26,8 @@ export class DaemonProcess {
     readonly stateDir: string,
     readonly logFile: string,
     extraArgs: string[] = [],
+    /** Variables added to the child's environment (e.g. test-only switches). */
+    env: Record<string, string> = {},
   ) {
     const fd = openSync(logFile, 'a');
     try {
@@ -33,7 +35,7 @@ export class DaemonProcess {
       const nodeArgs = (process.env.TM_DAEMON_NODE_ARGS ?? '').split(' ').filter(Boolean);
       this.child = spawn(process.execPath, [...nodeArgs, cliPath(), 'run', '--config', configPath, ...extraArgs], {
         stdio: ['ignore', fd, fd],
-        env: { ...process.env },
+        env: { ...process.env, ...env },
       });
     } finally {
       closeSync(fd);

@@ -64,6 +64,7 @@ export class Consistency {
       log: this.log,
       // Test-only: the crash test of issue 11 §2 breaks the ordering on purpose to show that it catches it.
       ...(process.env.TM_TEST_UNSAFE_JOURNAL_ORDER === '1' ? { unsafeWriteBeforeJournal: true } : {}),
+      ...(process.env.TM_TEST_JOURNAL_GAP_MS ? { testGapMs: Number(process.env.TM_TEST_JOURNAL_GAP_MS) } : {}),
     });
   }
 

@@ -85,6 +85,7 @@ import roaring from 'roaring';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { native } from '../native/index.js';
 import { fsyncDir, removeDurably } from '../util/atomic.js';
+import { sleep } from '../util/sleep.js';
 import type { ByteRange, Volume, VolumeCapabilities } from './volume.js';
 import { isAllZero } from './zero.js';
 
@@ -140,6 +141,15 @@ export interface JournalOpenOptions {
    * records are appended and synced. Never in production.
    */
   unsafeWriteBeforeJournal?: boolean;
+  /**
+   * Test-only, for the same crash test: wait this many ms between the two
+   * steps whose order the journal is about, in a call that saves chunks:
+   * after its records are durable and before its target write, or (with
+   * `unsafeWriteBeforeJournal`) after its target write and before its records
+   * are appended. A SIGKILL then falls between the two often enough to tell the
+   * orders apart; with the right order the wait changes nothing but the timing.
+   */
+  testGapMs?: number;
 }
 
 /**
@@ -717,7 +727,10 @@ export class JournaledVolume implements Volume {
       }
     }
 
-    if (unsafeOp) await unsafeOp();
+    if (unsafeOp) {
+      await unsafeOp();
+      if (this.o.testGapMs) await sleep(this.o.testGapMs);
+    }
     try {
       await drain();
       await (this.o.datasync ? this.o.datasync(this.fh) : this.fh.datasync());
@@ -728,6 +741,7 @@ export class JournaledVolume implements Volume {
     this.syncs++;
     this.records += records;
     this.saved.orInPlace(need);
+    if (this.o.testGapMs && !unsafeOp) await sleep(this.o.testGapMs);
     return unsafeOp !== null;
   }
 
