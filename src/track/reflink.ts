@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { fiemap, FiemapFlags, native, type FiemapExtent } from '../native/index.js';
 import { fsyncDir } from '../util/atomic.js';
+import { ReflinkBase } from '../volume/reflink-base.js';
 import { SparseFileVolume } from '../volume/sparse-file.js';
 import type { Volume } from '../volume/volume.js';
 import { RoaringBitmap32 } from './bitmap-store.js';
@@ -253,30 +254,10 @@ export class ReflinkSource implements ChangeSource {
 }
 
 /**
- * Whether `tracking.mode: auto` can use reflink for this volume: the state
- * directory is on the volume's filesystem and FICLONE works there. Returns
- * the reason when it cannot.
+ * Whether FICLONE works from `volumePath` into `dir` (same filesystem,
+ * reflink supported), and why not: the probe the consistency mode also uses
+ * (volume/reflink-base.ts).
  */
-export async function reflinkUsable(volumePath: string, dir: string): Promise<{ ok: true } | { ok: false; reason: string }> {
-  const [vs, ds] = await Promise.all([fsp.stat(volumePath), fsp.stat(dir)]);
-  if (!vs.isFile()) return { ok: false, reason: `${volumePath} is not a regular file` };
-  if (vs.dev !== ds.dev) return { ok: false, reason: `${dir} is not on the filesystem of ${volumePath}` };
-  const a = path.join(dir, '.reflink-probe-a');
-  const b = path.join(dir, '.reflink-probe-b');
-  let fa: fsp.FileHandle | undefined;
-  let fb: fsp.FileHandle | undefined;
-  try {
-    fa = await fsp.open(a, 'w+', 0o600);
-    await fa.write(Buffer.alloc(4096, 1), 0, 4096, 0);
-    fb = await fsp.open(b, 'w+', 0o600);
-    await native().ficlone(fb.fd, fa.fd);
-    return { ok: true };
-  } catch (e) {
-    return { ok: false, reason: `FICLONE is not supported in ${dir} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})` };
-  } finally {
-    await fa?.close().catch(() => {});
-    await fb?.close().catch(() => {});
-    await fsp.rm(a, { force: true });
-    await fsp.rm(b, { force: true });
-  }
+export function reflinkUsable(volumePath: string, dir: string): Promise<{ ok: true } | { ok: false; reason: string }> {
+  return ReflinkBase.usable(volumePath, dir);
 }
