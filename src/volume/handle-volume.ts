@@ -1,7 +1,7 @@
 import type { promises as fsp } from 'node:fs';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import type { NativeOps } from '../native/index.js';
-import type { ByteRange, Volume, VolumeCapabilities } from './volume.js';
+import { checkAccess, checkWritable, type ByteRange, type Volume, type VolumeCapabilities } from './volume.js';
 
 /** Errors meaning "this way of zeroing is not available here": try the next one, remember. */
 const UNSUPPORTED = new Set(['EOPNOTSUPP', 'ENOTSUP', 'ENOTTY', 'EINVAL', 'ENOSYS']);
@@ -35,14 +35,11 @@ export abstract class HandleVolume implements Volume {
   abstract zero(offset: number, length: number): Promise<void>;
 
   protected check(offset: number, length: number, what: string): void {
-    if (this.closed) throw new TmError(ErrorCodes.VOLUME_IO, `volume ${this.path} is closed`);
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-      throw new TmError(ErrorCodes.VOLUME_RANGE, `${what} ${offset}+${length} is outside volume ${this.path} (${this.size} bytes)`);
-    }
+    checkAccess(this, this.closed, offset, length, what);
   }
 
   protected checkWritable(what: string): void {
-    if (this.readOnly) throw new TmError(ErrorCodes.VOLUME_IO, `${what}: ${this.path} is open read-only`);
+    checkWritable(this, this.readOnly, what);
   }
 
   async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {

@@ -1,5 +1,5 @@
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
-import { alignRanges, type ByteRange, type Volume, type VolumeCapabilities } from './volume.js';
+import { alignRanges, checkAccess, checkWritable, type ByteRange, type Volume, type VolumeCapabilities } from './volume.js';
 
 /** Allocation granularity of a memory volume (bytes): what a filesystem block is to a sparse file. */
 export const MEMORY_BLOCK = 4096;
@@ -139,14 +139,11 @@ export class MemoryVolume implements Volume {
   }
 
   private check(offset: number, length: number, what: string): void {
-    if (this.closed) throw new TmError(ErrorCodes.VOLUME_IO, `volume ${this.path} is closed`);
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-      throw new TmError(ErrorCodes.VOLUME_RANGE, `${what} ${offset}+${length} is outside volume ${this.path} (${this.size} bytes)`);
-    }
+    checkAccess(this, this.closed, offset, length, what);
   }
 
   private checkWritable(what: string): void {
-    if (this.readOnly) throw new TmError(ErrorCodes.VOLUME_IO, `${what}: ${this.path} is open read-only`);
+    checkWritable(this, this.readOnly, what);
   }
 
   private fault(op: MemoryFaultOp, what: string): void {

@@ -1,3 +1,5 @@
+import { ErrorCodes, TmError } from '../errors.js';
+
 /**
  * The storage interface every backend implements: a sparse file (or a block
  * device opened as a file: sparse-file.ts), a block device with an optional
@@ -77,4 +79,20 @@ export function totalBytes(ranges: ByteRange[]): number {
   let n = 0;
   for (const r of ranges) n += r.length;
   return n;
+}
+
+/**
+ * The checks every volume makes before an access: open, and [offset, offset +
+ * length) inside it (TM_ERR_VOLUME_IO when closed, TM_ERR_VOLUME_RANGE outside).
+ */
+export function checkAccess(v: { readonly path: string; readonly size: number }, closed: boolean, offset: number, length: number, what: string): void {
+  if (closed) throw new TmError(ErrorCodes.VOLUME_IO, `volume ${v.path} is closed`);
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > v.size) {
+    throw new TmError(ErrorCodes.VOLUME_RANGE, `${what} ${offset}+${length} is outside volume ${v.path} (${v.size} bytes)`);
+  }
+}
+
+/** A write, zero or trim on a volume opened read-only is refused up front (TM_ERR_VOLUME_IO). */
+export function checkWritable(v: { readonly path: string }, readOnly: boolean, what: string): void {
+  if (readOnly) throw new TmError(ErrorCodes.VOLUME_IO, `${what}: ${v.path} is open read-only`);
 }
