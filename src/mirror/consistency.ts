@@ -95,10 +95,12 @@ export class Consistency {
   }
 }
 
-/** Whether a base image or an undo journal is there to restore the committed image from. */
-export async function undoAvailable(c: MirrorConfig, mirrorStateDir: string, targetIsFile: boolean): Promise<boolean> {
+/** What is there to restore the committed image from: a base image (reflink), undo journals, or nothing. */
+export async function undoLeft(c: MirrorConfig, mirrorStateDir: string, targetIsFile: boolean): Promise<'reflink' | 'journal' | null> {
   const dir = consistencyDir(c, mirrorStateDir, targetIsFile);
-  return (await new ReflinkBase(c.volume, dir).list()).length > 0 || (await listJournals(dir)).length > 0;
+  if ((await new ReflinkBase(c.volume, dir).list()).length > 0) return 'reflink';
+  if ((await listJournals(dir)).length > 0) return 'journal';
+  return null;
 }
 
 /**
@@ -113,15 +115,16 @@ export async function rollbackTarget(
   committed: number,
   log: Logger,
 ): Promise<{ mode: 'reflink' | 'journal' | null; generation: number | null; bytes: number }> {
-  const dir = consistencyDir(c, mirrorStateDir, target.kind === 'file');
-  const base = new ReflinkBase(c.volume, dir);
-  if ((await base.list()).length > 0) {
-    const g = await base.rollback(committed);
-    return { mode: 'reflink', generation: g, bytes: 0 };
+  const isFile = target.kind === 'file';
+  const dir = consistencyDir(c, mirrorStateDir, isFile);
+  switch (await undoLeft(c, mirrorStateDir, isFile)) {
+    case 'reflink':
+      return { mode: 'reflink', generation: await new ReflinkBase(c.volume, dir).rollback(committed), bytes: 0 };
+    case 'journal': {
+      const r = await JournaledVolume.rollback(target, dir, { committed, log });
+      return { mode: 'journal', generation: r.generation, bytes: r.bytes };
+    }
+    default:
+      return { mode: null, generation: null, bytes: 0 };
   }
-  if ((await listJournals(dir)).length > 0) {
-    const r = await JournaledVolume.rollback(target, dir, { committed, log });
-    return { mode: 'journal', generation: r.generation, bytes: r.bytes };
-  }
-  return { mode: null, generation: null, bytes: 0 };
 }

@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import type { Logger } from 'pino';
 import { ErrorCodes, TmError } from '../errors.js';
 import { openVolume } from '../volume/factory.js';
-import { rollbackTarget, undoAvailable } from './consistency.js';
+import { rollbackTarget, undoLeft } from './consistency.js';
 import type { MirrorConfig } from './settings.js';
 import { StateFile } from './state.js';
 
@@ -42,7 +42,7 @@ export async function rollbackStopped(c: MirrorConfig, stateDir: string, log: Lo
   const target = await openVolume(c.volume, {});
   try {
     if (s.applying !== null) {
-      if (!(await undoAvailable(c, path.join(stateDir, c.name), target.kind === 'file'))) {
+      if ((await undoLeft(c, path.join(stateDir, c.name), target.kind === 'file')) === null) {
         throw new TmError(
           ErrorCodes.CONSISTENCY,
           `mirror ${c.name}: generation ${s.applying.generation} is partly applied and there is no base image or undo journal to restore generation ${s.committedGeneration} from (consistency: ${c.consistency}); the replica stays as it is until the primary sends generation ${s.applying.generation} again`,

@@ -75,40 +75,35 @@ export class SecondaryRole {
 
   async start(): Promise<void> {
     const s = this.r.store.state;
-    if (s && s.applying === null) await this.finishRollback(s.committedGeneration);
+    if (s) await this.lookAtTarget(s.committedGeneration, s.applying === null);
     await this.drills.removeStaleTemps();
-    if (s) {
-      // The allocated figure for status until the first session: one look at the target, if it exists.
-      try {
-        const v = await this.r.openVolume(this.r.config.volume, { readOnly: true });
-        try {
-          this.allocated = { at: Date.now(), bytes: totalBytes(await v.allocated()) };
-        } finally {
-          await v.close();
-        }
-      } catch {
-        // the target may not exist yet
-      }
-    }
     this.r.log.info({ committedGeneration: s?.committedGeneration ?? 0, applying: s?.applying ?? null }, 'secondary mirror ready');
   }
 
   /**
-   * Nothing is being applied, yet a base image or journal above the committed
-   * generation is left: a rollback was interrupted (it records `applying:
-   * null` first) or a crash came between preparing a generation and recording
-   * it. Either way restoring the committed image is what must happen.
+   * One look at the target at start, if it exists: with nothing being applied
+   * (`idle`), finish an interrupted rollback; then note its allocated bytes for
+   * status until the first session.
+   *
+   * A base image or journal left while nothing is applied means a rollback was
+   * interrupted (it records `applying: null` first) or a crash came between
+   * preparing a generation and recording it. Either way restoring the committed
+   * image is what must happen.
    */
-  private async finishRollback(committed: number): Promise<void> {
+  private async lookAtTarget(committed: number, idle: boolean): Promise<void> {
     let v: Volume;
     try {
-      v = await this.r.openVolume(this.r.config.volume, {});
+      v = await this.r.openVolume(this.r.config.volume, idle ? {} : { readOnly: true });
     } catch {
-      return; // no target yet: nothing to restore
+      return; // no target yet: nothing to restore or report
     }
     try {
-      const r = await rollbackTarget(this.r.config, this.r.store.dir, v, committed, this.r.log);
-      if (r.generation !== null) this.r.log.warn({ mode: r.mode, committedGeneration: committed, bytes: r.bytes }, 'an interrupted rollback was completed: the target holds the committed generation');
+      if (idle) {
+        const r = await rollbackTarget(this.r.config, this.r.store.dir, v, committed, this.r.log);
+        if (r.generation !== null) this.r.log.warn({ mode: r.mode, committedGeneration: committed, bytes: r.bytes }, 'an interrupted rollback was completed: the target holds the committed generation');
+      }
+      // Only a figure for status: a failure to read the map does not stop the mirror.
+      this.allocated = { at: Date.now(), bytes: totalBytes(await v.allocated().catch(() => [])) };
     } finally {
       await v.close();
     }
