@@ -12,6 +12,15 @@ Usage:
   thinmirror rollback MIRROR --config FILE [--json]
                                             restore a stopped secondary's replica to its
                                             last committed generation
+  thinmirror promote MIRROR [--force] --config FILE [--json]
+                                            make this secondary the primary (failover)
+  thinmirror demote MIRROR --config FILE [--json]
+                                            make this primary a secondary, keeping what it
+                                            changed for the reverse resync (failback)
+  thinmirror switchover MIRROR --config FILE [--json]
+                                            planned role swap with the peer, no data lost
+  thinmirror resolve MIRROR --discard-local --config FILE [--json]
+                                            end a split brain, discarding this side's changes
   thinmirror drill start MIRROR [--name NAME] --config FILE [--json]
                                             writable clone of a secondary's consistent
                                             image while replication goes on (docs/drills.md)
@@ -90,6 +99,25 @@ async function main(argv: string[]): Promise<number> {
       if (!name) throw new TmError(ErrorCodes.USAGE, 'rollback: MIRROR is required');
       const { runRollback } = await import('./cli/rollback.js');
       return runRollback(requireOpt('rollback', values.config, 'config'), name, values.json ?? false);
+    }
+    case 'promote':
+    case 'demote':
+    case 'switchover':
+    case 'resolve': {
+      const { values, positionals } = parse(
+        command,
+        rest,
+        { config: { type: 'string', short: 'c' }, json: { type: 'boolean' }, force: { type: 'boolean' }, 'discard-local': { type: 'boolean' } },
+        1,
+      );
+      if (values.help) return help();
+      const name = positionals[0];
+      if (!name) throw new TmError(ErrorCodes.USAGE, `${command}: MIRROR is required`);
+      if (values.force && command !== 'promote') throw new TmError(ErrorCodes.USAGE, `${command}: --force goes with promote only`);
+      if (values['discard-local'] && command !== 'resolve') throw new TmError(ErrorCodes.USAGE, `${command}: --discard-local goes with resolve only`);
+      if (command === 'resolve' && !values['discard-local']) throw new TmError(ErrorCodes.USAGE, 'resolve: --discard-local is required (run it on the side whose changes are thrown away)');
+      const { runRoleAction } = await import('./cli/role.js');
+      return runRoleAction(requireOpt(command, values.config, 'config'), command, name, { force: values.force ?? false, discardLocal: values['discard-local'] ?? false, json: values.json ?? false });
     }
     case 'drill': {
       const { values, positionals } = parse('drill', rest, { config: { type: 'string', short: 'c' }, name: { type: 'string' }, force: { type: 'boolean' }, json: { type: 'boolean' } }, 3);

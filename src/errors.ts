@@ -71,6 +71,12 @@ export const ErrorCodes = {
   DRILL_EXISTS: 'TM_ERR_DRILL_EXISTS',
   /** `drill stop` of a drill the mirror does not record. */
   DRILL_UNKNOWN: 'TM_ERR_DRILL_UNKNOWN',
+  /** Both sides wrote after they diverged (two primaries, or a secondary holding generations the primary never made): nothing is written until `resolve`. */
+  SPLIT_BRAIN: 'TM_ERR_SPLIT_BRAIN',
+  /** `promote` while a primary is connected and replicating to this side (without --force). */
+  PEER_CONNECTED: 'TM_ERR_PEER_CONNECTED',
+  /** A role command that does not apply to the mirror's role now (promote a primary, demote a secondary, resolve without a split brain). */
+  ROLE: 'TM_ERR_ROLE',
   /** An invariant was violated: a bug. */
   INTERNAL: 'TM_ERR_INTERNAL',
 } as const;

@@ -179,7 +179,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
     const nodeTls = c.tls ? tlsPaths(c.tls) : undefined;
     /** The TLS files a primary with a wss:// peer uses: its own, else the node's. */
     const tlsOf = (m: (typeof c.mirrors)[number]): { tls?: TlsFiles } =>
-      m.role !== 'primary' || !m.peer?.startsWith('wss://') ? {} : m.tls ? { tls: { ...tlsPaths(m.tls), origin: 'mirror' } } : nodeTls ? { tls: { ...nodeTls, origin: 'node' } } : {};
+      !m.peer?.startsWith('wss://') ? {} : m.tls ? { tls: { ...tlsPaths(m.tls), origin: 'mirror' } } : nodeTls ? { tls: { ...nodeTls, origin: 'node' } } : {};
     const mirrors: MirrorConfig[] = c.mirrors.map((m) => ({
       name: m.name,
       role: m.role,
@@ -207,7 +207,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       const key = peerKey(p.url);
       if (peerIndex.has(key)) problems.push({ path: ['peers', i, 'url'], message: `peer ${key} is already listed at peers[${peerIndex.get(key)}]` });
       else peerIndex.set(key, i);
-      const users = mirrors.filter((m) => m.role === 'primary' && m.peer && peerKey(m.peer) === key);
+      const users = mirrors.filter((m) => m.peer && peerKey(m.peer) === key);
       if (users.length === 0) problems.push({ path: ['peers', i, 'url'], message: `no primary mirror has a peer at ${key} (a typo?)` });
       if (p.bandwidth !== undefined) for (const m of users) m.peerBandwidth = p.bandwidth;
     });
@@ -224,7 +224,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
     // Transport security: TLS, or plain ws:// only on loopback unless the mirror says insecure: true.
     c.mirrors.forEach((raw, i) => {
       const m = mirrors[i]!;
-      if (m.role === 'primary' && m.peer) {
+      if (m.peer) {
         const host = new URL(m.peer).hostname; // the schema checked that it parses
         if (m.peer.startsWith('wss://')) {
           if (!m.tls) problems.push({ path: ['mirrors', i, 'peer'], message: `peer ${m.peer} is wss:// but no tls: { ca, cert, key } is configured (on the mirror or at the top level)` });
@@ -234,8 +234,9 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
             problems.push({ path: ['mirrors', i, 'peer'], message: `peer ${m.peer} is plain ws:// to a host that is not loopback: use wss:// with tls: { ca, cert, key }, or set insecure: true on this mirror` });
           }
         }
-      } else if (m.role === 'secondary') {
-        if (raw.tls) problems.push({ path: ['mirrors', i, 'tls'], message: 'a secondary mirror takes no tls: the listener uses the top-level tls: { ca, cert, key }' });
+      }
+      if (m.role === 'secondary') {
+        if (raw.tls && !m.peer) problems.push({ path: ['mirrors', i, 'tls'], message: 'a secondary mirror takes no tls: the listener uses the top-level tls: { ca, cert, key }' });
         if (c.listen && !c.tls && !m.insecure && !isLoopbackHost(c.listen.host)) {
           problems.push({
             path: ['mirrors', i],
@@ -254,7 +255,6 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       if (volumes.has(m.volume)) problems.push({ path: at('volume'), message: `volume ${m.volume} is already used by mirrors[${volumes.get(m.volume)}]` });
       volumes.set(m.volume, i);
       if (m.role === 'primary' && !m.peer) problems.push({ path: ['mirrors', i], message: 'a primary mirror needs peer: (the secondary\'s ws:// URL)' });
-      if (m.role === 'secondary' && m.peer) problems.push({ path: at('peer'), message: 'a secondary mirror takes no peer: the primary connects to it' });
       if (m.maxExtent % m.chunkSize !== 0 || m.maxExtent > 8 * 1024 * 1024) {
         problems.push({ path: at('maxExtent'), message: `expected a multiple of chunkSize (${m.chunkSize}) of at most 8MiB, got ${m.maxExtent}` });
       }
@@ -268,7 +268,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       } else if (m.lvm) {
         problems.push({ path: at('lvm'), message: 'lvm: is used only with tracking.mode lvm-thin' });
       }
-      if (m.bandwidth !== undefined && m.role !== 'primary') problems.push({ path: at('bandwidth'), message: 'bandwidth caps what a primary sends; a secondary mirror takes none' });
+      if (m.bandwidth !== undefined && !m.peer) problems.push({ path: at('bandwidth'), message: 'bandwidth caps what this side sends as primary, to peer:; a mirror without peer: takes none' });
       if (m.reconnectMin > m.reconnectMax) problems.push({ path: at('reconnect'), message: 'min must not exceed max' });
     });
     if (config.metrics && config.listen && config.metrics.port === config.listen.port && config.metrics.host === config.listen.host) {

@@ -3,6 +3,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { asTmError, ErrorCodes, TmError, type ErrorCode } from '../errors.js';
 import type { DrillInfo, DrillStarted, DrillStopped } from '../mirror/drill.js';
+import type { RoleChangeReport } from '../mirror/mirror.js';
 import type { MirrorStatus } from '../mirror/status.js';
 import type { LastReload } from './reload.js';
 
@@ -38,6 +39,33 @@ export interface ControlHandlers {
   metrics: () => Promise<{ contentType: string; body: string }>;
   /** The drill actions (docs/drills.md); absent: the routes answer 404. */
   drills?: DrillHandlers;
+  /** promote, demote, switchover, resolve (docs/runbook.md); absent: the routes answer 404. */
+  roles?: RoleHandlers;
+}
+
+/** The role actions: `POST /mirrors/MIRROR/{promote,demote,switchover,resolve}` with a JSON body of options; 200 `{result: RoleChangeReport}`. */
+export type RoleAction = 'promote' | 'demote' | 'switchover' | 'resolve';
+export type RoleHandlers = (mirror: string, action: RoleAction, o: { force: boolean; discardLocal: boolean }) => Promise<RoleChangeReport>;
+
+const ROLE_ACTIONS: readonly string[] = ['promote', 'demote', 'switchover', 'resolve'];
+
+/** Serve a role route; false when `req` is not one. */
+function serveRoles(req: http.IncomingMessage, res: http.ServerResponse, h: RoleHandlers): boolean {
+  if (req.method !== 'POST') return false;
+  let parts: string[];
+  try {
+    parts = new URL(req.url ?? '/', 'http://localhost').pathname.split('/').filter(Boolean).map(decodeURIComponent);
+  } catch {
+    return false;
+  }
+  if (parts.length !== 3 || parts[0] !== 'mirrors' || !ROLE_ACTIONS.includes(parts[2]!)) return false;
+  answer(res, 200, async () => {
+    const b = await jsonBody(req);
+    for (const k of Object.keys(b)) if (k !== 'force' && k !== 'discardLocal') throw new TmError(ErrorCodes.USAGE, `${parts[2]}: unknown option "${k}"`);
+    if ((b.force !== undefined && typeof b.force !== 'boolean') || (b.discardLocal !== undefined && typeof b.discardLocal !== 'boolean')) throw new TmError(ErrorCodes.USAGE, `${parts[2]}: options must be booleans`);
+    return { result: await h(parts[1]!, parts[2] as RoleAction, { force: b.force === true, discardLocal: b.discardLocal === true }) };
+  });
+  return true;
 }
 
 /**
@@ -78,7 +106,17 @@ export function serveMetrics(res: http.ServerResponse, metrics: ControlHandlers[
 export function httpStatusOf(code: ErrorCode): number {
   if (code === ErrorCodes.USAGE) return 400;
   if (code === ErrorCodes.UNKNOWN_MIRROR || code === ErrorCodes.DRILL_UNKNOWN) return 404;
-  if (code === ErrorCodes.DRILL_BUSY || code === ErrorCodes.DRILL_EXISTS || code === ErrorCodes.DRILL_UNSUPPORTED || code === ErrorCodes.STATE || code === ErrorCodes.CONSISTENCY) return 409;
+  if (
+    code === ErrorCodes.DRILL_BUSY ||
+    code === ErrorCodes.DRILL_EXISTS ||
+    code === ErrorCodes.DRILL_UNSUPPORTED ||
+    code === ErrorCodes.STATE ||
+    code === ErrorCodes.CONSISTENCY ||
+    code === ErrorCodes.ROLE ||
+    code === ErrorCodes.PEER_CONNECTED ||
+    code === ErrorCodes.SPLIT_BRAIN
+  )
+    return 409;
   return 500;
 }
 
@@ -167,6 +205,7 @@ export async function startControlServer(stateDir: string, handlers: ControlHand
     }
     if (req.method === 'GET' && req.url === '/metrics') return serveMetrics(res, handlers.metrics);
     if (handlers.drills && serveDrills(req, res, handlers.drills)) return;
+    if (handlers.roles && serveRoles(req, res, handlers.roles)) return;
     notFound(req, res);
   });
   await new Promise<void>((resolve, reject) => {

@@ -3,13 +3,13 @@ import { promises as fsp } from 'node:fs';
 import { createRequire } from 'node:module';
 import { pino, type Logger } from 'pino';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
-import { Mirror, serveSession } from '../mirror/mirror.js';
+import { Mirror, serveSession, type RoleChangeReport } from '../mirror/mirror.js';
 import type { MirrorStatus } from '../mirror/status.js';
 import { readTlsFiles } from '../wire/tls.js';
 import { listen, type Listener } from '../wire/transport.js';
 import { BandwidthRegistry, throttle } from '../wire/bandwidth.js';
 import { loadConfig, peerKey, readPsk, type DaemonConfig, type MirrorConfig } from './config.js';
-import { startControlServer, startMetricsServer, type DaemonStatus, type DrillHandlers, type MirrorStatusEntry } from './control.js';
+import { startControlServer, startMetricsServer, type DaemonStatus, type DrillHandlers, type MirrorStatusEntry, type RoleAction } from './control.js';
 import { acquireLock } from './lock.js';
 import { MirrorMetrics } from './metrics.js';
 import { checkReloadable, diffMirrors, reportOf, type LastReload, type ReloadReport } from './reload.js';
@@ -81,7 +81,7 @@ export class Daemon {
     this.metrics = metrics;
     metrics.start(1000);
     const scrape = async () => ({ contentType: metrics.contentType, body: await metrics.scrape() });
-    this.control = await startControlServer(c.node.stateDir, { status: () => this.status(), metrics: scrape, drills: this.drillHandlers() });
+    this.control = await startControlServer(c.node.stateDir, { status: () => this.status(), metrics: scrape, drills: this.drillHandlers(), roles: (name, action, o) => this.roleAction(name, action, o) });
     if (c.metrics) {
       this.metricsServer = await startMetricsServer(c.metrics.host, c.metrics.port, scrape);
       const a = this.metricsServer.address();
@@ -92,7 +92,10 @@ export class Daemon {
 
   private newEntry(m: MirrorConfig): Entry {
     const log = this.log.child({ mirror: m.name });
-    return { config: m, mirror: new Mirror(m, { nodeName: this.config.node.name, stateDir: this.config.node.stateDir, psk: this.psk, log, ...this.throttleFor(m) }) };
+    return {
+      config: m,
+      mirror: new Mirror(m, { nodeName: this.config.node.name, stateDir: this.config.node.stateDir, psk: this.psk, log, listening: this.config.listen !== undefined, ...this.throttleFor(m) }),
+    };
   }
 
   /** Start a mirror; one that cannot start stays in the map (its status shows why; a reload tries again). */
@@ -129,6 +132,23 @@ export class Daemon {
     const tls = files ? await readTlsFiles(files, 'tls', { log: this.log, refusedBy: 'primaries' }) : null;
     this.listener = await listen({ host, port, tls, log: this.log, onSession: (session) => void serveSession(session, { node: this.config.node.name, psk: this.psk, log: this.log, mirror: (name) => this.entries.get(name)?.mirror }) });
     this.listenAddr = this.listener.address;
+  }
+
+  /** promote, demote, switchover, resolve through the control socket (docs/runbook.md). */
+  private roleAction(name: string, action: RoleAction, o: { force: boolean; discardLocal: boolean }): Promise<RoleChangeReport> {
+    const e = this.entries.get(name);
+    if (!e) return Promise.reject(new TmError(ErrorCodes.UNKNOWN_MIRROR, `this node (${this.config.node.name}) has no mirror named "${name}"`));
+    const m = e.mirror;
+    switch (action) {
+      case 'promote':
+        return m.promote({ force: o.force });
+      case 'demote':
+        return m.demote();
+      case 'switchover':
+        return m.switchover();
+      case 'resolve':
+        return m.resolve({ discardLocal: o.discardLocal });
+    }
   }
 
   /** The drill actions of the control socket (docs/drills.md): the named mirror's, every running secondary's for the list. */

@@ -24,6 +24,8 @@ export interface MirrorContext {
    * `bytes` more may go on the wire. Absent: unlimited.
    */
   throttle?: (bytes: number, signal: AbortSignal) => Promise<void>;
+  /** False when this node has no listener (no primary can reach its secondaries); undefined: not known. */
+  listening?: boolean;
 }
 
 /** The mirror's state as the running role sees it: the Mirror owns the file, a role changes the fields and asks for a save. */
@@ -42,6 +44,8 @@ export interface StateStore {
 
 /** What a Mirror hands the role it runs. */
 export interface RoleContext {
+  /** A secondary agreed to a planned switchover at `generation` and its session has ended: the Mirror promotes it. */
+  onSwitchover?: (generation: number) => void;
   config: MirrorConfig;
   ctx: MirrorContext;
   store: StateStore;

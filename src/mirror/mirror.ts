@@ -10,6 +10,10 @@ import { readTlsFiles } from '../wire/tls.js';
 import type { MirrorContext, RoleContext, StateStore } from './context.js';
 import type { Drills } from './drill.js';
 import { PrimaryRole } from './primary-role.js';
+import { consistencyDir, rollbackTarget, undoLeft } from './consistency.js';
+import { removeDivergent, saveDivergent } from './divergence.js';
+import * as gens from './generations.js';
+import { describeGen, sameGen } from './history.js';
 import { changeRole } from './role.js';
 import { SecondaryRole } from './secondary-role.js';
 import type { MirrorConfig } from './settings.js';
@@ -37,6 +41,7 @@ export class Mirror {
   private failedStart: TmError | null = null;
   /** The role that ran until stop/abort: its status (state `stopped`, final counters) is still reported. */
   private stopped: Runner | null = null;
+  private roleConflict: string | null = null;
 
   constructor(
     readonly config: MirrorConfig,
@@ -63,19 +68,25 @@ export class Mirror {
         const loaded = await this.stateFile.load();
         if (loaded?.migrated) this.log.info({ file: this.stateFile.file, role: loaded.state.role }, 'state file migrated from format 1 to format 2');
         const s = loaded?.state ?? null;
-        if (s && s.role !== this.config.role) {
-          throw new TmError(
-            ErrorCodes.STATE,
-            `${this.stateFile.file} belongs to a ${s.role} mirror, but the config says ${this.config.role}; the config's role only applies to a mirror without state`,
-          );
-        }
         this.state = s;
+        this.noteRoleConflict();
       } catch (e) {
         this.failedStart = asTmError(e, ErrorCodes.STATE, `mirror ${this.name}`);
         throw this.failedStart;
       }
       await this.startRunner(this.role);
     });
+  }
+
+  /** The config's role is only the initial one: a state that says otherwise (promote/demote) wins, and status and the log say so. */
+  private noteRoleConflict(): void {
+    const s = this.state;
+    if (s && s.role !== this.config.role) {
+      this.roleConflict = `the config says role ${this.config.role}, but the mirror is ${s.role} (changed by promote/demote, recorded in ${this.stateFile.file}); the recorded role runs, the config's applies only to a mirror without state`;
+      this.log.warn({ configRole: this.config.role, role: s.role }, this.roleConflict);
+    } else {
+      this.roleConflict = null;
+    }
   }
 
   /** Stop (sessions closed, state and tracking state persisted). Idempotent. */
@@ -124,12 +135,164 @@ export class Mirror {
     });
   }
 
+  /** A secondary agreed to a switchover and its session ended: promote it (in the background of the receiver). */
+  private onSwitchover = (gen: number): void => {
+    void this.promote({ force: true, why: `switchover at generation ${gen}` }).catch((e) => this.log.error({ err: e }, 'promote after switchover failed'));
+  };
+
   /** An authenticated session asking for this mirror: taken while secondary, refused otherwise (with why it is not running). */
   async accept(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
-    if (this.role !== 'secondary') throw refuse(session, unknownMirror(this.ctx.nodeName, hello));
     const r = this.runner;
-    if (!(r instanceof SecondaryRole)) throw refuse(session, this.failedStart ?? new TmError(ErrorCodes.INTERNAL, `mirror ${this.name} is not running`));
+    if (this.role === 'primary' && r instanceof PrimaryRole) {
+      // Another side believes it is primary too: say so to both (split brain), write nothing.
+      try {
+        await r.refuseAsPrimary(session, auth.volumeId);
+      } catch (e) {
+        throw refuse(session, asTmError(e, ErrorCodes.SPLIT_BRAIN, `mirror ${this.name}`));
+      }
+    }
+    if (this.role !== 'secondary') throw refuse(session, unknownMirror(this.ctx.nodeName, hello));
+    if (!(r instanceof SecondaryRole)) throw refuse(session, this.failedStart ?? new TmError(ErrorCodes.CONNECTION, `mirror ${this.name} is not running yet on ${this.ctx.nodeName} (starting or changing role); retry`));
     await r.accept(session, hello, auth);
+  }
+
+  // ---- issue 12: promote, demote, switchover, resolve (docs/runbook.md) ----
+
+  /**
+   * `thinmirror promote`: this secondary becomes the primary. Stops receiving
+   * (refused while a primary is connected, unless `force`), rolls the replica
+   * back to its last committed generation, records the primary role with the
+   * history continuing from that generation, and takes the volume as the
+   * change source's base.
+   */
+  promote(o: { force?: boolean; why?: string } = {}): Promise<RoleChangeReport> {
+    return this.serial(async () => {
+      const t0 = Date.now();
+      if (this.ended) throw new TmError(ErrorCodes.ABORTED, `mirror ${this.name} is stopped`);
+      if (this.role === 'primary') throw new TmError(ErrorCodes.ROLE, `mirror ${this.name} is already primary on ${this.ctx.nodeName}`);
+      const r = this.runner;
+      if (r instanceof SecondaryRole && r.peerConnected && !o.force) {
+        throw new TmError(
+          ErrorCodes.PEER_CONNECTED,
+          `mirror ${this.name}: primary ${this.state?.peerNode ?? 'the peer'} is connected and replicating to this side; stop it or demote it first, or promote --force (the old primary is then refused as a split brain when it connects)`,
+        );
+      }
+      const s = this.state;
+      if (!s) throw new TmError(ErrorCodes.STATE, `mirror ${this.name}: this side never received a generation (no ${this.stateFile.file}): there is nothing to promote`);
+      await r?.stop(true);
+      this.runner = null;
+      const undone = s.applying?.generation ?? null;
+      await rollbackForPromote(this.config, this.stateFile, s, this.log);
+      const next = structuredClone(s);
+      changeRole(next, 'primary', this.stateFile.file);
+      await this.stateFile.save(next);
+      this.state = next;
+      this.noteRoleConflict();
+      this.log.info({ generation: next.committedGeneration, undone, why: o.why ?? 'promote' }, 'promoted: this side is primary');
+      await this.startRunner('primary', { rebase: true });
+      return this.report('primary', t0, undone, null, this.promoteWarnings());
+    });
+  }
+
+  /**
+   * `thinmirror demote`: this primary becomes a secondary. The chunks it
+   * changed that the other side never committed (pending generations, its own
+   * divergent chunks, and what changed since the last cycle) are kept on disk
+   * for the reverse resync; tracking state goes.
+   */
+  demote(why = 'demoted'): Promise<RoleChangeReport> {
+    return this.serial(() => this.demoteNow(Date.now(), why, null));
+  }
+
+  private async demoteNow(t0: number, why: string, afterSwitchover: number | null): Promise<RoleChangeReport> {
+    if (this.ended) throw new TmError(ErrorCodes.ABORTED, `mirror ${this.name} is stopped`);
+    if (this.role === 'secondary') throw new TmError(ErrorCodes.ROLE, `mirror ${this.name} is already secondary on ${this.ctx.nodeName}`);
+    const r = this.runner;
+    if (!(r instanceof PrimaryRole) || !this.state) {
+      throw new TmError(ErrorCodes.STATE, `mirror ${this.name} is not running${this.failedStart ? ` (${this.failedStart.code}: ${this.failedStart.message})` : ''}: its changes cannot be found to keep them; fix that first`);
+    }
+    await r.halt();
+    const changed = await r.changedSinceCommitted();
+    const next = structuredClone(this.state);
+    const bytes = changed ? gens.bitmapBytes(changed, next.chunkSize, next.volumeSize) : 0;
+    if (changed && !changed.isEmpty) await saveDivergent(this.stateFile.dir, changed);
+    next.divergence =
+      changed === null
+        ? { since: next.history?.at(-1) ?? null, bytes: 0, unknown: true, reason: `${why}: the change source lost its base, the changed chunks are not known`, coveredBy: null }
+        : changed.isEmpty
+          ? null
+          : { since: next.history?.at(-1) ?? null, bytes, unknown: false, reason: why, coveredBy: null };
+    changeRole(next, 'secondary', this.stateFile.file);
+    await this.stateFile.save(next);
+    this.state = next;
+    this.noteRoleConflict();
+    if (!next.divergence) await removeDivergent(this.stateFile.dir);
+    await r.dropTracking().catch((e) => this.log.warn({ err: e }, 'removing tracking state after demote failed'));
+    await r.stop();
+    this.runner = null;
+    this.log.info({ committedGeneration: next.committedGeneration, divergentBytes: bytes, unknown: changed === null, why }, 'demoted: this side is secondary');
+    await this.startRunner('secondary');
+    const warnings = this.ctx.listening === false ? [`this node has no listen: address, so no primary can connect to it; add listen: { host, port } to the config and restart the daemon`] : [];
+    if (afterSwitchover === null && changed && !changed.isEmpty) warnings.push(`${bytes} bytes changed here that the peer never committed: they are overwritten by the peer's data at the next resync`);
+    return this.report('secondary', t0, null, changed === null ? null : bytes, warnings);
+  }
+
+  /**
+   * `thinmirror switchover` on the primary: a planned swap with both sides up.
+   * The last generation is committed, no new one is made, the secondary agrees
+   * to take over at it, this side is recorded secondary, then the session
+   * closes and the peer promotes itself.
+   */
+  switchover(timeoutMs = 300_000): Promise<RoleChangeReport> {
+    return this.serial(async () => {
+      const t0 = Date.now();
+      if (this.role !== 'primary') throw new TmError(ErrorCodes.ROLE, `mirror ${this.name} is secondary on ${this.ctx.nodeName}: run switchover on the primary's host`);
+      const r = this.runner;
+      if (!(r instanceof PrimaryRole)) throw new TmError(ErrorCodes.STATE, `mirror ${this.name} is not running`);
+      const gen = await r.switchover(timeoutMs);
+      return this.demoteNow(t0, `switchover at generation ${gen}`, gen);
+    });
+  }
+
+  /**
+   * `thinmirror resolve --discard-local`: end a split brain by throwing away
+   * this side's changes since the common generation. A primary is demoted
+   * (its changed chunks are overwritten by the peer's); a secondary that
+   * committed generations the primary never made forgets them, and the
+   * primary compares digests with it (its changed chunks are not known).
+   */
+  resolve(o: { discardLocal: boolean }): Promise<RoleChangeReport> {
+    if (!o.discardLocal) return Promise.reject(new TmError(ErrorCodes.USAGE, 'resolve: --discard-local is required (it names the side whose changes are thrown away)'));
+    const sb = this.state?.splitBrain;
+    if (!sb) return Promise.reject(new TmError(ErrorCodes.ROLE, `mirror ${this.name}: no split brain is recorded on ${this.ctx.nodeName}; to hand over the primary role use demote/promote or switchover`));
+    if (this.role === 'primary') return this.demote(`split brain with ${sb.peerNode} resolved by discarding this side's changes since ${describeGen(sb.common)}`);
+    return this.serial(async () => {
+      const t0 = Date.now();
+      const next = structuredClone(this.state!);
+      const hist = next.history ?? [];
+      const keep = sb.common ? hist.findIndex((g) => sameGen(g, sb.common)) + 1 : 0;
+      next.history = hist.slice(0, keep);
+      next.committedGeneration = sb.common?.generation ?? 0;
+      next.generation = Math.max(next.committedGeneration, next.applying?.generation ?? 0);
+      next.divergence = { since: sb.common, bytes: 0, unknown: true, reason: `split brain with ${sb.peerNode} resolved by discarding this side's generations after ${describeGen(sb.common)}`, coveredBy: null };
+      next.splitBrain = null;
+      await this.stateFile.save(next);
+      this.state = next;
+      this.log.warn({ common: sb.common }, 'split brain resolved: this side\'s generations after the common one are discarded; the primary compares digests');
+      return this.report('secondary', t0, null, null, []);
+    });
+  }
+
+  private promoteWarnings(): string[] {
+    const w: string[] = [];
+    if (!this.config.peer && !this.ctx.connect) {
+      w.push(`mirror ${this.name} has no peer: URL in ${this.ctx.nodeName}'s config, so replication to the other side cannot run: add peer: ws://HOST:PORT (the other host's listen address) to this mirror and reload`);
+    }
+    return w;
+  }
+
+  private report(role: Role, t0: number, undone: number | null, divergentBytes: number | null, warnings: string[]): RoleChangeReport {
+    return { mirror: this.name, role, committedGeneration: this.state?.committedGeneration ?? 0, undone, divergentBytes, seconds: (Date.now() - t0) / 1000, warnings };
   }
 
   /** The drills of this mirror (docs/drills.md): a running secondary's; TM_ERR_UNKNOWN_MIRROR on a primary, TM_ERR_STATE while not running. */
@@ -146,7 +309,7 @@ export class Mirror {
 
   async status(): Promise<MirrorStatus> {
     const r = this.runner ?? (this.failedStart ? null : this.stopped);
-    if (r) return r.status();
+    if (r) return { ...(await r.status()), roleConflict: this.roleConflict };
     const c = this.config;
     // Not running: it could not start (or was stopped); nothing measured to report.
     return {
@@ -160,6 +323,7 @@ export class Mirror {
         chunkSize: c.chunkSize,
       }),
       error: this.failedStart ? this.failedStart.toJSON() : null,
+      roleConflict: this.roleConflict,
     };
   }
 
@@ -168,9 +332,9 @@ export class Mirror {
     return this.runner !== null;
   }
 
-  private async startRunner(role: Role): Promise<void> {
+  private async startRunner(role: Role, o: { rebase?: boolean } = {}): Promise<void> {
     try {
-      await this.startRunnerNow(role);
+      await this.startRunnerNow(role, o);
       this.failedStart = null;
     } catch (e) {
       this.failedStart = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
@@ -178,9 +342,18 @@ export class Mirror {
     }
   }
 
-  private async startRunnerNow(role: Role): Promise<void> {
-    const r: RoleContext = { config: this.config, ctx: { ...this.ctx, connect: this.ctx.connect ?? (await this.defaultConnect(role)) }, store: this.store(), openVolume: this.ctx.openVolume ?? openVolume, log: this.log };
+  private async startRunnerNow(role: Role, o: { rebase?: boolean }): Promise<void> {
+    const r: RoleContext = {
+      config: this.config,
+      ctx: { ...this.ctx, connect: this.ctx.connect ?? (await this.defaultConnect(role)) },
+      store: this.store(),
+      openVolume: this.ctx.openVolume ?? openVolume,
+      log: this.log,
+      onSwitchover: this.onSwitchover,
+    };
     const runner = role === 'primary' ? new PrimaryRole(r) : new SecondaryRole(r);
+    // Only right after a promote: after a crash in between, the volume may have been written since, and digests are compared instead.
+    if (runner instanceof PrimaryRole && o.rebase) runner.rebaseAtStart = true;
     await runner.start();
     this.runner = runner;
   }
@@ -189,7 +362,8 @@ export class Mirror {
   private async defaultConnect(role: Role): Promise<(signal: AbortSignal) => Promise<Session>> {
     const c = this.config;
     if (role !== 'primary') return () => Promise.reject(new TmError(ErrorCodes.INTERNAL, `mirror ${c.name} is not primary`));
-    const url = c.peer!;
+    if (!c.peer) return () => Promise.reject(new TmError(ErrorCodes.CONFIG, `mirror ${c.name} is primary but has no peer: URL in the config: add peer: ws://HOST:PORT (the other host's listen address) and reload`));
+    const url = c.peer;
     const files = c.tls;
     const tls = files ? await readTlsFiles(files, files.origin === 'node' ? 'tls' : `mirror ${c.name}: tls`, { log: this.log, refusedBy: 'the secondary' }) : null;
     return (signal) => connect(url, { tls: url.startsWith('wss://') ? tls : null, signal });
@@ -241,4 +415,53 @@ export async function serveSession(session: Session, o: { node: string; psk: Buf
 /** The refusal of a session for a mirror this node does not hold as secondary. */
 function unknownMirror(node: string, hello: HelloMsg): TmError {
   return new TmError(ErrorCodes.UNKNOWN_MIRROR, `node ${node} holds no secondary mirror named "${hello.mirror}" (asked by ${hello.node})`);
+}
+
+/** What promote, demote, switchover and resolve did (the control socket's answer). */
+export interface RoleChangeReport {
+  mirror: string;
+  /** The role now. */
+  role: Role;
+  committedGeneration: number;
+  /** promote: the generation partly applied that was rolled back, or null. */
+  undone: number | null;
+  /** demote/switchover: bytes changed here that the peer never committed (kept for the reverse resync); null when not known. */
+  divergentBytes: number | null;
+  seconds: number;
+  /** What is missing for replication to run the other way, and other things the operator must know. */
+  warnings: string[];
+}
+
+/**
+ * Before a secondary becomes primary: the target back to the image of the
+ * last committed generation (issue 11's base image or undo journal), with
+ * `applying: null` recorded first, as `thinmirror rollback` does.
+ */
+async function rollbackForPromote(c: MirrorConfig, file: StateFile, s: MirrorState, log: Logger): Promise<void> {
+  let target;
+  try {
+    target = await openVolume(c.volume, {});
+  } catch (e) {
+    if (s.applying === null) return; // no target at all: nothing was ever applied
+    throw asTmError(e, ErrorCodes.VOLUME_IO, `mirror ${c.name}: opening ${c.volume} to roll it back`);
+  }
+  try {
+    if (s.applying !== null) {
+      if ((await undoLeft(c, file.dir, target.kind === 'file')) === null) {
+        throw new TmError(
+          ErrorCodes.CONSISTENCY,
+          `mirror ${c.name}: generation ${s.applying.generation} is partly applied and there is no base image or undo journal (consistency: ${c.consistency}) to bring back generation ${s.committedGeneration}: this replica is not a consistent image and cannot be promoted`,
+        );
+      }
+      s.applying = null;
+      s.applyingGid = null;
+      s.generation = s.committedGeneration;
+      await file.save(s);
+    }
+    const r = await rollbackTarget(c, file.dir, target, s.committedGeneration, log);
+    if (r.generation !== null) log.warn({ undone: r.generation, mode: r.mode, bytes: r.bytes, dir: consistencyDir(c, file.dir, target.kind === 'file') }, 'rolled back to the last committed generation before promoting');
+    await target.flush();
+  } finally {
+    await target.close();
+  }
 }

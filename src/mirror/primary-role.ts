@@ -1,18 +1,22 @@
 import { randomBytes } from 'node:crypto';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
-import { BitmapStore, type RoaringBitmap32 } from '../track/bitmap-store.js';
+import { BitmapStore, RoaringBitmap32 } from '../track/bitmap-store.js';
 import { createSource } from '../track/index.js';
 import type { ChangeSource } from '../track/source.js';
 import { sleep } from '../util/sleep.js';
 import { totalBytes, type Volume } from '../volume/volume.js';
-import { primaryHandshake } from '../wire/handshake.js';
+import { HANDSHAKE_TIMEOUT_MS, primaryHandshake } from '../wire/handshake.js';
+import type { HistoryMsg } from '../wire/messages.js';
 import type { Session } from '../wire/session.js';
 import type { RoleContext } from './context.js';
+import { loadDivergent, removeDivergent, saveDivergent, serializeBitmap } from './divergence.js';
 import * as gens from './generations.js';
+import { appendHistory, compareHistories, describeGen, newGenId, sameGen, type GenId } from './history.js';
 import { reconcileByDigests } from './reconcile.js';
 import { Sender, type SendCounters } from './sender.js';
-import { newState, type MirrorState } from './state.js';
-import type { CycleReport, MirrorStatus, PrimaryPhase, Progress, ReconcileReport } from './status.js';
+import { newState, type MirrorState, type SplitBrain } from './state.js';
+import { type CycleReport, type MirrorStatus, type PrimaryPhase, type Progress, type ReconcileReport } from './status.js';
+import { roleStatus } from './role-status.js';
 
 /** Codes after which retrying soon cannot help: back off to the maximum at once. */
 const REFUSALS = new Set<string>([
@@ -23,7 +27,17 @@ const REFUSALS = new Set<string>([
   ErrorCodes.CHUNK_SIZE_MISMATCH,
   ErrorCodes.IDENTITY_MISMATCH,
   ErrorCodes.TLS,
+  ErrorCodes.SPLIT_BRAIN,
+  ErrorCodes.CONFIG,
 ]);
+
+/** What the peer said in its history frame, as this primary uses it for the session. */
+interface PeerChanges {
+  /** Chunks the secondary changed that the next generation must overwrite (null: none). */
+  bitmap: RoaringBitmap32 | null;
+  /** The generation that carries them (begin.withPeerChanges), once created. */
+  coveredBy: number | null;
+}
 
 /**
  * What a Mirror runs while its role is primary: keeps the secondary current
@@ -56,6 +70,17 @@ export class PrimaryRole {
   private reconcileReport: ReconcileReport | null = null;
   private sessions = 0;
   private connectedSince: Date | null = null;
+  /** The secondary's divergent chunks reported in this session (reverse resync). */
+  private peerChanges: PeerChanges | null = null;
+  /** A planned switchover asked (Mirror.switchover): settled once the secondary agreed. */
+  private switchReq: { resolve: (gen: number) => void; reject: (e: TmError) => void } | null = null;
+  /** Detection passes, one at a time (the loop's, and a split brain's or a demote's measure). */
+  private detecting: Promise<unknown> = Promise.resolve();
+  private halted = false;
+  /** Resolved to cut the loop's wait short (a switchover was asked). */
+  private wake = resolvers();
+  /** The volume was the image of the committed generation when this role started (a promote): take it as the tracking base. */
+  rebaseAtStart = false;
 
   constructor(private readonly r: RoleContext) {
     this.bitmaps = new BitmapStore(r.store.dir);
@@ -90,6 +115,7 @@ export class PrimaryRole {
       this.source = picked.source;
       if (picked.reason) this.r.log.info({ trackingMode: picked.source.mode }, `tracking.mode auto: ${picked.reason}`);
       await this.source.open(s.generation, s.committedGeneration);
+      if (this.rebaseAtStart) await this.rebase(s);
       this.allocatedBytes = totalBytes(await volume.allocated());
       this.r.log.info({ generation: s.generation, committedGeneration: s.committedGeneration, pending: s.pending, volumeBytes: s.volumeSize, allocatedBytes: this.allocatedBytes }, 'primary mirror ready');
     } catch (e) {
@@ -100,12 +126,43 @@ export class PrimaryRole {
     this.loopDone = this.run();
   }
 
+  /**
+   * A promoted replica: the volume holds the committed generation's image, so
+   * it becomes the change source's base. The state asks for a digest
+   * comparison until this is done, so a crash before it is still safe.
+   */
+  private async rebase(s: MirrorState): Promise<void> {
+    const src = this.source!;
+    if (!src.rebase) {
+      gens.requireReconcile(s, `promoted at generation ${s.committedGeneration}: the ${src.mode} change source cannot take the volume as its base; comparing digests with the peer`);
+      await this.r.store.save();
+      return;
+    }
+    const t0 = Date.now();
+    await src.rebase(s.committedGeneration);
+    s.reconcile = null;
+    await this.r.store.save();
+    this.r.log.info({ generation: s.committedGeneration, trackingMode: src.mode, seconds: (Date.now() - t0) / 1000 }, 'tracking base taken from the promoted volume');
+  }
+
   /** Stop replicating (`abort`: drop the session at once instead of closing it); tracking state is persisted. Idempotent. */
   async stop(abort = false): Promise<void> {
+    await this.halt(abort);
+    await this.closeAll();
+  }
+
+  /** End the replication loop (and its session); the volume and the change source stay open. */
+  async halt(abort = false): Promise<void> {
+    this.halted = true;
     this.abort.abort();
+    this.switchReq?.reject(new TmError(ErrorCodes.ABORTED, `mirror ${this.r.config.name} is stopping`));
+    this.switchReq = null;
     if (abort) this.session?.destroy();
     else this.session?.close();
     await this.loopDone;
+  }
+
+  private async closeAll(): Promise<void> {
     await this.source?.close().catch((e) => this.r.log.warn({ err: e }, 'persisting tracking state failed'));
     await this.volume?.close();
     this.source = null;
@@ -170,10 +227,17 @@ export class PrimaryRole {
   /** Send pending and new generations over an established session until it ends. */
   private async replicate(session: Session, peerCommitted: number, applying: { generation: number; cursor: number } | null): Promise<void> {
     const s = this.state;
+    const peer = await this.exchangeHistory(session);
     const done = gens.committedMeanwhile(s, peerCommitted);
     if (done !== null) await this.markCommitted(done);
     if (gens.reconcileAfterHandshake(s, peerCommitted, applying)) await this.r.store.save();
     let resume = gens.resumeCursor(s, applying);
+    resume = await this.takePeerChanges(peer, resume);
+    if (s.splitBrain) {
+      s.splitBrain = null;
+      await this.r.store.save();
+      this.r.log.info('split brain resolved: the peer is secondary again');
+    }
     while (!this.signal.aborted) {
       const step = gens.nextStep(s);
       switch (step.kind) {
@@ -189,8 +253,13 @@ export class PrimaryRole {
           break;
         case 'wait': {
           this.phase = 'in-sync';
-          const wait = Math.max(0, this.lastDetectAt + this.r.config.tracking.interval * 1000 - Date.now());
-          await sleep(wait, this.signal, session.closed);
+          if (this.switchReq) {
+            if (await this.switchoverStep(session)) return;
+            break;
+          }
+          // The secondary's divergent chunks go at once, in a generation of their own if nothing else changed.
+          const wait = this.peerChanges?.bitmap && this.peerChanges.coveredBy === null ? 0 : Math.max(0, this.lastDetectAt + this.r.config.tracking.interval * 1000 - Date.now());
+          await sleep(wait, this.signal, Promise.race([session.closed, this.wake.promise]));
           if (this.signal.aborted) return;
           if (!session.isOpen) throw (await session.closed) ?? new TmError(ErrorCodes.CONNECTION, 'session closed');
           await this.detect(false);
@@ -204,13 +273,14 @@ export class PrimaryRole {
     const started = Date.now();
     this.lastDetectAt = started;
     const s = this.state;
-    const { bitmap, readBytes, baseLost } = await this.source!.detect(s.generation + 1, { all, signal: this.signal });
+    const { bitmap, readBytes, baseLost } = await this.detectPass(s.generation + 1, { all, signal: this.signal });
     if (baseLost) {
       gens.requireReconcile(s, `the ${this.source!.mode} change source lost its tracking state (no base to compare with)`);
       await this.r.store.save();
       return;
     }
     this.allocatedBytes = totalBytes(await this.volume!.allocated());
+    await this.mergeDivergence(bitmap);
     if (bitmap.isEmpty) {
       this.r.log.debug({ readBytes, ms: Date.now() - started }, 'no changes');
       return;
@@ -218,11 +288,32 @@ export class PrimaryRole {
     await this.createGeneration(bitmap, started, readBytes);
   }
 
+  private detectPass(gen: number, o: { all?: boolean; signal?: AbortSignal }) {
+    const run = this.detecting.then(() => this.source!.detect(gen, o));
+    this.detecting = run.catch(() => {});
+    return run;
+  }
+
+  /**
+   * Add what must also go in the next generation: this side's own divergent
+   * chunks (a promoted side that was demoted with changes the peer never
+   * committed) and the secondary's (reverse resync).
+   */
+  private async mergeDivergence(bitmap: RoaringBitmap32): Promise<void> {
+    const d = this.state.divergence;
+    if (d && !d.unknown) bitmap.orInPlace(await loadDivergent(this.r.store.dir));
+    const p = this.peerChanges;
+    if (p?.bitmap && p.coveredBy === null) bitmap.orInPlace(p.bitmap);
+  }
+
   /** Bitmap first, then the state that names it pending. */
   private async createGeneration(bitmap: RoaringBitmap32, detectedAt: number, readBytes: number): Promise<void> {
     const s = this.state;
     await this.bitmaps.save(s.generation + 1, bitmap);
     const gen = gens.createGeneration(s, detectedAt);
+    s.pendingGid = newGenId(this.r.ctx.nodeName, gen);
+    if (s.divergence && !s.divergence.unknown) s.divergence.coveredBy = gen;
+    if (this.peerChanges?.bitmap && this.peerChanges.coveredBy === null) this.peerChanges.coveredBy = gen;
     await this.r.store.save();
     const changedBytes = this.bytesOf(bitmap);
     this.cycle = { generation: gen, started: detectedAt, readBefore: this.counters.readBytes, detectReadBytes: readBytes, changedBytes, wireAtStart: this.wireBytes() };
@@ -244,7 +335,7 @@ export class PrimaryRole {
     this.reconcileReport = report;
     this.r.log.warn({ reason, generation: gen }, 'tracking state lost: comparing digests with the secondary');
     const source = this.source!;
-    await source.detect(gen, { all: true, signal: this.signal });
+    await this.detectPass(gen, { all: true, signal: this.signal });
     const view = await source.view(gen);
     const { bitmap, readBytes } = await reconcileByDigests(session, view, {
       chunkSize: s.chunkSize,
@@ -253,6 +344,7 @@ export class PrimaryRole {
       signal: this.signal,
       bytesOf: (b) => this.bytesOf(b),
     });
+    if (this.peerChanges && this.peerChanges.coveredBy === null) this.peerChanges.coveredBy = gen;
     await this.createGeneration(bitmap, started, readBytes);
     report.finished = true;
     this.r.log.info({ generation: gen, differingBytes: report.differingBytes, readBytes, seconds: (Date.now() - started) / 1000 }, 'digests compared: the chunks that differ become the next generation');
@@ -267,7 +359,14 @@ export class PrimaryRole {
     this.phase = s.committedGeneration === 0 ? 'initial-sync' : 'syncing';
     const sender = new Sender(
       view,
-      { generation: gen, bitmap, resumeFrom, recordSent: (chunk, data, count) => source.recordSent(chunk, data, count) },
+      {
+        generation: gen,
+        bitmap,
+        resumeFrom,
+        recordSent: (chunk, data, count) => source.recordSent(chunk, data, count),
+        ...(s.pendingGid && s.pendingGid.generation === gen ? { gid: s.pendingGid } : {}),
+        ...(this.peerChanges && this.peerChanges.coveredBy === gen ? { withPeerChanges: true } : {}),
+      },
       session,
       {
         chunkSize: s.chunkSize,
@@ -295,8 +394,16 @@ export class PrimaryRole {
   private async markCommitted(gen: number): Promise<void> {
     const s = this.state;
     await this.source!.persist();
+    const gid = s.pendingGid && s.pendingGid.generation === gen ? s.pendingGid : newGenId(this.r.ctx.nodeName, gen);
     gens.commitGeneration(s, gen);
+    // Generation 1 is a full sync: the chain starts again there.
+    s.history = appendHistory(s.history, gid, gen === 1);
+    s.pendingGid = null;
+    const dropDivergent = s.divergence?.coveredBy === gen;
+    if (dropDivergent) s.divergence = null;
+    if (this.peerChanges?.coveredBy === gen) this.peerChanges = null;
     await this.r.store.save();
+    if (dropDivergent) await removeDivergent(this.r.store.dir);
     await this.source!.committed(gen);
     await this.bitmaps.remove(gen);
     const cy = this.cycle;
@@ -313,6 +420,208 @@ export class PrimaryRole {
     this.sender = null;
     this.phase = 'in-sync';
     this.r.log.info({ generation: gen, lastCycle: this.lastCycle }, 'generation committed by the secondary');
+  }
+
+  // ---- issue 12: histories, reverse resync, split brain, switchover ----
+
+  /** This side's history frame: its chain, its pending generation, and what it changed that the peer may not hold. */
+  private historyMsg(changedBytes: number | null): HistoryMsg {
+    const s = this.state;
+    return { type: 'history', role: 'primary', ids: s.history ?? [], pending: s.pendingGid ?? null, changedBytes, divergent: null, unknown: false };
+  }
+
+  /**
+   * Send our history, take the secondary's, and decide: go on, overwrite its
+   * divergent chunks too (reverse resync), compare digests (no common
+   * generation), or refuse (split brain). Returns the peer's frame.
+   */
+  private async exchangeHistory(session: Session): Promise<HistoryMsg> {
+    const s = this.state;
+    session.send(this.historyMsg(null));
+    const m = await session.next(HANDSHAKE_TIMEOUT_MS);
+    if (m.type !== 'history') throw new TmError(ErrorCodes.PROTOCOL, `expected the secondary's history frame, got ${m.type}`);
+    const mine: GenId[] = [...(s.history ?? []), ...(s.pendingGid ? [s.pendingGid] : [])];
+    if (m.role === 'primary') {
+      throw await this.splitBrain(session, m, compareHistories(mine, m.ids).common, `both sides are primary (${session.peerName} was promoted too)`);
+    }
+    if (mine.length > 0 && m.ids.length > 0) {
+      const cmp = compareHistories(mine, m.ids);
+      if (cmp.common && cmp.remoteAhead.length > 0) {
+        throw await this.splitBrain(
+          session,
+          m,
+          cmp.common,
+          `the secondary committed ${cmp.remoteAhead.length} generation(s) this primary never created (${cmp.remoteAhead.map((g) => describeGen(g)).join(', ')}) after ${describeGen(cmp.common)}`,
+        );
+      }
+      if (!cmp.common) {
+        gens.requireReconcile(s, `the histories share no generation (this side's last: ${describeGen(mine.at(-1))}, the secondary's: ${describeGen(m.ids.at(-1))}): comparing digests instead of resending everything`);
+        await this.r.store.save();
+      } else if (sameGen(cmp.common, s.pendingGid)) {
+        // The secondary committed our pending generation; the acknowledgement was lost.
+        await this.markCommitted(s.pendingGid!.generation);
+      }
+    }
+    return m;
+  }
+
+  /**
+   * The secondary's divergent chunks (it was a primary, demoted with changes
+   * this side never got): they go in the next generation, or into the pending
+   * one (resent from the start unless it already holds them all). Unknown
+   * chunks: compare digests. Returns where the pending generation resumes.
+   */
+  private async takePeerChanges(m: HistoryMsg, resume: number): Promise<number> {
+    const s = this.state;
+    this.peerChanges = null;
+    if (m.unknown) {
+      // A pending generation goes first (nextStep), then the comparison, which covers every chunk.
+      this.peerChanges = { bitmap: null, coveredBy: null };
+      gens.requireReconcile(s, `the secondary changed chunks it cannot name since ${describeGen(m.ids.at(-1))} (${m.changedBytes ?? 'unknown'} bytes): comparing digests`);
+      await this.r.store.save();
+      return resume;
+    }
+    if (!m.divergent) return resume;
+    let b: RoaringBitmap32;
+    try {
+      b = RoaringBitmap32.deserialize(m.divergent, 'portable');
+    } catch (e) {
+      throw new TmError(ErrorCodes.PROTOCOL, `the secondary's divergent chunks are not a valid bitmap: ${(e as Error).message}`);
+    }
+    const chunks = Math.ceil(s.volumeSize / s.chunkSize);
+    if (!b.isEmpty && b.maximum() >= chunks) throw new TmError(ErrorCodes.PROTOCOL, `the secondary's divergent chunks name chunk ${b.maximum()}, beyond the volume's ${chunks}`);
+    if (b.isEmpty) return resume;
+    this.r.log.warn({ chunks: b.size, bytes: this.bytesOf(b) }, 'the secondary holds chunks it changed as a primary: they are overwritten with this side\'s (reverse resync)');
+    if (s.pending !== null) {
+      const pend = await this.bitmaps.load(s.pending);
+      const covered = pend.isSupersetOf(b);
+      if (!covered) {
+        pend.orInPlace(b);
+        await this.bitmaps.save(s.pending, pend);
+        resume = 0;
+      }
+      this.peerChanges = { bitmap: b, coveredBy: s.pending };
+      if (this.cycle && this.cycle.generation === s.pending) this.cycle.changedBytes = this.bytesOf(pend);
+      return resume;
+    }
+    this.peerChanges = { bitmap: b, coveredBy: null };
+    return resume;
+  }
+
+  /** Record the split brain (status shows it), tell the peer our figures, and return the error that ends the session. */
+  private async splitBrain(session: Session, m: HistoryMsg, common: GenId | null, why: string): Promise<TmError> {
+    const local = await this.changedBytes().catch(() => null);
+    const s = this.state;
+    const rec: SplitBrain = { detectedAt: Date.now(), peerNode: s.peerNode ?? session.peerName, common, localBytes: local, peerBytes: m.changedBytes, why };
+    s.splitBrain = rec;
+    await this.r.store.save();
+    const err = splitBrainError(this.r.config.name, rec);
+    if (session.isOpen) session.fail(err);
+    return err;
+  }
+
+  /**
+   * Bytes this side changed since its last committed generation: the pending
+   * generation, its own divergent chunks, and what a detection pass finds now
+   * (null when the change source lost its base).
+   */
+  async changedBytes(): Promise<number | null> {
+    const b = await this.changedSinceCommitted();
+    return b ? this.bytesOf(b) : null;
+  }
+
+  /** The chunks of {@link changedBytes}, or null when they cannot be known. */
+  async changedSinceCommitted(): Promise<RoaringBitmap32 | null> {
+    const s = this.state;
+    const all = new RoaringBitmap32();
+    for (const g of await this.bitmaps.list()) if (g > s.committedGeneration) all.orInPlace(await this.bitmaps.load(g));
+    if (s.divergence?.unknown) return null;
+    if (s.divergence) all.orInPlace(await loadDivergent(this.r.store.dir));
+    const d = await this.detectPass(s.generation + 1, {});
+    if (d.baseLost) return null;
+    all.orInPlace(d.bitmap);
+    return all;
+  }
+
+  /**
+   * Serve a session from a peer that believes it is primary, while this side
+   * is primary too: answer the handshake and the history exchange with our
+   * figures, record the split brain and refuse. Nothing is written.
+   */
+  async refuseAsPrimary(session: Session, volumeId: string): Promise<void> {
+    const s = this.state;
+    if (s.volumeId !== volumeId) {
+      throw new TmError(ErrorCodes.IDENTITY_MISMATCH, `mirror ${this.r.config.name}: the peer's volume id ${volumeId} is not ${s.volumeId}, and this side is primary`);
+    }
+    session.send({ type: 'ready', committedGeneration: s.committedGeneration, applying: null });
+    const m = await session.next(HANDSHAKE_TIMEOUT_MS);
+    if (m.type !== 'history') throw new TmError(ErrorCodes.PROTOCOL, `expected the peer's history frame, got ${m.type}`);
+    const mine: GenId[] = [...(s.history ?? []), ...(s.pendingGid ? [s.pendingGid] : [])];
+    const local = await this.changedBytes().catch(() => null);
+    session.send({ ...this.historyMsg(local) });
+    const rec: SplitBrain = { detectedAt: Date.now(), peerNode: session.peerName, common: compareHistories(mine, m.ids).common, localBytes: local, peerBytes: m.changedBytes, why: 'both sides are primary' };
+    s.splitBrain = rec;
+    await this.r.store.save();
+    this.r.log.error({ code: ErrorCodes.SPLIT_BRAIN, common: rec.common, localBytes: local, peerBytes: m.changedBytes }, 'split brain: a primary connected while this side is primary too');
+    throw splitBrainError(this.r.config.name, rec);
+  }
+
+  /**
+   * A planned switchover (issue 12 §3): no new generation is created after the
+   * last one the secondary commits; resolves with that generation once the
+   * secondary has agreed to be promoted at it. The session stays open until
+   * the Mirror halts this role (after it has recorded the demotion).
+   */
+  switchover(timeoutMs: number): Promise<number> {
+    if (!this.session || this.phase === 'connecting' || this.phase === 'error') {
+      return Promise.reject(new TmError(ErrorCodes.CONNECTION, `mirror ${this.r.config.name}: switchover needs the peer connected (state ${this.phase}); use demote and promote when it is gone`));
+    }
+    if (this.switchReq) return Promise.reject(new TmError(ErrorCodes.ROLE, `mirror ${this.r.config.name}: a switchover is already running`));
+    const p = new Promise<number>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.switchReq = null;
+        reject(new TmError(ErrorCodes.TIMEOUT, `mirror ${this.r.config.name}: switchover did not finish within ${timeoutMs / 1000} s; nothing changed roles`));
+      }, timeoutMs);
+      this.switchReq = {
+        resolve: (g) => (clearTimeout(timer), resolve(g)),
+        reject: (e) => (clearTimeout(timer), reject(e)),
+      };
+    });
+    // Cut the loop's wait short (a fresh wake for the waits after this one).
+    const w = this.wake;
+    this.wake = resolvers();
+    w.resolve();
+    return p;
+  }
+
+  /**
+   * One step of a switchover, in the loop's place of waiting: detect now; with
+   * changes, they become a generation (sent next); with none, ask the
+   * secondary to take over at the committed generation. True once it agreed.
+   */
+  private async switchoverStep(session: Session): Promise<boolean> {
+    const s = this.state;
+    const before = s.generation;
+    await this.detect(false);
+    if (s.generation !== before || s.reconcile) return false;
+    session.send({ type: 'switchover', generation: s.committedGeneration });
+    const m = await session.next(HANDSHAKE_TIMEOUT_MS);
+    if (m.type !== 'switched' || m.generation !== s.committedGeneration) {
+      throw new TmError(ErrorCodes.PROTOCOL, `switchover: expected switched(${s.committedGeneration}) from the secondary, got ${m.type}`);
+    }
+    this.r.log.info({ generation: s.committedGeneration }, 'switchover: the secondary holds the last generation and takes over');
+    const req = this.switchReq!;
+    this.switchReq = null;
+    req.resolve(s.committedGeneration);
+    // Nothing more is sent: wait for the Mirror to halt this role.
+    await sleep(2 ** 31 - 1, this.signal);
+    return true;
+  }
+
+  /** Before a demote: the loop is halted; forget tracking state (its files go). */
+  async dropTracking(): Promise<void> {
+    for (const g of await this.bitmaps.list()) await this.bitmaps.remove(g);
+    await this.source?.drop?.();
   }
 
   private wireBytes(): number {
@@ -344,9 +653,24 @@ export class PrimaryRole {
       progress,
       lastCycle: this.lastCycle,
       reconcile: this.reconcileReport ? { ...this.reconcileReport } : null,
+      ...roleStatus(s, c.name),
       error: this.lastError ? this.lastError.toJSON() : null,
       sessions: this.sessions,
       connectedSince: this.connectedSince ? this.connectedSince.toISOString() : null,
     };
   }
+}
+
+/** The refusal both sides of a split brain give, naming the command that resolves it. */
+export function splitBrainError(mirror: string, r: SplitBrain): TmError {
+  return new TmError(
+    ErrorCodes.SPLIT_BRAIN,
+    `mirror ${mirror}: split brain with ${r.peerNode}: ${r.why}; last common ${describeGen(r.common)}; changed here ${r.localBytes ?? 'unknown'} bytes, there ${r.peerBytes ?? 'unknown'} bytes; nothing was written. Resolve with: thinmirror resolve ${mirror} --discard-local, on the side whose changes are thrown away`,
+  );
+}
+
+function resolvers(): { promise: Promise<void>; resolve: () => void } {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { promise, resolve };
 }

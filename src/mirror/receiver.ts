@@ -28,11 +28,18 @@ export interface ReplicaRecord {
    * an undo journal), and the first time also to record that the target is
    * now between `committedGeneration` and `gen`.
    */
-  begin(gen: number, resumeFrom: number): Promise<void>;
+  begin(gen: number, resumeFrom: number, info?: BeginInfo): Promise<void>;
   /** The target is between `committedGeneration` and `a.generation`, durable below `a.cursor`. */
   saveApplying(a: Applying): Promise<void>;
   /** The target holds generation `gen` durably. */
   saveCommitted(gen: number): Promise<void>;
+}
+
+/** What a begin frame says of its generation besides its number (mirror/history.ts). */
+export interface BeginInfo {
+  gid?: { node: string; generation: number; id: string };
+  /** The generation also overwrites the chunks this side reported as divergent. */
+  withPeerChanges?: boolean;
 }
 
 export interface ReceiverOptions {
@@ -58,6 +65,8 @@ export class Receiver {
   /** Payload bytes written to the target (after decompression). */
   appliedBytes = 0;
   progress: Progress | null = null;
+  /** The generation at which the primary asked this side to take over (a switchover agreed), or null. */
+  switchoverAt: number | null = null;
   /** Where lz4 payloads are decompressed, reused extent after extent (each write is awaited before the next extent). */
   private scratch: Buffer | null = null;
 
@@ -101,6 +110,7 @@ export class Receiver {
           case 'begin': {
             await settle();
             if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) while generation ${current} is open`);
+            if (this.switchoverAt !== null) throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) after a switchover at ${this.switchoverAt} was agreed`);
             if (msg.generation <= rec.committedGeneration) {
               throw new TmError(ErrorCodes.PROTOCOL, `begin(${msg.generation}) but generation ${rec.committedGeneration} is already committed`);
             }
@@ -114,7 +124,7 @@ export class Receiver {
             current = msg.generation;
             nextOffset = durable = msg.resumeFrom;
             // From here the target is between committed and `current`.
-            await rec.begin(current, msg.resumeFrom);
+            await rec.begin(current, msg.resumeFrom, { ...(msg.gid ? { gid: msg.gid } : {}), ...(msg.withPeerChanges ? { withPeerChanges: true } : {}) });
             this.progress = { generation: current, doneBytes: msg.resumeFrom, totalBytes: target.size };
             lastCheckpointAt = Date.now();
             this.o.log.info({ generation: current, resumeFrom: msg.resumeFrom }, 'generation begins');
@@ -154,6 +164,17 @@ export class Receiver {
           case 'digest-req': {
             if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `digest-req while generation ${current} is open`);
             session.send({ type: 'digests', offset: msg.offset, length: msg.length, digests: await this.digests(msg.offset, msg.length) });
+            break;
+          }
+          case 'switchover': {
+            // A planned switchover: this side must hold exactly the primary's last generation.
+            if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `switchover while generation ${current} is open`);
+            if (msg.generation !== rec.committedGeneration || rec.applying !== null) {
+              throw new TmError(ErrorCodes.PROTOCOL, `switchover at generation ${msg.generation}, but this side committed ${rec.committedGeneration}`);
+            }
+            this.switchoverAt = msg.generation;
+            this.o.log.info({ generation: msg.generation }, 'switchover agreed: this side is promoted when the primary closes the session');
+            session.send({ type: 'switched', generation: msg.generation });
             break;
           }
           default:

@@ -15,6 +15,9 @@ import type { MirrorState, Role } from './state.js';
  * primary -> secondary: the pending generation and its bitmap stay (what the
  * peer has not committed yet; failback needs it); nothing is being applied.
  */
+/** The start of `reconcile` while a promoted side has not taken its tracking base yet (a crash then compares digests). */
+export const PROMOTED = 'promoted at generation';
+
 export function changeRole(s: MirrorState, to: Role, file: string): void {
   if (s.role === to) return;
   if (to === 'primary') {
@@ -27,11 +30,24 @@ export function changeRole(s: MirrorState, to: Role, file: string): void {
     s.role = 'primary';
     s.generation = s.committedGeneration;
     s.pending = null;
+    s.pendingGid = null;
     s.cursor = 0;
     s.oldestUncommittedAt = null;
-    s.reconcile = `became primary at generation ${s.committedGeneration}: no tracking state of this volume yet`;
+    s.applyingGid = null;
+    s.splitBrain = null;
+    // Cleared once the change source has taken the volume as its base; a crash before that compares digests.
+    s.reconcile = `${PROMOTED} ${s.committedGeneration}: the tracking base of this volume was not taken yet`;
+    if (s.divergence) s.divergence.coveredBy = null;
     return;
   }
   s.role = 'secondary';
   s.applying = null;
+  s.applyingGid = null;
+  s.generation = s.committedGeneration;
+  s.pending = null;
+  s.pendingGid = null;
+  s.cursor = 0;
+  s.reconcile = null;
+  s.oldestUncommittedAt = null;
+  s.splitBrain = null;
 }

@@ -1,14 +1,18 @@
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { totalBytes, type Volume } from '../volume/volume.js';
-import { refuse } from '../wire/handshake.js';
-import type { AuthMsg, HelloMsg, ReadyMsg } from '../wire/messages.js';
+import { HANDSHAKE_TIMEOUT_MS, refuse } from '../wire/handshake.js';
+import type { AuthMsg, HelloMsg, HistoryMsg, ReadyMsg } from '../wire/messages.js';
 import type { Session } from '../wire/session.js';
 import type { RoleContext } from './context.js';
 import { Consistency, rollbackTarget } from './consistency.js';
+import { loadDivergent, removeDivergent, serializeBitmap } from './divergence.js';
 import { Drills } from './drill.js';
+import { appendHistory, compareHistories, describeGen, type GenId } from './history.js';
+import { splitBrainError } from './primary-role.js';
 import { Receiver, type Applying, type ReplicaRecord } from './receiver.js';
-import { newState, type MirrorState } from './state.js';
-import type { MirrorStatus, Progress, SecondaryPhase } from './status.js';
+import { newState, type MirrorState, type SplitBrain } from './state.js';
+import { type MirrorStatus, type Progress, type SecondaryPhase } from './status.js';
+import { roleStatus } from './role-status.js';
 
 /** How long the allocated figure of the target in status is reused (ms). */
 const ALLOCATED_TTL_MS = 2000;
@@ -109,6 +113,11 @@ export class SecondaryRole {
     }
   }
 
+  /** A primary's session is running (promote then needs --force). */
+  get peerConnected(): boolean {
+    return this.session !== null && this.session.isOpen;
+  }
+
   /** Take an authenticated session for this mirror (replacing a running one). */
   accept(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<void> {
     // One accept at a time: two sessions racing through the checks must not
@@ -145,6 +154,7 @@ export class SecondaryRole {
       session.ctx.volumeSize = auth.volumeSize;
       session.ctx.chunkSize = auth.chunkSize;
       session.send(ready);
+      await this.exchangeHistory(session, hello);
     } catch (e) {
       await (target ?? raw)?.close();
       const err = asTmError(e, ErrorCodes.INTERNAL, `mirror ${this.name}`);
@@ -193,7 +203,53 @@ export class SecondaryRole {
         await this.refreshAllocated(true);
         this.target = null;
         await v.close().catch(() => {});
+        if (receiver.switchoverAt !== null && !this.stopped) this.r.onSwitchover?.(receiver.switchoverAt);
       });
+  }
+
+  /**
+   * Take the primary's history frame and answer with ours (and the chunks this
+   * side changed as a primary, for the reverse resync). A secondary that
+   * committed generations the primary never made refuses: split brain.
+   */
+  private async exchangeHistory(session: Session, hello: HelloMsg): Promise<void> {
+    const s = this.r.store.state!;
+    const m = await session.next(HANDSHAKE_TIMEOUT_MS);
+    if (m.type !== 'history') throw new TmError(ErrorCodes.PROTOCOL, `expected the primary's history frame, got ${m.type}`);
+    const d = s.divergence ?? null;
+    const divergent = d && !d.unknown ? await loadDivergent(this.r.store.dir) : null;
+    const reply: HistoryMsg = {
+      type: 'history',
+      role: 'secondary',
+      ids: s.history ?? [],
+      pending: null,
+      changedBytes: d ? d.bytes : 0,
+      divergent: divergent && !divergent.isEmpty ? serializeBitmap(divergent) : null,
+      unknown: d?.unknown ?? false,
+    };
+    session.send(reply);
+    const mine = s.history ?? [];
+    const theirs: GenId[] = [...m.ids, ...(m.pending ? [m.pending] : [])];
+    if (mine.length > 0 && m.ids.length > 0) {
+      const cmp = compareHistories(mine, theirs);
+      if (cmp.common && cmp.localAhead.length > 0) {
+        const rec: SplitBrain = {
+          detectedAt: Date.now(),
+          peerNode: hello.node,
+          common: cmp.common,
+          localBytes: null,
+          peerBytes: m.changedBytes,
+          why: `this side committed ${cmp.localAhead.length} generation(s) the primary never made (${cmp.localAhead.map((g) => describeGen(g)).join(', ')}) after ${describeGen(cmp.common)}`,
+        };
+        s.splitBrain = rec;
+        await this.r.store.save();
+        throw refuse(session, splitBrainError(this.name, rec));
+      }
+    }
+    if (s.splitBrain) {
+      s.splitBrain = null;
+      await this.r.store.save();
+    }
   }
 
   /** The state file as the receiver's durable record; `target` is what the receiver writes (journaled or not). */
@@ -214,11 +270,21 @@ export class SecondaryRole {
         return s.applying;
       },
       // Both in the replica's turn: a drill never sees `applying` without its base, nor clones a target being written.
-      begin: (gen, resumeFrom) =>
+      begin: (gen, resumeFrom, info) =>
         this.exclusive(async () => {
           // The base or the journal first: a crash before `applying` is saved leaves the target untouched.
           await consistency.begin(target, gen, s.committedGeneration);
+          let save = false;
+          if (info?.gid && (s.applyingGid?.id !== info.gid.id || s.applyingGid.generation !== gen)) {
+            s.applyingGid = info.gid;
+            save = true;
+          }
+          if (info?.withPeerChanges && s.divergence && s.divergence.coveredBy !== gen) {
+            s.divergence.coveredBy = gen;
+            save = true;
+          }
           if (!s.applying || s.applying.generation !== gen) await saveApplying({ generation: gen, cursor: resumeFrom });
+          else if (save) await store.save();
         }),
       saveApplying,
       saveCommitted: (gen) =>
@@ -226,7 +292,13 @@ export class SecondaryRole {
           s.committedGeneration = gen;
           s.applying = null;
           s.committedAt = Date.now();
+          if (s.applyingGid && s.applyingGid.generation === gen) s.history = appendHistory(s.history, s.applyingGid, gen === 1);
+          s.applyingGid = null;
+          // The chunks this side had changed as a primary are overwritten now.
+          const dropDivergent = s.divergence?.coveredBy === gen;
+          if (dropDivergent) s.divergence = null;
           await store.save();
+          if (dropDivergent) await removeDivergent(store.dir);
           this.allocated.at = 0;
           // Only now may the base or the journal go: the commit is durable.
           await consistency.committed(target, gen);
@@ -331,9 +403,11 @@ export class SecondaryRole {
         mode: this.consistency?.choice.mode ?? null,
         reason: this.consistency?.choice.reason ?? null,
         // With a base image or a journal the committed generation can always be restored; with off only while nothing is applied.
-        consistentGeneration: s && (s.applying === null || (this.consistency && this.consistency.choice.mode !== 'off')) ? s.committedGeneration : null,
+        // A replica holding chunks it changed as a primary holds no committed generation's image.
+        consistentGeneration: s && !s.divergence && (s.applying === null || (this.consistency && this.consistency.choice.mode !== 'off')) ? s.committedGeneration : null,
       },
       drills: this.drills.status(),
+      ...roleStatus(s, this.r.config.name),
       error: this.lastError ? this.lastError.toJSON() : null,
       sessions: this.sessions,
       connectedSince: this.session && this.connectedSince ? this.connectedSince.toISOString() : null,

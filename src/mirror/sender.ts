@@ -32,6 +32,10 @@ export interface GenerationChanges {
    * travel as zeros or a hole); the scan change source learns its digests here.
    */
   recordSent(chunk: number, data: Buffer | null, count?: number): void;
+  /** The generation's identity, sent in its begin (the secondary's history). */
+  gid?: { node: string; generation: number; id: string };
+  /** The generation also overwrites the chunks the secondary reported as divergent (begin.withPeerChanges). */
+  withPeerChanges?: boolean;
 }
 
 export interface SenderOptions {
@@ -123,7 +127,13 @@ export class Sender {
     })();
     reader.catch((e) => flow.fail(asTmError(e, ErrorCodes.CONNECTION)));
 
-    session.send({ type: 'begin', generation: gen, resumeFrom });
+    session.send({
+      type: 'begin',
+      generation: gen,
+      resumeFrom,
+      ...(this.changes.gid ? { gid: this.changes.gid } : {}),
+      ...(this.changes.withPeerChanges ? { withPeerChanges: true } : {}),
+    });
     let seq = 0;
     for await (const ext of this.extents(Math.ceil(resumeFrom / this.cs))) {
       await flow.ready();

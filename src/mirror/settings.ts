@@ -17,11 +17,11 @@ export type ConsistencyMode = (typeof CONSISTENCY_MODES)[number];
 
 export interface MirrorConfig {
   name: string;
-  /** The role the mirror starts with when it has no state yet (and must match the state's). */
+  /** The role the mirror starts with when it has no state yet; afterwards the state's role (changed by promote/demote) runs, and a config that differs is reported in status. */
   role: 'primary' | 'secondary';
   /** Path of the volume (source on a primary, target on a secondary): a file, a block device, or memory:NAME. */
   volume: string;
-  /** ws:// or wss:// URL of the secondary (primary only). */
+  /** ws:// or wss:// URL of the other side, used while this side is primary (a secondary may name it for after a promote). */
   peer?: string;
   /** A primary with a wss:// peer: the mirror's own `tls:` files, else the node's. */
   tls?: TlsFiles;

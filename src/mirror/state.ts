@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { z } from 'zod';
 import { ErrorCodes, TmError } from '../errors.js';
 import { readJsonFile, removeStaleTemps, writeFileAtomic } from '../util/atomic.js';
+import { GEN_ID_RE, MAX_HISTORY, type GenId, type SplitBrain } from './history.js';
 
 /**
  * Layout of state.json. Format 1 (releases up to 0.1.0) had one shape per
@@ -51,7 +52,35 @@ export interface MirrorState {
   committedAt: number | null;
   /** Receiving: the drills (writable clones of the replica) this mirror keeps; absent in files written before drills. */
   drills?: DrillRecord[];
+  /** The identities of the committed generations since the last full sync, oldest first (history.ts); absent in older files. */
+  history?: GenId[];
+  /** Sending: the identity of the pending generation. */
+  pendingGid?: GenId | null;
+  /** Receiving: the identity of the generation being applied (from its begin). */
+  applyingGid?: GenId | null;
+  /** Chunks this side changed that the peer never committed (a demoted primary's, kept for the reverse resync), or null. */
+  divergence?: Divergence | null;
+  /** A split brain found on the last meeting with the peer (issue 12 §5), until it is resolved. */
+  splitBrain?: SplitBrain | null;
 }
+
+/**
+ * The chunks this side changed since `since` (its last committed generation)
+ * that the other side never committed: the bitmap is `divergent.roaring` in
+ * the mirror's directory (divergence.ts). `unknown`: which chunks is not known
+ * (committed generations whose bitmaps are gone): the next resync compares digests.
+ */
+export interface Divergence {
+  since: GenId | null;
+  bytes: number;
+  unknown: boolean;
+  /** Why: demoted, split brain resolved, ... (shown in status). */
+  reason: string;
+  /** Secondary: the generation the primary said covers these chunks; committing it clears the divergence. */
+  coveredBy: number | null;
+}
+
+export type { SplitBrain } from './history.js';
 
 /** A drill (issue 11 §3): a writable clone of the replica's consistent image, a regular file next to the target. */
 export interface DrillRecord {
@@ -70,6 +99,13 @@ const applying = z.strictObject({ generation: count, cursor: count }).nullable()
 /** A drill's name: letters, digits, `.`, `_`, `-`; at most 64; the first a letter or a digit (never `.`/`..`, never an option). */
 export const DRILL_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const drill = z.strictObject({ name: z.string().regex(DRILL_NAME, 'expected a drill name'), path: z.string().min(1), generation: count, createdAt: count });
+const genId = z.strictObject({ node: z.string().min(1).max(128), generation: count, id: z.string().regex(GEN_ID_RE, 'expected 16 hex digits') });
+const divergence = z
+  .strictObject({ since: genId.nullable(), bytes: count, unknown: z.boolean(), reason: z.string(), coveredBy: count.nullable() })
+  .nullable();
+const splitBrain = z
+  .strictObject({ detectedAt: count, peerNode: z.string(), common: genId.nullable(), localBytes: count.nullable(), peerBytes: count.nullable(), why: z.string() })
+  .nullable();
 const identity = {
   volumeId: z.string().regex(/^[0-9a-f]{1,64}$/, 'expected a hex volume id'),
   volumeSize: count,
@@ -90,6 +126,11 @@ const format2 = z.strictObject({
   applying,
   committedAt: count.nullable(),
   drills: z.array(drill).optional(),
+  history: z.array(genId).max(MAX_HISTORY).optional(),
+  pendingGid: genId.nullable().optional(),
+  applyingGid: genId.nullable().optional(),
+  divergence: divergence.optional(),
+  splitBrain: splitBrain.optional(),
 });
 
 /** Format 1 as the 0.1.0 release wrote it, one shape per role. */

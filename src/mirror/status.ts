@@ -1,4 +1,5 @@
 import type { ErrorCode } from '../errors.js';
+import type { GenId, SplitBrain } from './history.js';
 
 export type PrimaryPhase = 'connecting' | 'reconciling' | 'initial-sync' | 'syncing' | 'in-sync' | 'error' | 'stopped';
 
@@ -76,6 +77,14 @@ export interface MirrorStatus {
   /** Secondary only: the drills kept (writable clones of the replica, docs/drills.md), oldest first. */
   drills?: DrillStatus[];
   error: { code: ErrorCode; message: string } | null;
+  /** The last committed generation's identity (node, number, id), null before the first. */
+  lastGeneration?: GenId | null;
+  /** The config's `role` differs from the role the state holds (changed by promote/demote): the state's runs; this says so. */
+  roleConflict?: string | null;
+  /** Chunks this side changed that the peer never committed (kept for the reverse resync), null when none. */
+  divergence?: { bytes: number; unknown: boolean; reason: string; since: GenId | null } | null;
+  /** A split brain found with the peer, until resolved: the common generation, each side's changed bytes, and the command that resolves it. */
+  splitBrain?: (SplitBrain & { resolve: string }) | null;
   /**
    * Sessions established (primary: handshake done; secondary: accepted) over
    * the life of this mirror object: it starts at 0 when the daemon starts the
@@ -110,3 +119,4 @@ export function blankStatus(id: StatusIdentity): MirrorStatus {
     connectedSince: null,
   };
 }
+

@@ -248,6 +248,20 @@ export class ReflinkSource implements ChangeSource {
     await fsp.rm(this.snapshotPath(this.base), { force: true });
   }
 
+  /** The volume now is generation `generation`'s image: snapshot it as the base (FICLONE: metadata only). */
+  async rebase(generation: number): Promise<void> {
+    for (const g of [...this.views.keys()]) await this.closeView(g);
+    await this.clone(this.snapshotPath(generation));
+    await this.open(generation, generation);
+  }
+
+  async drop(): Promise<void> {
+    await this.close();
+    const names = await fsp.readdir(this.dir).catch(() => [] as string[]);
+    for (const n of names) if (SNAP.test(n) || /^snap-\d+\.img\.tmp$/.test(n)) await fsp.rm(path.join(this.dir, n), { force: true });
+    await fsyncDir(this.dir);
+  }
+
   async close(): Promise<void> {
     for (const g of [...this.views.keys()]) await this.closeView(g);
   }

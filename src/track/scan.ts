@@ -27,6 +27,8 @@ const SCAN_READ_BYTES = 4 * 1024 * 1024;
 export class ScanSource implements ChangeSource {
   readonly mode = 'scan';
   private digests: Buffer;
+  /** The side was demoted: the digests file is gone and is not written again by this object. */
+  private dropped: boolean;
   private readonly file: string;
   /** Chunk range [dirtyFrom, dirtyTo) whose digests changed since the last persist. */
   private dirtyFrom = Infinity;
@@ -39,6 +41,7 @@ export class ScanSource implements ChangeSource {
     stateDir: string,
   ) {
     this.file = path.join(stateDir, 'digests');
+    this.dropped = false;
     this.digests = Buffer.alloc(this.chunkCount * DIGEST_BYTES, 0xff);
   }
 
@@ -115,6 +118,7 @@ export class ScanSource implements ChangeSource {
    * those chunks count as changed: a resend, never a missed change.
    */
   async persist(): Promise<void> {
+    if (this.dropped) return;
     // Take the dirty range before the first await: chunks recorded while this
     // write runs mark a new range, persisted next time (never forgotten).
     const dirtyFrom = this.dirtyFrom;
@@ -145,6 +149,25 @@ export class ScanSource implements ChangeSource {
       this.dirtyTo = Math.max(this.dirtyTo, dirtyTo);
       throw e;
     }
+  }
+
+  /** The volume now is the committed image: its digests become the base (reads every allocated chunk once). */
+  async rebase(): Promise<void> {
+    const cs = this.chunkSize;
+    this.digests.fill(0);
+    for await (const w of walk(this.volume, { from: 0, to: this.volume.size, window: SCAN_READ_BYTES, chunkSize: cs })) {
+      if (w.data === null) continue;
+      for (let at = 0; at < w.length; at += cs) chunkDigest(w.data.subarray(at, Math.min(at + cs, w.length)), this.digests, ((w.offset + at) / cs) * DIGEST_BYTES);
+    }
+    this.fileComplete = false;
+    await this.persist();
+  }
+
+  async drop(): Promise<void> {
+    this.dropped = true;
+    await fsp.rm(this.file, { force: true });
+    this.fileComplete = false;
+    this.digests.fill(0xff);
   }
 
   async reset(): Promise<void> {

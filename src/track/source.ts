@@ -73,5 +73,13 @@ export interface ChangeSource {
   persist(): Promise<void>;
   /** Forget tracking state: every chunk counts as changed at the next pass. */
   reset(): Promise<void>;
+  /**
+   * The volume as it is now is the image of committed generation
+   * `generation` (a promoted replica, issue 12): make it the base of the next
+   * comparison. Absent: the source cannot, and the first session compares digests.
+   */
+  rebase?(generation: number): Promise<void>;
+  /** Remove every file of tracking state (the side is demoted to secondary). */
+  drop?(): Promise<void>;
   close(): Promise<void>;
 }

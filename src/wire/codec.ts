@@ -5,13 +5,16 @@ import {
   DIGEST_BYTES,
   MAX_DIGEST_RANGE,
   MAX_ERROR_MESSAGE,
+  MAX_DIVERGENT_BYTES,
   MAX_EXTENT_BYTES,
+  MAX_HISTORY_WIRE,
   MAX_NAME_LENGTH,
   NONCE_BYTES,
   PROOF_BYTES,
   type DecodeContext,
   type ExtentMsg,
   type Message,
+  type WireGenId,
 } from './messages.js';
 
 /**
@@ -193,12 +196,35 @@ function validate(v: unknown, mode: Mode): Message {
       return { type: t, committedGeneration, applying };
     }
     case 'begin': {
-      checkKeys(v, t, ['type', 'generation', 'resumeFrom']);
+      checkKeys(v, t, ['type', 'generation', 'resumeFrom'], ['gid', 'withPeerChanges']);
       const generation = uint(v, t, 'generation', 1);
       const resumeFrom = uint(v, t, 'resumeFrom');
       checkCursor(t, 'resumeFrom', resumeFrom, volumeOf(mode.ctx));
-      return { type: t, generation, resumeFrom };
+      const gid = Object.hasOwn(v, 'gid') ? genId(v.gid, 'begin.gid') : undefined;
+      if (gid && gid.generation !== generation) fail(`begin.gid.generation ${gid.generation} is not begin.generation ${generation}`);
+      if (Object.hasOwn(v, 'withPeerChanges') && typeof v.withPeerChanges !== 'boolean') fail(`begin.withPeerChanges must be a boolean, got ${describe(v.withPeerChanges)}`);
+      return { type: t, generation, resumeFrom, ...(gid ? { gid } : {}), ...(v.withPeerChanges === true ? { withPeerChanges: true } : {}) };
     }
+    case 'history': {
+      checkKeys(v, t, ['type', 'role', 'ids', 'pending', 'changedBytes', 'divergent', 'unknown']);
+      if (v.role !== 'primary' && v.role !== 'secondary') fail(`history.role must be "primary" or "secondary", got ${describe(v.role)}`);
+      const ids = v.ids;
+      if (!Array.isArray(ids) || ids.length > MAX_HISTORY_WIRE) fail(`history.ids must be an array of at most ${MAX_HISTORY_WIRE} entries, got ${Array.isArray(ids) ? `${ids.length} entries` : describe(ids)}`);
+      const chain = ids.map((g, i) => genId(g, `history.ids[${i}]`));
+      const pending = v.pending === null ? null : genId(v.pending, 'history.pending');
+      const changedBytes = v.changedBytes === null ? null : uint(v, t, 'changedBytes');
+      let divergent: Buffer | null = null;
+      if (v.divergent !== null) {
+        divergent = bytes(v, t, 'divergent');
+        if (divergent.length > MAX_DIVERGENT_BYTES) fail(`history.divergent holds ${divergent.length} bytes, more than ${MAX_DIVERGENT_BYTES}`);
+      }
+      if (typeof v.unknown !== 'boolean') fail(`history.unknown must be a boolean, got ${describe(v.unknown)}`);
+      return { type: t, role: v.role, ids: chain, pending, changedBytes, divergent, unknown: v.unknown };
+    }
+    case 'switchover':
+    case 'switched':
+      checkKeys(v, t, ['type', 'generation']);
+      return { type: t, generation: uint(v, t, 'generation', 1) };
     case 'extent':
       return validateExtent(v, mode);
     case 'commit':
@@ -243,6 +269,16 @@ function validate(v: unknown, mode: Mode): Message {
       fail(`unknown frame type ${describe(t)}`);
   }
 }
+
+/** A generation identity: { node, generation >= 1, id: 16 hex digits }. */
+function genId(g: unknown, t: string): WireGenId {
+  if (!isPlain(g)) fail(`${t} must be a map, got ${describe(g)}`);
+  checkKeys(g, t, ['node', 'generation', 'id']);
+  const id = g.id;
+  if (typeof id !== 'string' || !GEN_ID_RE.test(id)) fail(`${t}.id must be 16 lowercase hex digits, got ${describe(id)}`);
+  return { node: name(g, t, 'node'), generation: uint(g, t, 'generation', 1), id };
+}
+const GEN_ID_RE = /^[0-9a-f]{16}$/;
 
 /** [offset, offset + length) is chunk-aligned inside the volume (the tail may end at its size). */
 function checkRange(t: string, offset: number, length: number, { size, cs }: { size: number; cs: number }): void {

@@ -72,6 +72,55 @@ export interface BeginMsg {
   type: 'begin';
   generation: number;
   resumeFrom: number;
+  /** The generation's identity (the secondary adds it to its history at commit). */
+  gid?: WireGenId;
+  /** This generation also overwrites the chunks the secondary reported as divergent in this session's history. */
+  withPeerChanges?: boolean;
+}
+
+/** A generation's identity on the wire (mirror/history.ts GenId). */
+export interface WireGenId {
+  node: string;
+  generation: number;
+  /** 16 lowercase hex digits. */
+  id: string;
+}
+
+/** Most history entries a history frame carries. */
+export const MAX_HISTORY_WIRE = 256;
+/** Largest divergent-chunks bitmap (portable roaring) a history frame carries. */
+export const MAX_DIVERGENT_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Either side, right after the handshake (the primary first, then the
+ * secondary's answer): its role, its chain of committed generations and what
+ * it changed that the other side may not hold. They find their common
+ * generation from it (reverse resync, split brain: docs/runbook.md).
+ */
+export interface HistoryMsg {
+  type: 'history';
+  role: 'primary' | 'secondary';
+  ids: WireGenId[];
+  /** Primary: its pending generation (a committed ack may have been lost). */
+  pending: WireGenId | null;
+  /** Bytes this side changed since its last committed generation that the peer does not hold; null when not known. */
+  changedBytes: number | null;
+  /** Secondary: those chunks as a portable roaring bitmap of chunk indices; null when none or not known. */
+  divergent: Buffer | null;
+  /** Secondary: it changed chunks since its last committed generation but does not know which (digests must be compared). */
+  unknown: boolean;
+}
+
+/** Primary -> secondary, between generations: planned switchover; the secondary holds `generation` and will be promoted. */
+export interface SwitchoverMsg {
+  type: 'switchover';
+  generation: number;
+}
+
+/** Secondary -> primary: ready to be promoted at `generation` once the primary has closed the session. */
+export interface SwitchedMsg {
+  type: 'switched';
+  generation: number;
 }
 
 export type ExtentKind = 'data' | 'zero' | 'trim';
@@ -156,6 +205,9 @@ export type Message =
   | CommittedMsg
   | DigestReqMsg
   | DigestsMsg
+  | HistoryMsg
+  | SwitchoverMsg
+  | SwitchedMsg
   | ErrorMsg;
 
 export type MessageType = Message['type'];

@@ -73,6 +73,6 @@ describe('config: bandwidth per mirror and per peer', () => {
     expect(problems(`${HEAD}peers:\n  - { url: "ws://127.0.0.1:7890", speed: 1MiB/s }\n${PRIMARIES}`)).to.contain('peers[0].speed: unknown key');
     expect(
       problems(`${HEAD}listen: { host: 127.0.0.1, port: 7891 }\nmirrors:\n  - { name: s, role: secondary, volume: /v/s.img, bandwidth: 1MiB/s }\n`),
-    ).to.contain('mirrors[0].bandwidth: bandwidth caps what a primary sends');
+    ).to.contain('mirrors[0].bandwidth: bandwidth caps what this side sends as primary, to peer:; a mirror without peer: takes none');
   });
 });
