@@ -1,0 +1,210 @@
+import { expect } from 'chai';
+import { execFile as execFileCb, execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { promisify } from 'node:util';
+import type { RoleChangeReport } from '../../src/mirror/mirror.js';
+import type { MirrorStatus } from '../../src/mirror/status.js';
+import { cli, FileWriter, Mounted, sha256 } from '../helpers/mounted.js';
+import { freePort } from '../helpers/pair-config.js';
+import { Pair, sha256File } from '../helpers/pair.js';
+import { LoopFs, requireTool } from '../helpers/xfs.js';
+
+const execFile = promisify(execFileCb);
+const MiB = 1024 * 1024;
+
+async function fsck(image: string): Promise<{ code: number; out: string }> {
+  return execFile('e2fsck', ['-fn', image]).then(
+    () => ({ code: 0, out: '' }),
+    (e: { code: number; stdout: string }) => ({ code: e.code, out: e.stdout }),
+  );
+}
+
+/** Files written on a side while it is primary: name -> sha256. */
+async function writeFiles(dir: string, prefix: string, n: number): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  for (let i = 0; i < n; i++) {
+    const data = randomBytes(64 * 1024 * (1 + (i % 8)));
+    await fsp.writeFile(path.join(dir, `${prefix}-${i}`), data);
+    out.set(`${prefix}-${i}`, sha256(data));
+  }
+  execFileSync('sync', ['-f', dir]);
+  return out;
+}
+
+async function expectFiles(dir: string, files: Map<string, string>, what: string): Promise<void> {
+  for (const [name, sum] of files) expect(sha256(await fsp.readFile(path.join(dir, name))), `${what}: ${name}`).to.equal(sum);
+}
+
+describe('integration: failover, failback and switchover with real daemons (issue 12 §6)', function () {
+  this.timeout(600_000);
+  let fs: LoopFs | undefined;
+  let pair: Pair | undefined;
+  let writer: FileWriter | undefined;
+  const mounts: Mounted[] = [];
+
+  before(() => {
+    requireTool('mkfs.ext4', 'e2fsprogs');
+    requireTool('e2fsck', 'e2fsprogs');
+    requireTool('mkfs.xfs', 'xfsprogs');
+  });
+
+  afterEach(async () => {
+    await writer?.stop().catch(() => {});
+    for (const m of mounts.splice(0).reverse()) m.umount();
+    await pair?.cleanup();
+    await fs?.cleanup();
+    writer = undefined;
+    pair = undefined;
+    fs = undefined;
+  });
+
+  const unmount = (m: Mounted) => {
+    m.umount();
+    mounts.splice(mounts.indexOf(m), 1);
+  };
+
+  it('site A is lost mid-generation; B is promoted (consistent, fsck clean) and written; A comes back, is demoted and receives only the union; switchover back to A loses nothing; A -> B resumes', async () => {
+    fs = await LoopFs.create('xfs', 3 * 1024 * MiB);
+    pair = await Pair.create('vm1', fs.mount);
+    const p = pair;
+    const fh = await fsp.open(p.source, 'w');
+    await fh.truncate(256 * MiB);
+    await fh.close();
+    execFileSync('mkfs.ext4', ['-q', '-F', p.source], { stdio: 'pipe' });
+    // Each side can reach the other: A listens too, B has a peer URL (issue 12 §1: no YAML edit at failover).
+    const portA = await freePort();
+    await p.writeConfigs({
+      extraPrimary: { tracking: { mode: 'reflink', interval: '1s' }, bandwidth: '8MiB/s' },
+      extraSecondary: { tracking: { mode: 'reflink', interval: '1s' } },
+    });
+    const cfgA = p.cfg.primary;
+    const cfgB = p.cfg.secondary;
+    const yamlB = await fsp.readFile(cfgB, 'utf8');
+    const portB = Number(/port: (\d+)/.exec(yamlB)![1]);
+    await fsp.writeFile(cfgA, (await fsp.readFile(cfgA, 'utf8')) + `listen:\n  host: 127.0.0.1\n  port: ${portA}\n`);
+    await fsp.writeFile(cfgB, yamlB.replace(/(- name: vm1\n)/, `$1    peer: ws://127.0.0.1:${portA}\n`));
+    expect(await fsp.readFile(cfgB, 'utf8')).to.contain(`peer: ws://127.0.0.1:${portA}`);
+    expect(portB).to.be.greaterThan(0);
+
+    // 1. An ext4 on the source, written by a writer on site A, files checksummed after sync.
+    const src = await Mounted.mount(p.source, path.join(fs.dir, 'a'));
+    mounts.push(src);
+    await p.startSecondary().waitReady();
+    await p.startPrimary().waitReady();
+    await p.waitInSync(1, 120_000);
+    const w = new FileWriter(src.dir, async () => (await p.primaryMirror()).generation);
+    writer = w;
+    w.start();
+    await p.secondary!.waitFor((s) => s.mirrors[0]!.committedGeneration >= 4, 120_000, 'generations with the writer running');
+
+    // 2. Site A is lost mid-generation: its daemon SIGKILLed while B applies, its writer gone with it.
+    await p.secondary!.waitFor((s) => s.mirrors[0]!.state === 'receiving', 60_000, 'a generation being applied', 10);
+    p.primary!.kill('SIGKILL');
+    await p.primary!.exited;
+    await w.stop();
+    writer = undefined;
+    src.umount();
+    mounts.splice(mounts.indexOf(src), 1);
+    const torn = await p.secondaryMirror();
+    const committedB = torn.committedGeneration;
+
+    // 3. promote B: rolled back to its last committed generation, primary, within seconds.
+    const pr = await cli('promote', 'vm1', '--config', cfgB, '--json');
+    expect(pr.code, pr.err).to.equal(0);
+    const promoted = JSON.parse(pr.out) as RoleChangeReport;
+    expect(promoted).to.include({ role: 'primary', committedGeneration: committedB });
+    expect(promoted.warnings).to.deep.equal([]);
+    expect(promoted.seconds, 'promote time').to.be.lessThan(5);
+    // Killed inside an apply: the partly applied generation was rolled back.
+    if (torn.generation > committedB) expect(promoted.undone).to.equal(torn.generation);
+    const bAfter: MirrorStatus = await p.secondaryMirror();
+    expect(bAfter.role).to.equal('primary');
+    expect(bAfter.roleConflict).to.match(/config says role secondary, but the mirror is primary/);
+    // Mount B (the journal replays), every file synced before the last committed generation is there; fsck clean after.
+    let b = await Mounted.mount(p.target, path.join(fs.dir, 'b'));
+    mounts.push(b);
+    const expected = w.files.filter((f) => f.syncedBefore + 2 <= committedB);
+    expect(expected.length, 'files synced before the committed generation').to.be.at.least(5);
+    for (const f of expected) expect(sha256(await fsp.readFile(path.join(b.dir, f.name))), f.name).to.equal(f.sha);
+    unmount(b);
+    const f1 = await fsck(p.target);
+    expect(f1.code, f1.out).to.equal(0);
+
+    // 4. B is mounted, written and changed.
+    b = await Mounted.mount(p.target, path.join(fs.dir, 'b'));
+    mounts.push(b);
+    const onB = await writeFiles(b.dir, 'b', 24);
+    await fsp.rm(path.join(b.dir, expected[0]!.name));
+    unmount(b);
+
+    // 5. A comes back as it was (primary): both are primary, refused as a split brain, nothing written.
+    const bSha = await sha256File(p.target);
+    p.startPrimary();
+    await p.primary!.waitReady();
+    const sb = await p.primary!.waitFor((s) => s.mirrors[0]!.splitBrain != null, 60_000, 'A to see the split brain');
+    expect(sb.mirrors[0]!.splitBrain!.common!.generation).to.equal(committedB);
+    expect(await sha256File(p.target)).to.equal(bSha);
+    // A is demoted: what it changed after the common generation is kept for the resync.
+    const dm = await cli('demote', 'vm1', '--config', cfgA, '--json');
+    expect(dm.code, dm.err).to.equal(0);
+    const demoted = JSON.parse(dm.out) as RoleChangeReport;
+    expect(demoted.role).to.equal('secondary');
+    const sentBefore = (await p.secondaryMirror()).sentBytes;
+    // B, primary, connects to A and sends the union.
+    const synced = await p.secondary!.waitFor(
+      (s) => s.mirrors[0]!.state === 'in-sync' && s.mirrors[0]!.committedGeneration > committedB && s.mirrors[0]!.splitBrain === null,
+      120_000,
+      'the reverse resync',
+    );
+    const m = synced.mirrors[0]!;
+    const sent = m.sentBytes - sentBefore;
+    const union = m.lastCycle!.changedBytes;
+    const allocated = m.allocatedBytes;
+    expect(sent, 'bytes sent').to.be.at.most(1.1 * union);
+    expect(union, 'the union is not the whole volume').to.be.lessThan(allocated / 2);
+    expect(await sha256File(p.source)).to.equal(await sha256File(p.target));
+    const aStat = await p.primaryMirror();
+    expect(aStat).to.include({ role: 'secondary', committedGeneration: m.committedGeneration });
+    expect(aStat.divergence).to.equal(null);
+    expect(aStat.consistency!.consistentGeneration).to.equal(m.committedGeneration);
+    console.log(`      reverse resync: union ${union} bytes (A had changed ${demoted.divergentBytes}), sent ${sent} bytes; ${allocated} bytes allocated`);
+
+    // 6. switchover back to A with zero loss: B is written once more, then hands over.
+    b = await Mounted.mount(p.target, path.join(fs.dir, 'b'));
+    mounts.push(b);
+    const onB2 = await writeFiles(b.dir, 'b2', 8);
+    unmount(b);
+    const sw = await cli('switchover', 'vm1', '--config', cfgB, '--json');
+    expect(sw.code, sw.err).to.equal(0);
+    const swr = JSON.parse(sw.out) as RoleChangeReport;
+    expect(swr).to.include({ role: 'secondary', divergentBytes: 0 });
+    await p.primary!.waitFor((s) => s.mirrors[0]!.role === 'primary' && s.mirrors[0]!.state === 'in-sync', 60_000, 'A primary again');
+    const a = await Mounted.mount(p.source, path.join(fs.dir, 'a'));
+    mounts.push(a);
+    await expectFiles(a.dir, onB, 'written on B before the failback');
+    await expectFiles(a.dir, onB2, 'written on B before the switchover');
+
+    // 7. Replication A -> B resumes with nothing to resend.
+    const sentA0 = (await p.primaryMirror()).sentBytes;
+    const onA = await writeFiles(a.dir, 'a', 4);
+    unmount(a);
+    const g = (await p.primaryMirror()).committedGeneration;
+    await p.primary!.waitFor((s) => s.mirrors[0]!.committedGeneration > g && s.mirrors[0]!.state === 'in-sync', 60_000, 'A -> B');
+    await p.waitConverged(60_000);
+    const aFinal = await p.primaryMirror();
+    const bFinal = await p.secondaryMirror();
+    expect(aFinal.sentBytes - sentA0, 'A sends only what was written on it').to.be.lessThan(8 * MiB);
+    expect(bFinal).to.include({ role: 'secondary', committedGeneration: aFinal.committedGeneration });
+    expect(aFinal.roleConflict).to.equal(null);
+    expect(bFinal.roleConflict).to.equal(null);
+    const f2 = await fsck(p.target);
+    expect(f2.code, f2.out).to.equal(0);
+    const rb = await Mounted.mount(p.target, path.join(fs.dir, 'b'), 'loop,ro');
+    mounts.push(rb);
+    await expectFiles(rb.dir, onA, 'written on A after the switchover');
+    unmount(rb);
+    console.log(`      promote in ${promoted.seconds.toFixed(2)} s (generation ${committedB}, rolled back ${promoted.undone ?? 'nothing'}); switchover in ${swr.seconds.toFixed(2)} s; ${expected.length} files checked after the failover`);
+  });
+});
