@@ -13,7 +13,7 @@ import { PrimaryRole } from './primary-role.js';
 import { changeRole } from './role.js';
 import { SecondaryRole } from './secondary-role.js';
 import type { MirrorConfig } from './settings.js';
-import { StateFile, type MirrorState, type Role } from './state.js';
+import { freezeState, StateFile, type MirrorState, type Role } from './state.js';
 import { blankStatus, type MirrorStatus } from './status.js';
 
 type Runner = PrimaryRole | SecondaryRole;
@@ -28,7 +28,10 @@ type Runner = PrimaryRole | SecondaryRole;
  */
 export class Mirror {
   private readonly stateFile: StateFile;
-  private state: MirrorState | null = null;
+  /** As last saved (never ahead of state.json), frozen; replaced whole by each save. */
+  private state: Readonly<MirrorState> | null = null;
+  /** Saves of the state through the store, one at a time. */
+  private saving: Promise<unknown> = Promise.resolve();
   private runner: Runner | null = null;
   private readonly log: Logger;
   /** Lifecycle and role changes, one at a time. */
@@ -42,7 +45,7 @@ export class Mirror {
     readonly config: MirrorConfig,
     private readonly ctx: MirrorContext,
   ) {
-    this.stateFile = new StateFile(path.join(ctx.stateDir, config.name));
+    this.stateFile = new StateFile(path.join(ctx.stateDir, config.name), ctx.writeState);
     this.log = ctx.log;
   }
 
@@ -69,7 +72,7 @@ export class Mirror {
             `${this.stateFile.file} belongs to a ${s.role} mirror, but the config says ${this.config.role}; the config's role only applies to a mirror without state`,
           );
         }
-        this.state = s;
+        this.state = s && freezeState(s);
       } catch (e) {
         this.failedStart = asTmError(e, ErrorCodes.STATE, `mirror ${this.name}`);
         throw this.failedStart;
@@ -111,14 +114,11 @@ export class Mirror {
       if (to === 'primary' && !this.config.peer && !this.ctx.connect) {
         throw new TmError(ErrorCodes.CONFIG, `mirror ${this.name}: cannot become primary without a peer URL (peer:) in its config`);
       }
-      const next = this.state ? structuredClone(this.state) : null;
+      const next = this.state ? (structuredClone(this.state) as MirrorState) : null;
       if (next) changeRole(next, to, this.stateFile.file);
       await this.runner?.stop();
       this.runner = null;
-      if (next) {
-        await this.stateFile.save(next);
-        this.state = next;
-      }
+      if (next) await this.saveThenSwap(() => next);
       this.log.info({ role: to, generation: next?.generation ?? 0, committedGeneration: next?.committedGeneration ?? 0 }, `role changed to ${to}`);
       await this.startRunner(to);
     });
@@ -202,15 +202,39 @@ export class Mirror {
         return m.state;
       },
       async set(s) {
-        m.state = s;
-        await m.stateFile.save(s);
+        await m.saveThenSwap(() => s);
       },
-      async save() {
-        if (m.state) await m.stateFile.save(m.state);
+      update<T>(change: (s: MirrorState) => T): Promise<T> {
+        let result!: T;
+        return m
+          .saveThenSwap((current) => {
+            if (!current) throw new TmError(ErrorCodes.INTERNAL, `mirror ${m.name}: no state to change yet`);
+            const next = structuredClone(current) as MirrorState;
+            result = change(next);
+            return result === false ? null : next;
+          })
+          .then(() => result);
       },
       file: this.stateFile.file,
       dir: this.stateFile.dir,
     };
+  }
+
+  /**
+   * Save then swap, one at a time: `make` builds the next state from the
+   * current one when its turn comes (null: nothing to save); it is saved, and
+   * only once the save succeeded does it become the state. A failed save
+   * rejects and leaves the state as it was.
+   */
+  private saveThenSwap(make: (current: Readonly<MirrorState> | null) => MirrorState | null): Promise<void> {
+    const run = this.saving.then(async () => {
+      const next = make(this.state);
+      if (next === null) return;
+      await this.stateFile.save(next);
+      this.state = freezeState(next);
+    });
+    this.saving = run.catch(() => {});
+    return run;
   }
 
   private serial<T>(job: () => Promise<T>): Promise<T> {

@@ -61,7 +61,8 @@ export class PrimaryRole {
     this.bitmaps = new BitmapStore(r.store.dir);
   }
 
-  private get state(): MirrorState {
+  /** The state as last saved; a new object after each update (never keep it across one). */
+  private get state(): Readonly<MirrorState> {
     return this.r.store.state!;
   }
 
@@ -139,8 +140,9 @@ export class PrimaryRole {
         this.connectedSince = new Date();
         this.r.log.info({ peer: peerNode, committedGeneration: ready.committedGeneration, applying: ready.applying, sessions: this.sessions }, 'session established');
         if (s.peerNode !== peerNode) {
-          s.peerNode = peerNode;
-          await this.r.store.save();
+          await this.r.store.update((n) => {
+            n.peerNode = peerNode;
+          });
         }
         await this.replicate(session, ready.committedGeneration, ready.applying);
       } catch (e) {
@@ -169,13 +171,12 @@ export class PrimaryRole {
 
   /** Send pending and new generations over an established session until it ends. */
   private async replicate(session: Session, peerCommitted: number, applying: { generation: number; cursor: number } | null): Promise<void> {
-    const s = this.state;
-    const done = gens.committedMeanwhile(s, peerCommitted);
+    const done = gens.committedMeanwhile(this.state, peerCommitted);
     if (done !== null) await this.markCommitted(done);
-    if (gens.reconcileAfterHandshake(s, peerCommitted, applying)) await this.r.store.save();
-    let resume = gens.resumeCursor(s, applying);
+    await this.r.store.update((s) => gens.reconcileAfterHandshake(s, peerCommitted, applying));
+    let resume = gens.resumeCursor(this.state, applying);
     while (!this.signal.aborted) {
-      const step = gens.nextStep(s);
+      const step = gens.nextStep(this.state);
       switch (step.kind) {
         case 'send':
           await this.sendGeneration(session, step.generation, resume);
@@ -203,11 +204,10 @@ export class PrimaryRole {
   private async detect(all: boolean): Promise<void> {
     const started = Date.now();
     this.lastDetectAt = started;
-    const s = this.state;
-    const { bitmap, readBytes, baseLost } = await this.source!.detect(s.generation + 1, { all, signal: this.signal });
+    const { bitmap, readBytes, baseLost } = await this.source!.detect(this.state.generation + 1, { all, signal: this.signal });
     if (baseLost) {
-      gens.requireReconcile(s, `the ${this.source!.mode} change source lost its tracking state (no base to compare with)`);
-      await this.r.store.save();
+      const why = `the ${this.source!.mode} change source lost its tracking state (no base to compare with)`;
+      await this.r.store.update((s) => gens.requireReconcile(s, why));
       return;
     }
     this.allocatedBytes = totalBytes(await this.volume!.allocated());
@@ -220,10 +220,8 @@ export class PrimaryRole {
 
   /** Bitmap first, then the state that names it pending. */
   private async createGeneration(bitmap: RoaringBitmap32, detectedAt: number, readBytes: number): Promise<void> {
-    const s = this.state;
-    await this.bitmaps.save(s.generation + 1, bitmap);
-    const gen = gens.createGeneration(s, detectedAt);
-    await this.r.store.save();
+    await this.bitmaps.save(this.state.generation + 1, bitmap);
+    const gen = await this.r.store.update((s) => gens.createGeneration(s, detectedAt));
     const changedBytes = this.bytesOf(bitmap);
     this.cycle = { generation: gen, started: detectedAt, readBefore: this.counters.readBytes, detectReadBytes: readBytes, changedBytes, wireAtStart: this.wireBytes() };
     this.r.log.info({ generation: gen, chunks: bitmap.size, changedBytes }, 'generation created');
@@ -264,6 +262,8 @@ export class PrimaryRole {
     const source = this.source!;
     const bitmap = await this.bitmaps.load(gen);
     const view = await source.view(gen);
+    /** Bytes of `gen` the secondary reported durable; the state's cursor follows at each checkpoint. */
+    let durable = s.cursor;
     this.phase = s.committedGeneration === 0 ? 'initial-sync' : 'syncing';
     const sender = new Sender(
       view,
@@ -275,11 +275,12 @@ export class PrimaryRole {
         maxInFlight: c.maxInFlight,
         signal: this.signal,
         ...(this.r.ctx.throttle ? { throttle: this.r.ctx.throttle } : {}),
-        onDurable: (durable) => void gens.advanceCursor(s, durable),
-        // Digests first, then the cursor.
+        onDurable: (d) => void (durable = Math.max(durable, d)),
+        // Digests first, then the cursor (the furthest the secondary reported when this checkpoint starts).
         persist: async () => {
           await source.persist();
-          await this.r.store.save();
+          const cursor = durable;
+          await this.r.store.update((n) => n.pending === gen && gens.advanceCursor(n, cursor));
         },
       },
       this.counters,
@@ -293,10 +294,8 @@ export class PrimaryRole {
 
   /** The secondary committed `gen`: tracking state first (a stale digest only causes a resend), then the state, then the bitmap goes. */
   private async markCommitted(gen: number): Promise<void> {
-    const s = this.state;
     await this.source!.persist();
-    gens.commitGeneration(s, gen);
-    await this.r.store.save();
+    await this.r.store.update((s) => gens.commitGeneration(s, gen));
     await this.source!.committed(gen);
     await this.bitmaps.remove(gen);
     const cy = this.cycle;

@@ -7,7 +7,7 @@ import type { RoleContext } from './context.js';
 import { Consistency, rollbackTarget } from './consistency.js';
 import { Drills } from './drill.js';
 import { Receiver, type Applying, type ReplicaRecord } from './receiver.js';
-import { newState, type MirrorState } from './state.js';
+import { newState } from './state.js';
 import type { MirrorStatus, Progress, SecondaryPhase } from './status.js';
 
 /** How long the allocated figure of the target in status is reused (ms). */
@@ -199,34 +199,38 @@ export class SecondaryRole {
   /** The state file as the receiver's durable record; `target` is what the receiver writes (journaled or not). */
   private record(target: Volume): ReplicaRecord {
     const store = this.r.store;
-    const s = store.state!;
+    // The state is read anew each time: every save replaces it (save then swap).
+    const state = () => store.state!;
     const consistency = this.consistency!;
-    const saveApplying = async (a: Applying) => {
-      s.applying = a;
-      s.generation = Math.max(s.generation, a.generation);
-      await store.save();
-    };
+    const saveApplying = (a: Applying) =>
+      store.update((s) => {
+        s.applying = { ...a };
+        s.generation = Math.max(s.generation, a.generation);
+      });
     return {
       get committedGeneration() {
-        return s.committedGeneration;
+        return state().committedGeneration;
       },
       get applying() {
-        return s.applying;
+        return state().applying;
       },
       // Both in the replica's turn: a drill never sees `applying` without its base, nor clones a target being written.
       begin: (gen, resumeFrom) =>
         this.exclusive(async () => {
           // The base or the journal first: a crash before `applying` is saved leaves the target untouched.
-          await consistency.begin(target, gen, s.committedGeneration);
-          if (!s.applying || s.applying.generation !== gen) await saveApplying({ generation: gen, cursor: resumeFrom });
+          await consistency.begin(target, gen, state().committedGeneration);
+          const a = state().applying;
+          if (!a || a.generation !== gen) await saveApplying({ generation: gen, cursor: resumeFrom });
         }),
       saveApplying,
       saveCommitted: (gen) =>
         this.exclusive(async () => {
-          s.committedGeneration = gen;
-          s.applying = null;
-          s.committedAt = Date.now();
-          await store.save();
+          // Announced (status, the next session's ready) only once durable: a failed save leaves generation gen uncommitted.
+          await store.update((s) => {
+            s.committedGeneration = gen;
+            s.applying = null;
+            s.committedAt = Date.now();
+          });
           this.allocated.at = 0;
           // Only now may the base or the journal go: the commit is durable.
           await consistency.committed(target, gen);
@@ -255,7 +259,7 @@ export class SecondaryRole {
   /** Check the primary's identity against the state (creating it on the first session); returns the ready frame. */
   private async admit(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<ReadyMsg> {
     const store = this.r.store;
-    let s: MirrorState | null = store.state;
+    const s = store.state;
     if (s && s.volumeId === auth.volumeId && s.chunkSize !== auth.chunkSize) {
       throw refuse(session, new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${this.name}: the primary uses chunks of ${auth.chunkSize} bytes, the replica was built with ${s.chunkSize}`));
     }
@@ -272,18 +276,21 @@ export class SecondaryRole {
       // The primary lost its tracking state (or is new) and says so: keep the
       // replica and its generation numbers; the primary compares digests with it.
       this.r.log.warn({ was: s.volumeId, now: auth.volumeId, committedGeneration: s.committedGeneration }, 'the primary has no tracking state: adopting its volume id; it will compare digests with this replica');
-      s.volumeId = auth.volumeId;
-      s.peerNode = hello.node;
-      await store.save();
+      await store.update((n) => {
+        n.volumeId = auth.volumeId;
+        n.peerNode = hello.node;
+      });
     }
     if (!s) {
-      s = newState('secondary', { volumeId: auth.volumeId, volumeSize: auth.volumeSize, chunkSize: auth.chunkSize, peerNode: hello.node });
-      await store.set(s);
+      await store.set(newState('secondary', { volumeId: auth.volumeId, volumeSize: auth.volumeSize, chunkSize: auth.chunkSize, peerNode: hello.node }));
     } else if (s.peerNode !== hello.node) {
-      s.peerNode = hello.node;
-      await store.save();
+      await store.update((n) => {
+        n.peerNode = hello.node;
+      });
     }
-    return { type: 'ready', committedGeneration: s.committedGeneration, applying: s.applying };
+    // What was saved, never more: a commit whose save failed is not announced.
+    const saved = store.state!;
+    return { type: 'ready', committedGeneration: saved.committedGeneration, applying: saved.applying ? { ...saved.applying } : null };
   }
 
   private setError(err: TmError): void {

@@ -114,6 +114,21 @@ const format1Secondary = z.strictObject({
   committedAt: count.nullable(),
 });
 
+/**
+ * `s` frozen, with its nested objects: the state a Mirror holds is replaced
+ * whole after each save, never changed in place (see StateStore.update), and
+ * a change in place anywhere would throw here instead of putting the memory
+ * ahead of the file. Returns `s`.
+ */
+export function freezeState(s: MirrorState): Readonly<MirrorState> {
+  if (s.applying) Object.freeze(s.applying);
+  if (s.drills) {
+    for (const d of s.drills) Object.freeze(d);
+    Object.freeze(s.drills);
+  }
+  return Object.freeze(s);
+}
+
 /** A fresh state of `role` for a volume (nothing sent or applied yet). */
 export function newState(role: Role, id: { volumeId: string; volumeSize: number; chunkSize: number; peerNode?: string | null }): MirrorState {
   return {
@@ -178,7 +193,11 @@ export class StateFile {
   readonly file: string;
   /** The last save asked (see {@link save}). */
   private saving: Promise<unknown> = Promise.resolve();
-  constructor(readonly dir: string) {
+  /** `write` replaces the file's content (default: atomically, fsynced); tests inject failures through it. */
+  constructor(
+    readonly dir: string,
+    private readonly write: (file: string, data: string) => Promise<void> = writeFileAtomic,
+  ) {
     this.file = path.join(dir, 'state.json');
   }
 
@@ -202,7 +221,7 @@ export class StateFile {
    * record) can never leave the older snapshot on disk.
    */
   save(state: MirrorState): Promise<void> {
-    const run = this.saving.then(() => writeFileAtomic(this.file, JSON.stringify(state, null, 2) + '\n'));
+    const run = this.saving.then(() => this.write(this.file, JSON.stringify(state, null, 2) + '\n'));
     this.saving = run.catch(() => {});
     return run;
   }
