@@ -27,6 +27,8 @@ Usage:
   thinmirror drill list --config FILE [--json]
   thinmirror drill stop MIRROR NAME [--force] --config FILE [--json]
                                             delete a drill's clone (refused while in use)
+  thinmirror keygen FILE [--force]          write a new pre-shared key file (auth.pskFile):
+                                            32 random bytes, base64, mode 0600
   thinmirror demo [--size SIZE] [--keep]    mirror a sample volume on loopback, end to end
   thinmirror --help | --version
 
@@ -124,6 +126,14 @@ async function main(argv: string[]): Promise<number> {
       if (values.help) return help();
       const { runDrill } = await import('./cli/drill.js');
       return runDrill(requireOpt('drill', values.config, 'config'), positionals, { name: values.name, force: values.force ?? false, json: values.json ?? false });
+    }
+    case 'keygen': {
+      const { values, positionals } = parse('keygen', rest, { force: { type: 'boolean' } }, 1);
+      if (values.help) return help();
+      const file = positionals[0];
+      if (!file) throw new TmError(ErrorCodes.USAGE, 'keygen: FILE is required');
+      const { runKeygen } = await import('./cli/keygen.js');
+      return runKeygen(file, values.force ?? false);
     }
     case 'demo': {
       const { values } = parse('demo', rest, { size: { type: 'string' }, keep: { type: 'boolean' } });

@@ -2,6 +2,7 @@ import { promises as fsp } from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { stringify } from 'yaml';
+import { writeKeyFile } from '../daemon/psk.js';
 import { DaemonProcess } from './daemon-process.js';
 
 /**
@@ -87,9 +88,9 @@ export function loopbackPair(o: { dir: string; port: number; mirrors: LoopbackMi
   };
 }
 
-/** Write the pair's pre-shared key (mode 0600) and both configs; returns where they are. */
+/** Write the pair's pre-shared key (a new one, as `thinmirror keygen` makes) and both configs; returns where they are. */
 export async function writeLoopbackPair(pair: LoopbackPair): Promise<PairConfigs> {
-  await fsp.writeFile(pair.pskFile, 'demo-pre-shared-key-0123456789abcdef\n', { mode: 0o600 });
+  await writeKeyFile(pair.pskFile, { force: true });
   await fsp.writeFile(pair.files.secondary, stringify(pair.secondary));
   await fsp.writeFile(pair.files.primary, stringify(pair.primary));
   return pair.files;

@@ -1,4 +1,4 @@
-import { promises as fsp, type Stats } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import { isIP } from 'node:net';
 import * as path from 'node:path';
 import { isNode, LineCounter, parseDocument, type Document } from 'yaml';
@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { ErrorCodes, TmError } from '../errors.js';
 import { isValidChunkSize, parseDuration, parseRate, parseSize } from '../util/units.js';
 import type { TlsFiles } from '../wire/tls.js';
+import { STATE_DIR_FILES } from './state-dir.js';
 
 /** Every default of the config in one place. Sizes in bytes, durations in seconds. */
 export const DEFAULTS = {
@@ -61,6 +62,25 @@ export interface DaemonConfig {
 const NAME = /^[A-Za-z0-9._-]{1,64}$/;
 
 const name = z.string().regex(NAME, 'expected 1..64 characters of A-Z a-z 0-9 . _ -');
+
+/** A mirror's name: a letter or a digit, then letters, digits, `.`, `_`, `-`; at most 64 characters. */
+export const MIRROR_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+/**
+ * A mirror's name is also its directory under node.stateDir
+ * (`stateDir/<name>/state.json`): never `.` or `..` (the state directory or
+ * its parent), nor a file the daemon keeps there.
+ */
+const mirrorName = z.string().superRefine((v, ctx) => {
+  const problem =
+    v === '.' || v === '..'
+      ? `"${v}" cannot name a mirror: the mirror's state lives in node.stateDir/<name>/`
+      : STATE_DIR_FILES.includes(v)
+        ? `"${v}" is a file the daemon keeps in node.stateDir, where each mirror has a directory of its name: choose another name`
+        : !MIRROR_NAME.test(v)
+          ? `expected a letter or a digit, then letters, digits, ".", "_", "-" (at most 64 characters), got ${JSON.stringify(v)}`
+          : null;
+  if (problem) ctx.addIssue({ code: 'custom', message: problem });
+});
 /** A schema for a string or number read by `parse`; its error becomes the key's problem. */
 function parsed(parse: (v: string | number) => number) {
   return z.union([z.string(), z.number()]).transform((v, ctx) => {
@@ -91,7 +111,7 @@ const peerUrl = z
   .refine((u) => URL.canParse(u), { message: 'expected a ws:// or wss:// URL with a valid host and port, such as ws://10.0.0.2:7890' });
 
 const mirrorSchema = z.strictObject({
-  name,
+  name: mirrorName,
   role: z.enum(['primary', 'secondary']),
   volume: pathString,
   peer: peerUrl.optional(),
@@ -122,6 +142,9 @@ const configSchema = z.strictObject({
   peers: z.array(z.strictObject({ url: peerUrl, bandwidth: rate.optional() })).optional(),
   mirrors: z.array(mirrorSchema).min(1, 'expected at least one mirror'),
 });
+
+/** Alias nodes a config may expand (the yaml package's default): a real config has none or a few. */
+const MAX_ALIAS_COUNT = 100;
 
 type Problem = { path: (string | number)[]; message: string };
 
@@ -157,7 +180,15 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
     });
     throw new TmError(ErrorCodes.CONFIG, `invalid config:\n${lines.join('\n')}`);
   }
-  const raw = doc.toJS() as unknown;
+  let raw: unknown;
+  try {
+    // An alias expanding into more than maxAliasCount nodes (a "billion laughs" document) throws here.
+    raw = doc.toJS({ maxAliasCount: MAX_ALIAS_COUNT }) as unknown;
+  } catch (e) {
+    const msg = (e as Error).message;
+    const why = /alias count/i.test(msg) ? `${msg}: an alias expands into more than ${MAX_ALIAS_COUNT} nodes` : msg;
+    throw new TmError(ErrorCodes.CONFIG, `invalid config:\n${sourcePath}: YAML: ${why}`, { cause: e });
+  }
   const parsed = configSchema.safeParse(raw ?? {});
   const problems: Problem[] = [];
   if (!parsed.success) {
@@ -294,24 +325,4 @@ export async function loadConfig(file: string): Promise<DaemonConfig> {
     throw new TmError(ErrorCodes.CONFIG, `cannot read config ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
   }
   return parseConfig(text, file);
-}
-
-/** Read the pre-shared key: the file's bytes without a trailing newline, at least 16 bytes. */
-export async function readPsk(file: string): Promise<Buffer> {
-  let buf: Buffer;
-  try {
-    buf = await fsp.readFile(file);
-  } catch (e) {
-    throw new TmError(ErrorCodes.CONFIG, `cannot read the pre-shared key file ${file} (auth.pskFile): ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
-  }
-  let end = buf.length;
-  while (end > 0 && (buf[end - 1] === 0x0a || buf[end - 1] === 0x0d)) end--;
-  const key = buf.subarray(0, end);
-  if (key.length < 16) throw new TmError(ErrorCodes.CONFIG, `pre-shared key file ${file} holds ${key.length} bytes; expected at least 16 (e.g. head -c 32 /dev/urandom | base64 > ${file})`);
-  return key;
-}
-
-/** A warning when the key file can be read by group or others, else null. */
-export function pskFileWarning(file: string, st: Stats): string | null {
-  return (st.mode & 0o077) !== 0 ? `pre-shared key file ${file} is readable by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it` : null;
 }

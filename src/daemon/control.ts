@@ -6,8 +6,7 @@ import type { DrillInfo, DrillStarted, DrillStopped } from '../mirror/drill.js';
 import type { RoleChangeReport } from '../mirror/mirror.js';
 import type { MirrorStatus } from '../mirror/status.js';
 import type { LastReload } from './reload.js';
-
-export const CONTROL_SOCKET = 'control.sock';
+import { CONTROL_SOCKET } from './state-dir.js';
 
 export interface DaemonStatus {
   node: string;

@@ -1,5 +1,4 @@
 import type * as http from 'node:http';
-import { promises as fsp } from 'node:fs';
 import { createRequire } from 'node:module';
 import { pino, type Logger } from 'pino';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
@@ -8,9 +7,11 @@ import type { MirrorStatus } from '../mirror/status.js';
 import { readTlsFiles } from '../wire/tls.js';
 import { listen, type Listener } from '../wire/transport.js';
 import { BandwidthRegistry, throttle } from '../wire/bandwidth.js';
-import { loadConfig, peerKey, readPsk, type DaemonConfig, type MirrorConfig } from './config.js';
+import { loadConfig, peerKey, type DaemonConfig, type MirrorConfig } from './config.js';
 import { startControlServer, startMetricsServer, type DaemonStatus, type DrillHandlers, type MirrorStatusEntry, type RoleAction } from './control.js';
 import { acquireLock } from './lock.js';
+import { readPsk } from './psk.js';
+import { prepareStateDir } from './state-dir.js';
 import { MirrorMetrics } from './metrics.js';
 import { checkReloadable, diffMirrors, reportOf, type LastReload, type ReloadReport } from './reload.js';
 
@@ -66,9 +67,7 @@ export class Daemon {
 
   private async init(): Promise<void> {
     const c = this.config;
-    await fsp.mkdir(c.node.stateDir, { recursive: true, mode: 0o700 }).catch((e) => {
-      throw asTmError(e, ErrorCodes.STATE, `state directory ${c.node.stateDir}`);
-    });
+    await prepareStateDir(c.node.stateDir);
     this.releaseLock = await acquireLock(c.node.stateDir);
     this.psk = await readPsk(c.auth.pskFile);
     for (const m of c.mirrors) this.entries.set(m.name, this.newEntry(m));

@@ -1,6 +1,7 @@
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { LOCK_FILE } from './state-dir.js';
 
 function alive(pid: number): boolean {
   try {
@@ -16,7 +17,7 @@ function alive(pid: number): boolean {
  * same mirrors. A lock left by a dead process is taken over.
  */
 export async function acquireLock(stateDir: string): Promise<() => Promise<void>> {
-  const file = path.join(stateDir, 'daemon.lock');
+  const file = path.join(stateDir, LOCK_FILE);
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       const fh = await fsp.open(file, 'wx', 0o600);

@@ -12,6 +12,8 @@ export interface MirrorContext {
   stateDir: string;
   psk: Buffer;
   log: Logger;
+  /** Writes state.json (default: atomically, fsynced); tests make saves fail here. */
+  writeState?: (file: string, data: string) => Promise<void>;
   /** Opens the mirror's volume (default: the volume factory). */
   openVolume?: (path: string, o: OpenVolumeOptions) => Promise<Volume>;
   /**
@@ -28,14 +30,29 @@ export interface MirrorContext {
   listening?: boolean;
 }
 
-/** The mirror's state as the running role sees it: the Mirror owns the file, a role changes the fields and asks for a save. */
+/**
+ * The mirror's state as the running role sees it. The Mirror owns the file;
+ * a role changes the state only through {@link set} and {@link update},
+ * which save first and swap after: the state in memory is never ahead of
+ * state.json, so a failed save cannot announce (to the next session, in
+ * status) what is not durable.
+ */
 export interface StateStore {
-  /** The state, or null while a secondary has never been reached by a primary. */
-  readonly state: MirrorState | null;
-  /** Replace the state (first session of a secondary, first start of a primary) and save it. */
+  /**
+   * The state as last saved, or null while a secondary has never been reached
+   * by a primary. Frozen: read it again after an update (it is a new object).
+   */
+  readonly state: Readonly<MirrorState> | null;
+  /** Save `s` as the whole state (first session of a secondary, first start of a primary); then it is the state. */
   set(s: MirrorState): Promise<void>;
-  /** Write the current state atomically. */
-  save(): Promise<void>;
+  /**
+   * Change the state: `change` edits a copy of it, the copy is saved, and only
+   * then does it become the state; a failed save rejects and leaves the state
+   * as it was, as on disk. `change` returning `false` means nothing changed:
+   * nothing is saved. Updates run one at a time, each on the state the one
+   * before left. Resolves to what `change` returned.
+   */
+  update<T>(change: (s: MirrorState) => T): Promise<T>;
   /** The state file (for messages). */
   readonly file: string;
   /** The mirror's own directory (bitmaps, tracking state). */

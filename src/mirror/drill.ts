@@ -195,16 +195,20 @@ export class Drills {
         }
         lap('sync');
         const rec: DrillRecord = { name, path: file, generation: taken.generation, createdAt: at.getTime() };
-        const st = this.h.store.state!;
-        st.drills = [...(st.drills ?? []), rec];
+        // Recorded first (a failed save leaves no record and no clone), then shown under its name.
+        await this.h.store.update((s) => {
+          s.drills = [...(s.drills ?? []), rec];
+        });
         try {
-          await this.h.store.save();
           await fsp.rename(tmp, file);
           await fsyncDir(path.dirname(file));
           lap('record');
         } catch (e) {
-          st.drills = st.drills.filter((d) => d !== rec);
-          await this.h.store.save().catch(() => {});
+          await this.h.store
+            .update((s) => {
+              s.drills = (s.drills ?? []).filter((d) => d.name !== rec.name);
+            })
+            .catch(() => {});
           throw e;
         }
       } catch (e) {
@@ -234,9 +238,9 @@ export class Drills {
         );
       }
       if (present) await removeDurably(rec.path);
-      const st = this.h.store.state!;
-      st.drills = (st.drills ?? []).filter((d) => d !== rec);
-      await this.h.store.save();
+      await this.h.store.update((s) => {
+        s.drills = (s.drills ?? []).filter((d) => d.name !== rec.name);
+      });
       this.h.log.info({ drill: name, path: rec.path, deleted: present, forced: users.length > 0, uninspected }, users.length > 0 ? `drill stopped by force while held by ${describeUsers(users)}` : 'drill stopped');
       if (uninspected > 0) this.h.log.warn({ drill: name, uninspected }, `${uninspected} processes could not be checked for ${rec.path} (another user's, and no CAP_SYS_PTRACE)`);
       return { mirror: this.mirror, name, path: rec.path, deleted: present, users, uninspected };

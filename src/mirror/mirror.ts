@@ -17,7 +17,7 @@ import { describeGen, sameGen } from './history.js';
 import { changeRole } from './role.js';
 import { SecondaryRole } from './secondary-role.js';
 import type { MirrorConfig } from './settings.js';
-import { StateFile, type MirrorState, type Role } from './state.js';
+import { freezeState, StateFile, type MirrorState, type Role } from './state.js';
 import { blankStatus, type MirrorStatus } from './status.js';
 
 type Runner = PrimaryRole | SecondaryRole;
@@ -32,7 +32,10 @@ type Runner = PrimaryRole | SecondaryRole;
  */
 export class Mirror {
   private readonly stateFile: StateFile;
-  private state: MirrorState | null = null;
+  /** As last saved (never ahead of state.json), frozen; replaced whole by each save. */
+  private state: Readonly<MirrorState> | null = null;
+  /** Saves of the state through the store, one at a time. */
+  private saving: Promise<unknown> = Promise.resolve();
   private runner: Runner | null = null;
   private readonly log: Logger;
   /** Lifecycle and role changes, one at a time. */
@@ -47,7 +50,7 @@ export class Mirror {
     readonly config: MirrorConfig,
     private readonly ctx: MirrorContext,
   ) {
-    this.stateFile = new StateFile(path.join(ctx.stateDir, config.name));
+    this.stateFile = new StateFile(path.join(ctx.stateDir, config.name), ctx.writeState);
     this.log = ctx.log;
   }
 
@@ -68,7 +71,7 @@ export class Mirror {
         const loaded = await this.stateFile.load();
         if (loaded?.migrated) this.log.info({ file: this.stateFile.file, role: loaded.state.role }, 'state file migrated from format 1 to format 2');
         const s = loaded?.state ?? null;
-        this.state = s;
+        this.state = s && freezeState(s);
         this.noteRoleConflict();
       } catch (e) {
         this.failedStart = asTmError(e, ErrorCodes.STATE, `mirror ${this.name}`);
@@ -122,14 +125,11 @@ export class Mirror {
       if (to === 'primary' && !this.config.peer && !this.ctx.connect) {
         throw new TmError(ErrorCodes.CONFIG, `mirror ${this.name}: cannot become primary without a peer URL (peer:) in its config`);
       }
-      const next = this.state ? structuredClone(this.state) : null;
+      const next = this.state ? (structuredClone(this.state) as MirrorState) : null;
       if (next) changeRole(next, to, this.stateFile.file);
       await this.runner?.stop();
       this.runner = null;
-      if (next) {
-        await this.stateFile.save(next);
-        this.state = next;
-      }
+      if (next) await this.saveThenSwap(() => next);
       this.log.info({ role: to, generation: next?.generation ?? 0, committedGeneration: next?.committedGeneration ?? 0 }, `role changed to ${to}`);
       await this.startRunner(to);
     });
@@ -146,7 +146,7 @@ export class Mirror {
     if (this.role === 'primary' && r instanceof PrimaryRole) {
       // Another side believes it is primary too: say so to both (split brain), write nothing.
       try {
-        await r.refuseAsPrimary(session, auth.volumeId);
+        await r.refuseAsPrimary(session, auth.volumeId, hello.node);
       } catch (e) {
         throw refuse(session, asTmError(e, ErrorCodes.SPLIT_BRAIN, `mirror ${this.name}`));
       }
@@ -182,11 +182,10 @@ export class Mirror {
       await r?.stop(true);
       this.runner = null;
       const undone = s.applying?.generation ?? null;
-      await rollbackForPromote(this.config, this.stateFile, s, this.log);
-      const next = structuredClone(s);
+      await rollbackForPromote(this.config, this.stateFile, s, this.log, (next) => this.saveThenSwap(() => next));
+      const next = structuredClone(this.state!) as MirrorState;
       changeRole(next, 'primary', this.stateFile.file);
-      await this.stateFile.save(next);
-      this.state = next;
+      await this.saveThenSwap(() => next);
       this.noteRoleConflict();
       this.log.info({ generation: next.committedGeneration, undone, why: o.why ?? 'promote' }, 'promoted: this side is primary');
       await this.startRunner('primary', { rebase: true });
@@ -213,7 +212,7 @@ export class Mirror {
     }
     await r.halt();
     const changed = await r.changedSinceCommitted();
-    const next = structuredClone(this.state);
+    const next = structuredClone(this.state) as MirrorState;
     const bytes = changed ? gens.bitmapBytes(changed, next.chunkSize, next.volumeSize) : 0;
     if (changed && !changed.isEmpty) await saveDivergent(this.stateFile.dir, changed);
     next.divergence =
@@ -223,8 +222,7 @@ export class Mirror {
           ? null
           : { since: next.history?.at(-1) ?? null, bytes, unknown: false, reason: why, coveredBy: null };
     changeRole(next, 'secondary', this.stateFile.file);
-    await this.stateFile.save(next);
-    this.state = next;
+    await this.saveThenSwap(() => next);
     this.noteRoleConflict();
     if (!next.divergence) await removeDivergent(this.stateFile.dir);
     await r.dropTracking().catch((e) => this.log.warn({ err: e }, 'removing tracking state after demote failed'));
@@ -268,7 +266,7 @@ export class Mirror {
     if (this.role === 'primary') return this.demote(`split brain with ${sb.peerNode} resolved by discarding this side's changes since ${describeGen(sb.common)}`);
     return this.serial(async () => {
       const t0 = Date.now();
-      const next = structuredClone(this.state!);
+      const next = structuredClone(this.state!) as MirrorState;
       const hist = next.history ?? [];
       const keep = sb.common ? hist.findIndex((g) => sameGen(g, sb.common)) + 1 : 0;
       next.history = hist.slice(0, keep);
@@ -276,8 +274,7 @@ export class Mirror {
       next.generation = Math.max(next.committedGeneration, next.applying?.generation ?? 0);
       next.divergence = { since: sb.common, bytes: 0, unknown: true, reason: `split brain with ${sb.peerNode} resolved by discarding this side's generations after ${describeGen(sb.common)}`, coveredBy: null };
       next.splitBrain = null;
-      await this.stateFile.save(next);
-      this.state = next;
+      await this.saveThenSwap(() => next);
       this.log.warn({ common: sb.common }, 'split brain resolved: this side\'s generations after the common one are discarded; the primary compares digests');
       return this.report('secondary', t0, null, null, []);
     });
@@ -376,15 +373,39 @@ export class Mirror {
         return m.state;
       },
       async set(s) {
-        m.state = s;
-        await m.stateFile.save(s);
+        await m.saveThenSwap(() => s);
       },
-      async save() {
-        if (m.state) await m.stateFile.save(m.state);
+      update<T>(change: (s: MirrorState) => T): Promise<T> {
+        let result!: T;
+        return m
+          .saveThenSwap((current) => {
+            if (!current) throw new TmError(ErrorCodes.INTERNAL, `mirror ${m.name}: no state to change yet`);
+            const next = structuredClone(current) as MirrorState;
+            result = change(next);
+            return result === false ? null : next;
+          })
+          .then(() => result);
       },
       file: this.stateFile.file,
       dir: this.stateFile.dir,
     };
+  }
+
+  /**
+   * Save then swap, one at a time: `make` builds the next state from the
+   * current one when its turn comes (null: nothing to save); it is saved, and
+   * only once the save succeeded does it become the state. A failed save
+   * rejects and leaves the state as it was.
+   */
+  private saveThenSwap(make: (current: Readonly<MirrorState> | null) => MirrorState | null): Promise<void> {
+    const run = this.saving.then(async () => {
+      const next = make(this.state);
+      if (next === null) return;
+      await this.stateFile.save(next);
+      this.state = freezeState(next);
+    });
+    this.saving = run.catch(() => {});
+    return run;
   }
 
   private serial<T>(job: () => Promise<T>): Promise<T> {
@@ -437,7 +458,7 @@ export interface RoleChangeReport {
  * last committed generation (issue 11's base image or undo journal), with
  * `applying: null` recorded first, as `thinmirror rollback` does.
  */
-async function rollbackForPromote(c: MirrorConfig, file: StateFile, s: MirrorState, log: Logger): Promise<void> {
+async function rollbackForPromote(c: MirrorConfig, file: StateFile, s: Readonly<MirrorState>, log: Logger, save: (next: MirrorState) => Promise<void>): Promise<void> {
   let target;
   try {
     target = await openVolume(c.volume, {});
@@ -453,10 +474,7 @@ async function rollbackForPromote(c: MirrorConfig, file: StateFile, s: MirrorSta
           `mirror ${c.name}: generation ${s.applying.generation} is partly applied and there is no base image or undo journal (consistency: ${c.consistency}) to bring back generation ${s.committedGeneration}: this replica is not a consistent image and cannot be promoted`,
         );
       }
-      s.applying = null;
-      s.applyingGid = null;
-      s.generation = s.committedGeneration;
-      await file.save(s);
+      await save({ ...structuredClone(s as MirrorState), applying: null, applyingGid: null, generation: s.committedGeneration });
     }
     const r = await rollbackTarget(c, file.dir, target, s.committedGeneration, log);
     if (r.generation !== null) log.warn({ undone: r.generation, mode: r.mode, bytes: r.bytes, dir: consistencyDir(c, file.dir, target.kind === 'file') }, 'rolled back to the last committed generation before promoting');

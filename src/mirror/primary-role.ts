@@ -86,7 +86,8 @@ export class PrimaryRole {
     this.bitmaps = new BitmapStore(r.store.dir);
   }
 
-  private get state(): MirrorState {
+  /** The state as last saved; a new object after each update (never keep it across one). */
+  private get state(): Readonly<MirrorState> {
     return this.r.store.state!;
   }
 
@@ -131,17 +132,18 @@ export class PrimaryRole {
    * it becomes the change source's base. The state asks for a digest
    * comparison until this is done, so a crash before it is still safe.
    */
-  private async rebase(s: MirrorState): Promise<void> {
+  private async rebase(s: Readonly<MirrorState>): Promise<void> {
     const src = this.source!;
     if (!src.rebase) {
-      gens.requireReconcile(s, `promoted at generation ${s.committedGeneration}: the ${src.mode} change source cannot take the volume as its base; comparing digests with the peer`);
-      await this.r.store.save();
+      const why = `promoted at generation ${s.committedGeneration}: the ${src.mode} change source cannot take the volume as its base; comparing digests with the peer`;
+      await this.r.store.update((n) => gens.requireReconcile(n, why));
       return;
     }
     const t0 = Date.now();
     await src.rebase(s.committedGeneration);
-    s.reconcile = null;
-    await this.r.store.save();
+    await this.r.store.update((n) => {
+      n.reconcile = null;
+    });
     this.r.log.info({ generation: s.committedGeneration, trackingMode: src.mode, seconds: (Date.now() - t0) / 1000 }, 'tracking base taken from the promoted volume');
   }
 
@@ -196,8 +198,9 @@ export class PrimaryRole {
         this.connectedSince = new Date();
         this.r.log.info({ peer: peerNode, committedGeneration: ready.committedGeneration, applying: ready.applying, sessions: this.sessions }, 'session established');
         if (s.peerNode !== peerNode) {
-          s.peerNode = peerNode;
-          await this.r.store.save();
+          await this.r.store.update((n) => {
+            n.peerNode = peerNode;
+          });
         }
         await this.replicate(session, ready.committedGeneration, ready.applying);
       } catch (e) {
@@ -226,20 +229,20 @@ export class PrimaryRole {
 
   /** Send pending and new generations over an established session until it ends. */
   private async replicate(session: Session, peerCommitted: number, applying: { generation: number; cursor: number } | null): Promise<void> {
-    const s = this.state;
     const peer = await this.exchangeHistory(session);
-    const done = gens.committedMeanwhile(s, peerCommitted);
+    const done = gens.committedMeanwhile(this.state, peerCommitted);
     if (done !== null) await this.markCommitted(done);
-    if (gens.reconcileAfterHandshake(s, peerCommitted, applying)) await this.r.store.save();
-    let resume = gens.resumeCursor(s, applying);
+    await this.r.store.update((s) => gens.reconcileAfterHandshake(s, peerCommitted, applying));
+    let resume = gens.resumeCursor(this.state, applying);
     resume = await this.takePeerChanges(peer, resume);
-    if (s.splitBrain) {
-      s.splitBrain = null;
-      await this.r.store.save();
+    if (this.state.splitBrain) {
+      await this.r.store.update((s) => {
+        s.splitBrain = null;
+      });
       this.r.log.info('split brain resolved: the peer is secondary again');
     }
     while (!this.signal.aborted) {
-      const step = gens.nextStep(s);
+      const step = gens.nextStep(this.state);
       switch (step.kind) {
         case 'send':
           await this.sendGeneration(session, step.generation, resume);
@@ -272,11 +275,10 @@ export class PrimaryRole {
   private async detect(all: boolean): Promise<void> {
     const started = Date.now();
     this.lastDetectAt = started;
-    const s = this.state;
-    const { bitmap, readBytes, baseLost } = await this.detectPass(s.generation + 1, { all, signal: this.signal });
+    const { bitmap, readBytes, baseLost } = await this.detectPass(this.state.generation + 1, { all, signal: this.signal });
     if (baseLost) {
-      gens.requireReconcile(s, `the ${this.source!.mode} change source lost its tracking state (no base to compare with)`);
-      await this.r.store.save();
+      const why = `the ${this.source!.mode} change source lost its tracking state (no base to compare with)`;
+      await this.r.store.update((s) => gens.requireReconcile(s, why));
       return;
     }
     this.allocatedBytes = totalBytes(await this.volume!.allocated());
@@ -308,13 +310,15 @@ export class PrimaryRole {
 
   /** Bitmap first, then the state that names it pending. */
   private async createGeneration(bitmap: RoaringBitmap32, detectedAt: number, readBytes: number): Promise<void> {
-    const s = this.state;
-    await this.bitmaps.save(s.generation + 1, bitmap);
-    const gen = gens.createGeneration(s, detectedAt);
-    s.pendingGid = newGenId(this.r.ctx.nodeName, gen);
-    if (s.divergence && !s.divergence.unknown) s.divergence.coveredBy = gen;
+    await this.bitmaps.save(this.state.generation + 1, bitmap);
+    const node = this.r.ctx.nodeName;
+    const gen = await this.r.store.update((s) => {
+      const g = gens.createGeneration(s, detectedAt);
+      s.pendingGid = newGenId(node, g);
+      if (s.divergence && !s.divergence.unknown) s.divergence.coveredBy = g;
+      return g;
+    });
     if (this.peerChanges?.bitmap && this.peerChanges.coveredBy === null) this.peerChanges.coveredBy = gen;
-    await this.r.store.save();
     const changedBytes = this.bytesOf(bitmap);
     this.cycle = { generation: gen, started: detectedAt, readBefore: this.counters.readBytes, detectReadBytes: readBytes, changedBytes, wireAtStart: this.wireBytes() };
     this.r.log.info({ generation: gen, chunks: bitmap.size, changedBytes }, 'generation created');
@@ -356,6 +360,8 @@ export class PrimaryRole {
     const source = this.source!;
     const bitmap = await this.bitmaps.load(gen);
     const view = await source.view(gen);
+    /** Bytes of `gen` the secondary reported durable; the state's cursor follows at each checkpoint. */
+    let durable = s.cursor;
     this.phase = s.committedGeneration === 0 ? 'initial-sync' : 'syncing';
     const sender = new Sender(
       view,
@@ -374,11 +380,12 @@ export class PrimaryRole {
         maxInFlight: c.maxInFlight,
         signal: this.signal,
         ...(this.r.ctx.throttle ? { throttle: this.r.ctx.throttle } : {}),
-        onDurable: (durable) => void gens.advanceCursor(s, durable),
-        // Digests first, then the cursor.
+        onDurable: (d) => void (durable = Math.max(durable, d)),
+        // Digests first, then the cursor (the furthest the secondary reported when this checkpoint starts).
         persist: async () => {
           await source.persist();
-          await this.r.store.save();
+          const cursor = durable;
+          await this.r.store.update((n) => n.pending === gen && gens.advanceCursor(n, cursor));
         },
       },
       this.counters,
@@ -392,18 +399,20 @@ export class PrimaryRole {
 
   /** The secondary committed `gen`: tracking state first (a stale digest only causes a resend), then the state, then the bitmap goes. */
   private async markCommitted(gen: number): Promise<void> {
-    const s = this.state;
     await this.source!.persist();
-    const gid = s.pendingGid && s.pendingGid.generation === gen ? s.pendingGid : newGenId(this.r.ctx.nodeName, gen);
-    gens.commitGeneration(s, gen);
-    // Generation 1 is a full sync: the chain starts again there.
-    s.history = appendHistory(s.history, gid, gen === 1);
-    s.pendingGid = null;
-    const dropDivergent = s.divergence?.coveredBy === gen;
-    if (dropDivergent) s.divergence = null;
+    const node = this.r.ctx.nodeName;
+    const dropDivergent = await this.r.store.update((s) => {
+      const gid = s.pendingGid && s.pendingGid.generation === gen ? s.pendingGid : newGenId(node, gen);
+      gens.commitGeneration(s, gen);
+      // Generation 1 is a full sync: the chain starts again there.
+      s.history = appendHistory(s.history, gid, gen === 1);
+      s.pendingGid = null;
+      const drop = s.divergence?.coveredBy === gen;
+      if (drop) s.divergence = null;
+      return { drop }; // never `false`: that would skip the save
+    });
     if (this.peerChanges?.coveredBy === gen) this.peerChanges = null;
-    await this.r.store.save();
-    if (dropDivergent) await removeDivergent(this.r.store.dir);
+    if (dropDivergent.drop) await removeDivergent(this.r.store.dir);
     await this.source!.committed(gen);
     await this.bitmaps.remove(gen);
     const cy = this.cycle;
@@ -455,8 +464,8 @@ export class PrimaryRole {
         );
       }
       if (!cmp.common) {
-        gens.requireReconcile(s, `the histories share no generation (this side's last: ${describeGen(mine.at(-1))}, the secondary's: ${describeGen(m.ids.at(-1))}): comparing digests instead of resending everything`);
-        await this.r.store.save();
+        const why = `the histories share no generation (this side's last: ${describeGen(mine.at(-1))}, the secondary's: ${describeGen(m.ids.at(-1))}): comparing digests instead of resending everything`;
+        await this.r.store.update((n) => gens.requireReconcile(n, why));
       } else if (sameGen(cmp.common, s.pendingGid)) {
         // The secondary committed our pending generation; the acknowledgement was lost.
         await this.markCommitted(s.pendingGid!.generation);
@@ -477,8 +486,8 @@ export class PrimaryRole {
     if (m.unknown) {
       // A pending generation goes first (nextStep), then the comparison, which covers every chunk.
       this.peerChanges = { bitmap: null, coveredBy: null };
-      gens.requireReconcile(s, `the secondary changed chunks it cannot name since ${describeGen(m.ids.at(-1))} (${m.changedBytes ?? 'unknown'} bytes): comparing digests`);
-      await this.r.store.save();
+      const why = `the secondary changed chunks it cannot name since ${describeGen(m.ids.at(-1))} (${m.changedBytes ?? 'unknown'} bytes): comparing digests`;
+      await this.r.store.update((n) => gens.requireReconcile(n, why));
       return resume;
     }
     if (!m.divergent) return resume;
@@ -513,8 +522,9 @@ export class PrimaryRole {
     const local = await this.changedBytes().catch(() => null);
     const s = this.state;
     const rec: SplitBrain = { detectedAt: Date.now(), peerNode: s.peerNode ?? session.peerName, common, localBytes: local, peerBytes: m.changedBytes, why };
-    s.splitBrain = rec;
-    await this.r.store.save();
+    await this.r.store.update((n) => {
+      n.splitBrain = rec;
+    });
     const err = splitBrainError(this.r.config.name, rec);
     if (session.isOpen) session.fail(err);
     return err;
@@ -548,7 +558,7 @@ export class PrimaryRole {
    * is primary too: answer the handshake and the history exchange with our
    * figures, record the split brain and refuse. Nothing is written.
    */
-  async refuseAsPrimary(session: Session, volumeId: string): Promise<void> {
+  async refuseAsPrimary(session: Session, volumeId: string, peerNode: string): Promise<void> {
     const s = this.state;
     if (s.volumeId !== volumeId) {
       throw new TmError(ErrorCodes.IDENTITY_MISMATCH, `mirror ${this.r.config.name}: the peer's volume id ${volumeId} is not ${s.volumeId}, and this side is primary`);
@@ -559,9 +569,19 @@ export class PrimaryRole {
     const mine: GenId[] = [...(s.history ?? []), ...(s.pendingGid ? [s.pendingGid] : [])];
     const local = await this.changedBytes().catch(() => null);
     session.send({ ...this.historyMsg(local) });
-    const rec: SplitBrain = { detectedAt: Date.now(), peerNode: session.peerName, common: compareHistories(mine, m.ids).common, localBytes: local, peerBytes: m.changedBytes, why: 'both sides are primary' };
-    s.splitBrain = rec;
-    await this.r.store.save();
+    // The connecting side tells its changed bytes only in answer to ours (when it connects to us): keep what it said last time.
+    const prev = s.splitBrain;
+    const rec: SplitBrain = {
+      detectedAt: Date.now(),
+      peerNode,
+      common: compareHistories(mine, m.ids).common,
+      localBytes: local,
+      peerBytes: m.changedBytes ?? prev?.peerBytes ?? null,
+      why: 'both sides are primary',
+    };
+    await this.r.store.update((n) => {
+      n.splitBrain = rec;
+    });
     this.r.log.error({ code: ErrorCodes.SPLIT_BRAIN, common: rec.common, localBytes: local, peerBytes: m.changedBytes }, 'split brain: a primary connected while this side is primary too');
     throw splitBrainError(this.r.config.name, rec);
   }

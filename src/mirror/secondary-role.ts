@@ -11,7 +11,7 @@ import { appendHistory, compareHistories, describeGen, type GenId } from './hist
 import { splitBrainError } from './primary-role.js';
 import { Receiver, type Applying, type ReplicaRecord } from './receiver.js';
 import { newState, type MirrorState, type SplitBrain } from './state.js';
-import { type MirrorStatus, type Progress, type SecondaryPhase } from './status.js';
+import type { MirrorStatus, Progress, SecondaryPhase } from './status.js';
 import { roleStatus } from './role-status.js';
 
 /** How long the allocated figure of the target in status is reused (ms). */
@@ -241,64 +241,78 @@ export class SecondaryRole {
           peerBytes: m.changedBytes,
           why: `this side committed ${cmp.localAhead.length} generation(s) the primary never made (${cmp.localAhead.map((g) => describeGen(g)).join(', ')}) after ${describeGen(cmp.common)}`,
         };
-        s.splitBrain = rec;
-        await this.r.store.save();
+        await this.r.store.update((n) => {
+          n.splitBrain = rec;
+        });
         throw refuse(session, splitBrainError(this.name, rec));
       }
     }
     if (s.splitBrain) {
-      s.splitBrain = null;
-      await this.r.store.save();
+      await this.r.store.update((n) => {
+        n.splitBrain = null;
+      });
     }
   }
 
   /** The state file as the receiver's durable record; `target` is what the receiver writes (journaled or not). */
   private record(target: Volume): ReplicaRecord {
     const store = this.r.store;
-    const s = store.state!;
+    // The state is read anew each time: every save replaces it (save then swap).
+    const state = () => store.state!;
     const consistency = this.consistency!;
-    const saveApplying = async (a: Applying) => {
-      s.applying = a;
-      s.generation = Math.max(s.generation, a.generation);
-      await store.save();
-    };
+    const saveApplying = (a: Applying) =>
+      store.update((s) => {
+        s.applying = { ...a };
+        s.generation = Math.max(s.generation, a.generation);
+      });
     return {
       get committedGeneration() {
-        return s.committedGeneration;
+        return state().committedGeneration;
       },
       get applying() {
-        return s.applying;
+        return state().applying;
       },
       // Both in the replica's turn: a drill never sees `applying` without its base, nor clones a target being written.
       begin: (gen, resumeFrom, info) =>
         this.exclusive(async () => {
           // The base or the journal first: a crash before `applying` is saved leaves the target untouched.
-          await consistency.begin(target, gen, s.committedGeneration);
-          let save = false;
-          if (info?.gid && (s.applyingGid?.id !== info.gid.id || s.applyingGid.generation !== gen)) {
-            s.applyingGid = info.gid;
-            save = true;
-          }
-          if (info?.withPeerChanges && s.divergence && s.divergence.coveredBy !== gen) {
-            s.divergence.coveredBy = gen;
-            save = true;
-          }
-          if (!s.applying || s.applying.generation !== gen) await saveApplying({ generation: gen, cursor: resumeFrom });
-          else if (save) await store.save();
+          await consistency.begin(target, gen, state().committedGeneration);
+          const a = state().applying;
+          // One save: the applying record, the generation's identity, and which generation covers our divergent chunks.
+          await store.update((s) => {
+            let changed = false;
+            if (!a || a.generation !== gen) {
+              s.applying = { generation: gen, cursor: resumeFrom };
+              s.generation = Math.max(s.generation, gen);
+              changed = true;
+            }
+            if (info?.gid && (s.applyingGid?.id !== info.gid.id || s.applyingGid.generation !== gen)) {
+              s.applyingGid = { ...info.gid };
+              changed = true;
+            }
+            if (info?.withPeerChanges && s.divergence && s.divergence.coveredBy !== gen) {
+              s.divergence.coveredBy = gen;
+              changed = true;
+            }
+            return changed;
+          });
         }),
       saveApplying,
       saveCommitted: (gen) =>
         this.exclusive(async () => {
-          s.committedGeneration = gen;
-          s.applying = null;
-          s.committedAt = Date.now();
-          if (s.applyingGid && s.applyingGid.generation === gen) s.history = appendHistory(s.history, s.applyingGid, gen === 1);
-          s.applyingGid = null;
-          // The chunks this side had changed as a primary are overwritten now.
-          const dropDivergent = s.divergence?.coveredBy === gen;
-          if (dropDivergent) s.divergence = null;
-          await store.save();
-          if (dropDivergent) await removeDivergent(store.dir);
+          // Announced (status, the next session's ready) only once durable: a failed save leaves generation gen uncommitted.
+          const dropDivergent = await store.update((s) => {
+            s.committedGeneration = gen;
+            s.applying = null;
+            s.committedAt = Date.now();
+            if (s.applyingGid && s.applyingGid.generation === gen) s.history = appendHistory(s.history, s.applyingGid, gen === 1);
+            s.applyingGid = null;
+            // The chunks this side had changed as a primary are overwritten now.
+            const drop = s.divergence?.coveredBy === gen;
+            if (drop) s.divergence = null;
+            return { drop }; // never `false`: that would skip the save
+          });
+          if (dropDivergent.drop) await removeDivergent(store.dir);
           this.allocated.at = 0;
           // Only now may the base or the journal go: the commit is durable.
           await consistency.committed(target, gen);
@@ -327,7 +341,7 @@ export class SecondaryRole {
   /** Check the primary's identity against the state (creating it on the first session); returns the ready frame. */
   private async admit(session: Session, hello: HelloMsg, auth: AuthMsg): Promise<ReadyMsg> {
     const store = this.r.store;
-    let s: MirrorState | null = store.state;
+    const s = store.state;
     if (s && s.volumeId === auth.volumeId && s.chunkSize !== auth.chunkSize) {
       throw refuse(session, new TmError(ErrorCodes.CHUNK_SIZE_MISMATCH, `mirror ${this.name}: the primary uses chunks of ${auth.chunkSize} bytes, the replica was built with ${s.chunkSize}`));
     }
@@ -344,18 +358,21 @@ export class SecondaryRole {
       // The primary lost its tracking state (or is new) and says so: keep the
       // replica and its generation numbers; the primary compares digests with it.
       this.r.log.warn({ was: s.volumeId, now: auth.volumeId, committedGeneration: s.committedGeneration }, 'the primary has no tracking state: adopting its volume id; it will compare digests with this replica');
-      s.volumeId = auth.volumeId;
-      s.peerNode = hello.node;
-      await store.save();
+      await store.update((n) => {
+        n.volumeId = auth.volumeId;
+        n.peerNode = hello.node;
+      });
     }
     if (!s) {
-      s = newState('secondary', { volumeId: auth.volumeId, volumeSize: auth.volumeSize, chunkSize: auth.chunkSize, peerNode: hello.node });
-      await store.set(s);
+      await store.set(newState('secondary', { volumeId: auth.volumeId, volumeSize: auth.volumeSize, chunkSize: auth.chunkSize, peerNode: hello.node }));
     } else if (s.peerNode !== hello.node) {
-      s.peerNode = hello.node;
-      await store.save();
+      await store.update((n) => {
+        n.peerNode = hello.node;
+      });
     }
-    return { type: 'ready', committedGeneration: s.committedGeneration, applying: s.applying };
+    // What was saved, never more: a commit whose save failed is not announced.
+    const saved = store.state!;
+    return { type: 'ready', committedGeneration: saved.committedGeneration, applying: saved.applying ? { ...saved.applying } : null };
   }
 
   private setError(err: TmError): void {

@@ -155,6 +155,26 @@ const format1Secondary = z.strictObject({
   committedAt: count.nullable(),
 });
 
+/**
+ * `s` frozen, with its nested objects: the state a Mirror holds is replaced
+ * whole after each save, never changed in place (see StateStore.update), and
+ * a change in place anywhere would throw here instead of putting the memory
+ * ahead of the file. Returns `s`.
+ */
+export function freezeState(s: MirrorState): Readonly<MirrorState> {
+  if (s.applying) Object.freeze(s.applying);
+  if (s.drills) {
+    for (const d of s.drills) Object.freeze(d);
+    Object.freeze(s.drills);
+  }
+  if (s.history) {
+    for (const g of s.history) Object.freeze(g);
+    Object.freeze(s.history);
+  }
+  for (const o of [s.pendingGid, s.applyingGid, s.divergence, s.divergence?.since, s.splitBrain, s.splitBrain?.common]) if (o) Object.freeze(o);
+  return Object.freeze(s);
+}
+
 /** A fresh state of `role` for a volume (nothing sent or applied yet). */
 export function newState(role: Role, id: { volumeId: string; volumeSize: number; chunkSize: number; peerNode?: string | null }): MirrorState {
   return {
@@ -219,7 +239,11 @@ export class StateFile {
   readonly file: string;
   /** The last save asked (see {@link save}). */
   private saving: Promise<unknown> = Promise.resolve();
-  constructor(readonly dir: string) {
+  /** `write` replaces the file's content (default: atomically, fsynced); tests inject failures through it. */
+  constructor(
+    readonly dir: string,
+    private readonly write: (file: string, data: string) => Promise<void> = writeFileAtomic,
+  ) {
     this.file = path.join(dir, 'state.json');
   }
 
@@ -243,7 +267,7 @@ export class StateFile {
    * record) can never leave the older snapshot on disk.
    */
   save(state: MirrorState): Promise<void> {
-    const run = this.saving.then(() => writeFileAtomic(this.file, JSON.stringify(state, null, 2) + '\n'));
+    const run = this.saving.then(() => this.write(this.file, JSON.stringify(state, null, 2) + '\n'));
     this.saving = run.catch(() => {});
     return run;
   }

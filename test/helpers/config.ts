@@ -1,4 +1,5 @@
 import { expect } from 'chai';
+import { createHash } from 'node:crypto';
 import { parseConfig } from '../../src/daemon/config.js';
 import { TmError } from '../../src/errors.js';
 
@@ -12,4 +13,13 @@ export function configProblems(text: string, file = '/etc/tm.yaml'): string {
     return (e as Error).message;
   }
   return expect.fail('the config was accepted');
+}
+
+/**
+ * The text of a valid pre-shared key file (docs/config.md "The key file"):
+ * 32 bytes derived from `label`, base64, newline. The same label gives the
+ * same key, so two hosts of a test share one by name. Write it with mode 0600.
+ */
+export function testKeyText(label: string): string {
+  return `${createHash('sha256').update(`thinmirror test key: ${label}`).digest('base64')}\n`;
 }

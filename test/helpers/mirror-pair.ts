@@ -5,6 +5,8 @@ import { pino } from 'pino';
 import { ErrorCodes, TmError } from '../../src/errors.js';
 import { Mirror, serveSession } from '../../src/mirror/mirror.js';
 import type { MirrorConfig } from '../../src/mirror/settings.js';
+import type { MirrorState } from '../../src/mirror/state.js';
+import { readJsonFile, writeFileAtomic } from '../../src/util/atomic.js';
 import type { MirrorStatus } from '../../src/mirror/status.js';
 import { MemoryVolume } from '../../src/volume/memory.js';
 import { memorySessionPair, type FrameAction } from '../../src/wire/memory.js';
@@ -53,6 +55,13 @@ export class MemoryMirrorPair {
   /** Data payload bytes sent by primaries that have ended. */
   sentByEnded = 0;
   onFrame: ((index: number, from: 'a' | 'b') => FrameAction) | null = null;
+  /**
+   * Save faults per site (a: began as primary, b: as secondary): a save of
+   * state.json whose new content `fail` returns true for is refused
+   * (TM_ERR_STATE) and leaves the file as it was. Counted in `savesFailed`.
+   */
+  readonly saveFaults: { a: ((next: MirrorState) => boolean) | null; b: ((next: MirrorState) => boolean) | null } = { a: null, b: null };
+  savesFailed = 0;
   private readonly log = pino({ level: process.env.TM_TEST_LOG ?? 'silent' });
 
   private constructor(
@@ -105,6 +114,14 @@ export class MemoryMirrorPair {
       stateDir: a ? this.primaryState : this.secondaryState,
       psk: PSK,
       log: this.log.child({ side: a ? 'a' : 'b' }),
+      writeState: async (file, data) => {
+        const fail = this.saveFaults[a ? 'a' : 'b'];
+        if (fail && fail(JSON.parse(data) as MirrorState)) {
+          this.savesFailed++;
+          throw new TmError(ErrorCodes.STATE, `writing ${file}: injected failure`);
+        }
+        await writeFileAtomic(file, data);
+      },
       // Whichever side is primary (after a role change too) connects to the other one.
       connect: async (signal) => (a ? this.connect(this.secondary, 'site-b', signal) : this.connect(this.primary, 'site-a', signal)),
     });
@@ -148,6 +165,13 @@ export class MemoryMirrorPair {
       }
       await this.startSecondary();
     }
+  }
+
+  /** The state.json of a site's mirror as it is on disk. */
+  async stateOnDisk(site: 'a' | 'b'): Promise<MirrorState> {
+    const s = await readJsonFile<MirrorState>(path.join(site === 'a' ? this.primaryState : this.secondaryState, this.name, 'state.json'));
+    if (!s) throw new Error(`no state.json on site ${site}`);
+    return s;
   }
 
   /** Payload bytes sent over every primary so far. */

@@ -2,6 +2,7 @@ import { expect } from 'chai';
 import { existsSync, promises as fsp, readFileSync } from 'node:fs';
 import { createSampleVolume, prng, textLike } from '../../src/util/sample.js';
 import { SparseFileVolume } from '../../src/volume/sparse-file.js';
+import { testKeyText } from '../helpers/config.js';
 import { allocatedBytes, Pair, sha256File } from '../helpers/pair.js';
 
 const MiB = 1024 * 1024;
@@ -133,7 +134,7 @@ describe('integration: sparse file to sparse file, two daemons on loopback', fun
     await pair.writeConfigs();
     // The primary gets another key than the secondary.
     const otherKey = `${pair.dir}/psk-other`;
-    await fsp.writeFile(otherKey, 'a-completely-different-key-4567\n', { mode: 0o600 });
+    await fsp.writeFile(otherKey, testKeyText('another key'), { mode: 0o600 });
     const yaml = readFileSync(pair.cfg.primary, 'utf8').replace(/pskFile: .*/, `pskFile: ${otherKey}`);
     await fsp.writeFile(pair.cfg.primary, yaml);
     await pair.startSecondary().waitReady();

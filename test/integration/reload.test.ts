@@ -7,6 +7,7 @@ import { DaemonProcess } from '../../src/cli/daemon-process.js';
 import type { DaemonStatus, MirrorStatusEntry } from '../../src/daemon/control.js';
 import type { LastReload } from '../../src/daemon/reload.js';
 import { createSampleVolume } from '../../src/util/sample.js';
+import { testKeyText } from '../helpers/config.js';
 import { freePort, sha256File } from '../helpers/pair-config.js';
 
 const MiB = 1024 * 1024;
@@ -90,7 +91,7 @@ describe('integration: SIGHUP reloads the config (added start, removed stop, cha
     dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'tm-it-reload-'));
     port = await freePort();
     psk = path.join(dir, 'psk');
-    await fsp.writeFile(psk, 'reload-test-pre-shared-key-0123456789\n', { mode: 0o600 });
+    await fsp.writeFile(psk, testKeyText('reload'), { mode: 0o600 });
     primaryCfg = path.join(dir, 'primary.yaml');
     secondaryCfg = path.join(dir, 'secondary.yaml');
     primaryState = path.join(dir, 'state-a');

@@ -7,11 +7,12 @@ import { DaemonProcess } from '../../src/cli/daemon-process.js';
 import type { MirrorStatus } from '../../src/mirror/status.js';
 import { createSampleVolume } from '../../src/util/sample.js';
 import { makeTestPki, type CertFiles, type TestPki } from '../helpers/certs.js';
+import { testKeyText } from '../helpers/config.js';
 import { freePort } from '../helpers/pair-config.js';
 import { Pair, sha256File } from '../helpers/pair.js';
 
 const MiB = 1024 * 1024;
-const PSK = 'tls-test-pre-shared-key-0123456789\n';
+const PSK = testKeyText('tls');
 
 /** Poll a daemon's log file until it holds `text` (the line may trail the status by a moment). */
 async function waitForLog(d: DaemonProcess, text: string, timeoutMs = 10_000): Promise<string> {
@@ -177,7 +178,7 @@ describe('integration: mutual TLS (wss://)', function () {
   it('the pre-shared key handshake still runs inside TLS: a verified client with another key is TM_ERR_AUTH_FAILED', async () => {
     pair = await Pair.create();
     await createSampleVolume(pair.source, { size: 16 * MiB, allocated: 1 * MiB, extents: 1 });
-    await writeTlsConfigs(pair, { primaryPsk: 'another-pre-shared-key-of-enough-length\n' });
+    await writeTlsConfigs(pair, { primaryPsk: testKeyText('tls, another key') });
     await pair.startSecondary().waitReady();
     await pair.startPrimary().waitReady();
     const st = await pair.primary!.waitFor((s) => s.mirrors[0]!.error !== null, 30_000, 'the refusal');

@@ -1,6 +1,7 @@
 import { expect } from 'chai';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync, closeSync, openSync, writeSync, ftruncateSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, closeSync, openSync, writeSync, ftruncateSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { cliPath } from '../../src/cli/daemon-process.js';
@@ -63,5 +64,48 @@ describe('cli: options, exit codes, map and status', () => {
     const s = cli('status', '--config', ok);
     expect(s.code).to.equal(1);
     expect(s.err).to.contain('TM_ERR_CONTROL').and.contain('control.sock');
+  });
+
+  it('keygen FILE writes a 0600 base64 key of 32 bytes; an existing FILE exits 1 (untouched) unless --force; no FILE exits 2', () => {
+    const f = path.join(dir, 'psk-keygen');
+    const r = cli('keygen', f);
+    expect(r.code, r.err).to.equal(0);
+    expect(r.out).to.contain(f);
+    expect(statSync(f).mode & 0o777).to.equal(0o600);
+    const key = readFileSync(f, 'utf8');
+    expect(Buffer.from(key.trim(), 'base64')).to.have.length(32);
+    expect(r.out, 'the key is never printed').not.to.contain(key.trim());
+    const again = cli('keygen', f);
+    expect(again.code).to.equal(1);
+    expect(again.err).to.contain('TM_ERR_CONFIG').and.contain('--force');
+    expect(readFileSync(f, 'utf8')).to.equal(key);
+    expect(cli('keygen', '--force', f).code).to.equal(0);
+    expect(readFileSync(f, 'utf8')).not.to.equal(key);
+    expect(cli('keygen').code).to.equal(2);
+    expect(cli('keygen', '--help').out).to.contain('thinmirror keygen FILE [--force]');
+  });
+
+  it('run refuses, exit 1 TM_ERR_CONFIG before anything starts: a key file readable by others, a stateDir under /proc (it used to hang), a mirror named ..', () => {
+    const key = path.join(dir, 'psk-run');
+    writeFileSync(key, `${randomBytes(32).toString('base64')}\n`, { mode: 0o644 });
+    chmodSync(key, 0o644);
+    const state = path.join(dir, 'run-state');
+    const cfg = (stateDir: string, name = 'm') =>
+      `node: { name: a, stateDir: ${stateDir} }\nlisten: { host: 127.0.0.1, port: 1 }\nauth: { pskFile: ${key} }\nmirrors:\n  - { name: "${name}", role: secondary, volume: ./v }\n`;
+    const file = path.join(dir, 'run.yaml');
+    writeFileSync(file, cfg(state));
+    const open = cli('run', '--config', file);
+    expect(open.code).to.equal(1);
+    expect(open.err).to.contain('TM_ERR_CONFIG').and.contain('mode 0644').and.contain(`run: chmod 600 ${key}`);
+    chmodSync(key, 0o600);
+    writeFileSync(file, cfg('/proc/thinmirror-test-state'));
+    const proc = cli('run', '--config', file);
+    expect(proc.code, 'exited (not killed by the timeout)').to.equal(1);
+    expect(proc.err).to.contain('TM_ERR_CONFIG').and.contain('node.stateDir /proc/thinmirror-test-state is on proc');
+    writeFileSync(file, cfg(state, '..'));
+    const dots = cli('run', '--config', file);
+    expect(dots.code).to.equal(1);
+    expect(dots.err).to.contain('TM_ERR_CONFIG').and.contain('mirrors[0].name');
+    expect(existsSync(path.join(dir, 'state.json')), 'nothing written into the parent of stateDir').to.equal(false);
   });
 });

@@ -2,7 +2,7 @@ import { expect } from 'chai';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { DEFAULTS, loadConfig, parseConfig, readPsk } from '../../src/daemon/config.js';
+import { DEFAULTS, loadConfig, parseConfig } from '../../src/daemon/config.js';
 import { TmError } from '../../src/errors.js';
 import { configProblems as problems } from '../helpers/config.js';
 
@@ -97,6 +97,26 @@ describe('config: YAML validated at start, errors name file, line and key', () =
     expect(problems(`${base}    volume: /v.img\n    tracking: { mode: zfs }\n`)).to.match(/:8:\d+: mirrors\[0\].tracking.mode: /);
   });
 
+  it('mirror names: a letter or digit first, then letters, digits, . _ -, at most 64; never . or .., nor a file of the state directory', () => {
+    const named = (n: string) => EXAMPLE.replace('name: db1', `name: ${JSON.stringify(n)}`);
+    for (const ok of ['db1', '9', 'A.b_c-d', 'x'.repeat(64), 'control.sock2', 'daemon.lock.d']) expect(parseConfig(named(ok), '/c.yaml').mirrors[1]!.name).to.equal(ok);
+    // Each refusal names the key, the line of the value and why.
+    expect(problems(named('..'))).to.match(/\/etc\/tm\.yaml:8:\d+: mirrors\[1\]\.name: "\.\." cannot name a mirror/);
+    expect(problems(named('.'))).to.contain('mirrors[1].name: "." cannot name a mirror');
+    for (const file of ['control.sock', 'daemon.lock']) expect(problems(named(file))).to.contain(`mirrors[1].name: "${file}" is a file the daemon keeps in node.stateDir`);
+    for (const bad of ['.hidden', '-x', '_x', 'a/b', 'a b', '', 'x'.repeat(65), 'é']) expect(problems(named(bad)), bad).to.contain('mirrors[1].name: expected a letter or a digit');
+  });
+
+  it('a YAML alias bomb is TM_ERR_CONFIG naming the file (it used to escape as TM_ERR_INTERNAL)', () => {
+    // 9^6 = 531441 strings if expanded; the yaml package stops after 100 aliases.
+    const levels = ['a: &a [x, x, x, x, x, x, x, x, x]'];
+    for (const [prev, cur] of [['a', 'b'], ['b', 'c'], ['c', 'd'], ['d', 'e'], ['e', 'f']]) levels.push(`${cur}: &${cur} [${Array(9).fill(`*${prev}`).join(', ')}]`);
+    const msg = problems(`${levels.join('\n')}\n`);
+    expect(msg).to.contain('/etc/tm.yaml: YAML: Excessive alias count').and.contain('more than 100');
+    // An alias to nothing is TM_ERR_CONFIG too.
+    expect(problems('node: *nowhere\n')).to.contain('/etc/tm.yaml').and.contain('alias');
+  });
+
   it('a YAML syntax error names its line', () => {
     const msg = problems('node: { name: a\nmirrors:\n  - [\n');
     expect(msg).to.match(/\/etc\/tm\.yaml:\d+:\d+: YAML:/);
@@ -118,27 +138,10 @@ describe('config: YAML validated at start, errors name file, line and key', () =
       }
     });
 
-    it('loads a file and reads the pre-shared key without its newline', async () => {
+    it('loads a file', async () => {
       const f = path.join(dir, 'tm.yaml');
       writeFileSync(f, EXAMPLE);
       expect((await loadConfig(f)).sourcePath).to.equal(f);
-      const k = path.join(dir, 'psk');
-      writeFileSync(k, 'a-secret-key-of-enough-length\n');
-      expect((await readPsk(k)).toString()).to.equal('a-secret-key-of-enough-length');
-    });
-
-    it('refuses a short, empty or missing key file', async () => {
-      const k = path.join(dir, 'short');
-      writeFileSync(k, 'short\n');
-      for (const f of [k, path.join(dir, 'nokey')]) {
-        try {
-          await readPsk(f);
-          expect.fail('should throw');
-        } catch (e) {
-          expect((e as TmError).code).to.equal('TM_ERR_CONFIG');
-          expect((e as Error).message).to.contain(f);
-        }
-      }
     });
   });
 });

@@ -10,6 +10,7 @@ import { cliPath } from '../../src/cli/daemon-process.js';
 import { controlCall, controlGet, startControlServer, type DrillHandlers } from '../../src/daemon/control.js';
 import { ErrorCodes, TmError } from '../../src/errors.js';
 import type { DrillInfo, DrillStarted } from '../../src/mirror/drill.js';
+import { testKeyText } from '../helpers/config.js';
 import { rejection } from '../helpers/rejection.js';
 
 const execFile = promisify(execFileCb);
@@ -55,7 +56,7 @@ describe('drill commands: control routes, CLI options, list format', function ()
   before(async () => {
     dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'tm-drill-cli-'));
     server = await startControlServer(dir, { status: async () => ({}) as never, metrics: async () => ({ contentType: 'text/plain', body: '' }), drills: handlers });
-    await fsp.writeFile(path.join(dir, 'psk'), 'a-pre-shared-key-0123456789\n');
+    await fsp.writeFile(path.join(dir, 'psk'), testKeyText('drill-cli'), { mode: 0o600 });
     await fsp.writeFile(path.join(dir, 'b.yaml'), `node: { name: b, stateDir: ${dir} }\nlisten: { host: 127.0.0.1, port: 1 }\nauth: { pskFile: ./psk }\nmirrors:\n  - { name: vm1, role: secondary, volume: ./t.img }\n`);
   });
   after(async () => {

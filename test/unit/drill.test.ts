@@ -227,7 +227,16 @@ describe('drills (mirror/drill, volume/file-users, volume/filesystem)', function
           state = s;
           await sf.save(s);
         },
-        save: () => sf.save(state),
+        // Save then swap, as a Mirror's store does.
+        async update(change) {
+          const next = structuredClone(state);
+          const r = change(next);
+          if (r !== false) {
+            await sf.save(next);
+            state = next;
+          }
+          return r;
+        },
         file: sf.file,
         dir: sf.dir,
       };
@@ -263,10 +272,8 @@ describe('drills (mirror/drill, volume/file-users, volume/filesystem)', function
       const h = await host('xfs');
       const committedImage = await sha256File(h.target);
       // What begin(4) does: the base of 3 first, then `applying`; then the target is written.
-      const s = h.store.state!;
       await h.c.begin(null as never, 4, 3);
-      s.applying = { generation: 4, cursor: 0 };
-      await h.store.save();
+      await h.store.update((s) => void (s.applying = { generation: 4, cursor: 0 }));
       const fh = await fsp.open(h.target, 'r+');
       await fh.write(randomBytes(MiB), 0, MiB, 0);
       await fh.close();
@@ -287,7 +294,7 @@ describe('drills (mirror/drill, volume/file-users, volume/filesystem)', function
       await new Promise((r) => setTimeout(r, 200));
       expect(done).to.equal(false);
       // Meanwhile the "receiver" committed generation 4: the drill must see it.
-      h.store.state!.committedGeneration = 4;
+      await h.store.update((s) => void (s.committedGeneration = 4));
       release();
       await held;
       const d = await p;
@@ -342,7 +349,7 @@ describe('drills (mirror/drill, volume/file-users, volume/filesystem)', function
 
     it('a generation being applied without its base image: TM_ERR_CONSISTENCY, nothing recorded, no file left', async () => {
       const h = await host('xfs');
-      h.store.state!.applying = { generation: 4, cursor: 0 };
+      await h.store.update((s) => void (s.applying = { generation: 4, cursor: 0 }));
       expect(await code(h.drills.start('nobase'))).to.equal('TM_ERR_CONSISTENCY');
       expect(h.store.state!.drills ?? []).to.deep.equal([]);
       expect((await fsp.readdir(path.dirname(h.target))).filter((n) => n.includes('drill'))).to.deep.equal([]);
@@ -375,7 +382,7 @@ describe('drills (mirror/drill, volume/file-users, volume/filesystem)', function
 
     it('before any committed generation there is nothing to drill on: TM_ERR_STATE', async () => {
       const h = await host('xfs');
-      h.store.state!.committedGeneration = 0;
+      await h.store.update((s) => void (s.committedGeneration = 0));
       expect(await code(h.drills.start('early'))).to.equal('TM_ERR_STATE');
     });
   });

@@ -144,7 +144,8 @@ describe('failover and failback over the in-memory engine (issue 12)', function 
     expect(sbA.splitBrain!.common!.generation).to.equal(2);
     expect(sbA.splitBrain!.resolve).to.match(/thinmirror resolve vm1 --discard-local/);
     expect(sbA.splitBrain!.localBytes).to.be.greaterThan(0);
-    const sbB = await waitSide(() => b, (s) => s.splitBrain != null, 'B to see the split brain');
+    // Each side learns the other's changed bytes when it connects to it (both keep trying).
+    const sbB = await waitSide(() => b, (s) => s.splitBrain != null && s.splitBrain.peerBytes !== null, 'B to see the split brain');
     expect(sbB.splitBrain!.common!.generation).to.equal(2);
     expect(sbB.splitBrain!.peerBytes).to.equal(sbA.splitBrain!.localBytes);
     expect(await sha(pair.target)).to.equal(bBefore, 'nothing was written on B');

@@ -167,6 +167,72 @@ describe('mirror engine over MemoryVolumes and in-memory sessions (no processes)
     expect(migrated).to.include({ format: 2, role: 'secondary', committedGeneration: 1 });
   });
 
+  describe('a failed save never leaves the state in memory ahead of state.json (save then swap)', () => {
+    /** Generation 1 committed, then a change that makes generation 2. */
+    async function inSyncThenChanged(seed: number): Promise<void> {
+      pair = await MemoryMirrorPair.create(2 * MiB);
+      await fill(pair.source, seed);
+      await pair.startSecondary();
+      await pair.startPrimary();
+      await pair.waitCommitted(1);
+      await pair.source.write(300 * KiB, textLike(48 * KiB, prng(seed + 1)));
+    }
+
+    it('secondary: a commit whose save fails is not announced to the next session; the primary resends the generation', async () => {
+      await inSyncThenChanged(21);
+      pair.saveFaults.b = (next) => next.committedGeneration === 2;
+      // Until three more sessions were refused by the failing commit save, or the primary (wrongly) took generation 2 as committed.
+      await pair.waitFor(
+        () => pair.primary,
+        (p) => p.committedGeneration >= 2 || pair.savesFailed >= 3,
+        'three failed commit saves on the secondary',
+      );
+      const sec = await pair.secondary!.status();
+      expect(sec.committedGeneration, 'the secondary reports what is on disk').to.equal(1);
+      expect(sec.error?.code).to.equal('TM_ERR_STATE');
+      expect((await pair.stateOnDisk('b')).committedGeneration).to.equal(1);
+      expect((await pair.primary!.status()).committedGeneration, 'no session was told generation 2 is committed').to.equal(1);
+      expect((await pair.stateOnDisk('a')).pending).to.equal(2);
+      // The disk works again: generation 2 is resent from the durable cursor and committed.
+      pair.saveFaults.b = null;
+      await pair.waitCommitted(2);
+      await expectSame(pair);
+      expect(await pair.stateOnDisk('b')).to.deep.include({ committedGeneration: 2, applying: null });
+      expect((await pair.secondary!.status()).committedGeneration).to.equal(2);
+    });
+
+    it('primary: a commit whose save fails leaves generation 2 pending in memory as on disk, and is made again on the next session', async () => {
+      await inSyncThenChanged(31);
+      pair.saveFaults.a = (next) => next.committedGeneration === 2;
+      await pair.waitFor(
+        () => pair.primary,
+        (p) => p.committedGeneration >= 2 || pair.savesFailed >= 3,
+        'three failed commit saves on the primary',
+      );
+      const st = await pair.primary!.status();
+      expect(st.committedGeneration, 'status shows what is on disk').to.equal(1);
+      expect(st.error?.code).to.equal('TM_ERR_STATE');
+      expect(await pair.stateOnDisk('a')).to.deep.include({ committedGeneration: 1, pending: 2 });
+      pair.saveFaults.a = null;
+      await pair.waitCommitted(2);
+      expect(await pair.stateOnDisk('a')).to.deep.include({ committedGeneration: 2, pending: null });
+      await expectSame(pair);
+    });
+
+    it('the state a role sees is frozen: a change in place fails (throws in strict code) instead of running ahead of the file', async () => {
+      pair = await MemoryMirrorPair.create(256 * KiB);
+      await pair.startSecondary();
+      await pair.startPrimary();
+      await pair.waitCommitted(1);
+      const status = await pair.primary!.status();
+      expect(status.committedGeneration).to.equal(1);
+      const state = (pair.primary as unknown as { state: { committedGeneration: number } }).state;
+      expect(Object.isFrozen(state)).to.equal(true);
+      expect(Reflect.set(state, 'committedGeneration', 9)).to.equal(false);
+      expect(state.committedGeneration).to.equal(1);
+    });
+  });
+
   describe('consistency: journal (undo journal on a MemoryVolume target) and rollback', () => {
     /** Sync generation 1, then cut the link for good in the middle of generation 2 and stop both sides. Returns the image of generation 1. */
     async function tornSecondGeneration(): Promise<MemoryVolume> {
@@ -233,7 +299,9 @@ describe('mirror engine over MemoryVolumes and in-memory sessions (no processes)
       await pair.startSecondary();
       await pair.startPrimary();
       await pair.waitPrimary(() => cut, 'the cut');
-      const st = await pair.secondary!.status();
+      // The cut counts frames sent; status shows generation 1 as being applied once its begin is saved (save then swap).
+      const st = await pair.waitFor(() => pair.secondary, (s) => s.generation === 1, 'generation 1 recorded as being applied');
+      expect(st.committedGeneration).to.equal(0);
       expect(st.consistency).to.deep.include({ mode: 'off', consistentGeneration: null });
       await pair.secondary!.abort();
       await pair.primary!.abort();
