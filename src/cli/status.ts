@@ -82,6 +82,17 @@ export function formatStatus(st: DaemonStatus): string {
   const where = [st.listen ? `listening on ${st.listen.host}:${st.listen.port}${st.listen.tls ? ' (mutual TLS)' : ''}` : '', st.metrics ? `metrics on http://${st.metrics.host}:${st.metrics.port}/metrics` : ''].filter(Boolean);
   const out = [`node ${st.node} (pid ${st.pid}, thinmirror ${st.version})${where.map((w) => `, ${w}`).join('')}`, line(head), ...rows.map(line)];
   for (const m of st.mirrors) if (m.error) out.push(`${m.name}: ${m.error.code}: ${m.error.message}`);
+  for (const m of st.mirrors) {
+    if (m.roleConflict) out.push(`${m.name}: ${m.roleConflict}`);
+    const sb = m.splitBrain;
+    if (sb) {
+      out.push(
+        `${m.name}: split brain with ${sb.peerNode}: ${sb.why}; common generation ${sb.common ? sb.common.generation : 'none'}; changed here ${sb.localBytes ?? 'unknown'} bytes, there ${sb.peerBytes ?? 'unknown'} bytes; resolve: ${sb.resolve}`,
+      );
+    }
+    const d = m.divergence;
+    if (d) out.push(`${m.name}: ${d.unknown ? 'changed chunks not known' : `${d.bytes} bytes`} changed here that the peer never committed (${d.reason}): overwritten by the peer at the next resync`);
+  }
   for (const m of st.mirrors) for (const d of m.drills ?? []) out.push(`${m.name}: drill ${d.name}, generation ${d.generation}, ${formatEta(d.ageSeconds)} old: ${d.path}`);
   // (st.config is absent when asking a daemon older than config reload.)
   const r = st.config?.lastReload;

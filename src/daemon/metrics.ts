@@ -78,6 +78,8 @@ export class MirrorMetrics {
   private readonly drillCount: Gauge;
   private readonly drillAge: Gauge;
   private readonly drillGeneration: Gauge;
+  private readonly splitBrain: Gauge;
+  private readonly divergent: Gauge;
   /** Every metric labelled by mirror. */
   private readonly perMirror: (Gauge | Counter)[] = [];
 
@@ -116,6 +118,8 @@ export class MirrorMetrics {
     this.drillCount = gauge('thinmirror_mirror_drills', 'Drills (writable clones of the replica) the secondary keeps; absent on a primary.');
     this.drillAge = gauge('thinmirror_drill_age_seconds', 'Seconds since the drill was started.', [...ml, 'drill']);
     this.drillGeneration = gauge('thinmirror_drill_generation', 'Committed generation whose image the drill was cloned from.', [...ml, 'drill']);
+    this.splitBrain = gauge('thinmirror_mirror_split_brain', '1 while a split brain with the peer is recorded (both sides refuse until thinmirror resolve, docs/runbook.md), else 0.');
+    this.divergent = gauge('thinmirror_mirror_divergent_bytes', 'Bytes this side changed that the peer never committed, kept for the reverse resync (a demoted primary); 0 when none.');
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
   }
 
@@ -229,6 +233,9 @@ export class MirrorMetrics {
       this.cycles.inc(l, 0);
       this.cycleSeconds.inc(l, 0);
     }
+
+    this.splitBrain.set(l, s.splitBrain ? 1 : 0);
+    this.divergent.set(l, s.divergence?.bytes ?? 0);
 
     // Drills (a secondary's): one series per drill, gone with the drill.
     setOrRemove(this.drillCount, l, s.drills ? s.drills.length : null);

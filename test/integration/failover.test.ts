@@ -6,7 +6,9 @@ import * as path from 'node:path';
 import { promisify } from 'node:util';
 import type { RoleChangeReport } from '../../src/mirror/mirror.js';
 import type { MirrorStatus } from '../../src/mirror/status.js';
+import { controlGet } from '../../src/daemon/control.js';
 import { cli, FileWriter, Mounted, sha256 } from '../helpers/mounted.js';
+import { key, parseExposition } from '../helpers/prometheus.js';
 import { freePort } from '../helpers/pair-config.js';
 import { Pair, sha256File } from '../helpers/pair.js';
 import { LoopFs, requireTool } from '../helpers/xfs.js';
@@ -100,7 +102,16 @@ describe('integration: failover, failback and switchover with real daemons (issu
     await p.secondary!.waitFor((s) => s.mirrors[0]!.committedGeneration >= 4, 120_000, 'generations with the writer running');
 
     // 2. Site A is lost mid-generation: its daemon SIGKILLed while B applies, its writer gone with it.
-    await p.secondary!.waitFor((s) => s.mirrors[0]!.state === 'receiving', 60_000, 'a generation being applied', 10);
+    // Paused (SIGSTOP) inside an apply first, so that the kill lands while B holds a partly applied generation.
+    for (let attempt = 0; ; attempt++) {
+      expect(attempt, 'attempts to catch the primary inside an apply').to.be.lessThan(20);
+      await p.secondary!.waitFor((s) => s.mirrors[0]!.state === 'receiving', 60_000, 'a generation being applied', 10);
+      process.kill(p.primary!.pid, 'SIGSTOP');
+      await new Promise((r) => setTimeout(r, 300));
+      const m = await p.secondaryMirror();
+      if (m.state === 'receiving' && m.generation > m.committedGeneration) break;
+      process.kill(p.primary!.pid, 'SIGCONT');
+    }
     p.primary!.kill('SIGKILL');
     await p.primary!.exited;
     await w.stop();
@@ -118,7 +129,8 @@ describe('integration: failover, failback and switchover with real daemons (issu
     expect(promoted.warnings).to.deep.equal([]);
     expect(promoted.seconds, 'promote time').to.be.lessThan(5);
     // Killed inside an apply: the partly applied generation was rolled back.
-    if (torn.generation > committedB) expect(promoted.undone).to.equal(torn.generation);
+    expect(torn.generation).to.equal(committedB + 1);
+    expect(promoted.undone).to.equal(torn.generation);
     const bAfter: MirrorStatus = await p.secondaryMirror();
     expect(bAfter.role).to.equal('primary');
     expect(bAfter.roleConflict).to.match(/config says role secondary, but the mirror is primary/);
@@ -146,6 +158,10 @@ describe('integration: failover, failback and switchover with real daemons (issu
     const sb = await p.primary!.waitFor((s) => s.mirrors[0]!.splitBrain != null, 60_000, 'A to see the split brain');
     expect(sb.mirrors[0]!.splitBrain!.common!.generation).to.equal(committedB);
     expect(await sha256File(p.target)).to.equal(bSha);
+    const mA = parseExposition((await controlGet(p.cfg.primaryState, '/metrics')).body);
+    expect(mA.get(key('thinmirror_mirror_split_brain', { mirror: 'vm1', role: 'primary' }))).to.equal(1);
+    const st = await cli('status', '--config', cfgA);
+    expect(st.out).to.match(/split brain/);
     // A is demoted: what it changed after the common generation is kept for the resync.
     const dm = await cli('demote', 'vm1', '--config', cfgA, '--json');
     expect(dm.code, dm.err).to.equal(0);
@@ -168,6 +184,8 @@ describe('integration: failover, failback and switchover with real daemons (issu
     const aStat = await p.primaryMirror();
     expect(aStat).to.include({ role: 'secondary', committedGeneration: m.committedGeneration });
     expect(aStat.divergence).to.equal(null);
+    const mA2 = parseExposition((await controlGet(p.cfg.primaryState, '/metrics')).body);
+    expect(mA2.get(key('thinmirror_mirror_split_brain', { mirror: 'vm1', role: 'secondary' }))).to.equal(0);
     expect(aStat.consistency!.consistentGeneration).to.equal(m.committedGeneration);
     console.log(`      reverse resync: union ${union} bytes (A had changed ${demoted.divergentBytes}), sent ${sent} bytes; ${allocated} bytes allocated`);
 
