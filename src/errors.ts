@@ -71,6 +71,10 @@ export const ErrorCodes = {
   DRILL_EXISTS: 'TM_ERR_DRILL_EXISTS',
   /** `drill stop` of a drill the mirror does not record. */
   DRILL_UNKNOWN: 'TM_ERR_DRILL_UNKNOWN',
+  /** A frame after the handshake failed its MAC: modified, replayed, reordered, dropped or injected on the way. */
+  FRAME_AUTH: 'TM_ERR_FRAME_AUTH',
+  /** An unauthenticated peer went over a limit: a frame larger than the handshake needs, or too many unauthenticated connections. */
+  PREAUTH_LIMIT: 'TM_ERR_PREAUTH_LIMIT',
   /** An invariant was violated: a bug. */
   INTERNAL: 'TM_ERR_INTERNAL',
 } as const;

@@ -52,7 +52,8 @@ export class MemoryMirrorPair {
   appliedByEnded = 0;
   /** Data payload bytes sent by primaries that have ended. */
   sentByEnded = 0;
-  onFrame: ((index: number, from: 'a' | 'b') => FrameAction) | null = null;
+  /** `frame`: the bytes as sent (MAC tag included); it must not be kept (see memory.ts). */
+  onFrame: ((index: number, from: 'a' | 'b', frame: Buffer) => FrameAction) | null = null;
   private readonly log = pino({ level: process.env.TM_TEST_LOG ?? 'silent' });
 
   private constructor(
@@ -121,7 +122,7 @@ export class MemoryMirrorPair {
     if (!secondary) throw new TmError(ErrorCodes.CONNECTION, `cannot connect to ${node}: its mirror is not running`);
     const pair = memorySessionPair({
       names: ['secondary (memory)', 'primary (memory)'],
-      onFrame: (from) => (this.onFrame ? this.onFrame(this.framesSeen++, from) : (this.framesSeen++, 'pass')),
+      onFrame: (from, _index, frame) => (this.onFrame ? this.onFrame(this.framesSeen++, from, frame) : (this.framesSeen++, 'pass')),
     });
     // As the transport does: stopping the connecting side drops the connection.
     signal.addEventListener('abort', () => pair.cut(), { once: true });
