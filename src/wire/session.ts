@@ -80,9 +80,12 @@ export class Session extends EventEmitter {
       close: (code, reason) => this.onClose(code, reason),
       error: (err) => {
         if ((err as NodeJS.ErrnoException).code === FRAME_TOO_LARGE) {
-          // Refused by the channel from the frame's header: nothing of it was read.
-          if (!this.mac) return this.destroy(this.preAuthTooLarge(null, err));
-          return this.end(new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent a frame over the size limit (${err.message})`, { cause: err }));
+          // Refused by the channel from the frame's header (it has sent its close
+          // frame, 1009): nothing of it was read, and nothing more will be. The
+          // connection is held, unread, for the grace period like any other that
+          // ended: an attacker that waits for the close cannot come back at once.
+          setImmediate(() => this.channel.pause());
+          return this.end(this.mac ? new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent a frame over the size limit (${err.message})`, { cause: err }) : this.preAuthTooLarge(null, err));
         }
         this.end(new TmError(ErrorCodes.CONNECTION, `connection to ${this.peerName} failed: ${err.message}`, { cause: err }));
       },
@@ -239,7 +242,7 @@ export class Session extends EventEmitter {
       return;
     }
     // Before the key is proven, nothing but a handshake-sized frame is even looked at.
-    if (this.preAuth && frame.length > MAX_HANDSHAKE_FRAME_BYTES) return this.destroy(this.preAuthTooLarge(frame.length));
+    if (this.preAuth && frame.length > MAX_HANDSHAKE_FRAME_BYTES) return this.fail(this.preAuthTooLarge(frame.length));
     const index = this.inIndex++;
     if (index < this.plainInbound) return this.handle(frame);
     if (this.mac) return this.receiveProtected(frame);

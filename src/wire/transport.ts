@@ -6,6 +6,7 @@ import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { LogLimiter } from '../util/log-limit.js';
 import type { FrameChannel } from './channel.js';
 import { HANDSHAKE_TIMEOUT_MS } from './handshake.js';
 import { MAX_EXTENT_BYTES, MAX_HANDSHAKE_FRAME_BYTES } from './messages.js';
@@ -34,8 +35,6 @@ const MAX_FRAME_BYTES = MAX_EXTENT_BYTES + 65536;
 /** Default bounds on unauthenticated connections of a listener. */
 export const PREAUTH_LIMITS = { total: 64, perAddress: 8 };
 
-/** Seconds between two log lines about refused connections (the others are counted in the next line). */
-const REFUSAL_LOG_INTERVAL_MS = 5000;
 
 /**
  * Lift ws's frame size limit of one WebSocket. ws takes `maxPayload` once per
@@ -248,7 +247,7 @@ export function connect(url: string, o: { tls: TlsMaterial | null; signal: Abort
  * takes a place (in total and for its address) from `admit` until `release`
  * (its session authenticated) or its close; one that finds no place is
  * destroyed at once. Refusals are logged with TM_ERR_PREAUTH_LIMIT, at most
- * one line per REFUSAL_LOG_INTERVAL_MS (the line counts the others).
+ * one line per 5 s (the line counts the others, see LogLimiter).
  */
 function preauthGate(limits: { total: number; perAddress: number }, log: Logger) {
   let total = 0;
@@ -256,8 +255,7 @@ function preauthGate(limits: { total: number; perAddress: number }, log: Logger)
   /** The release of each admitted connection that still holds a place, by `address:port`. */
   const held = new Map<string, () => void>();
   const refusedSockets = new WeakSet<object>();
-  let lastLog = 0;
-  let unlogged = 0;
+  const logLimit = new LogLimiter();
   const keyOf = (s: { remoteAddress?: string | undefined; remotePort?: number | undefined }) => `${s.remoteAddress}:${s.remotePort}`;
   return {
     admit(tcp: Socket): void {
@@ -266,18 +264,14 @@ function preauthGate(limits: { total: number; perAddress: number }, log: Logger)
       if (total >= limits.total || fromAddress >= limits.perAddress) {
         refusedSockets.add(tcp);
         tcp.destroy();
-        const now = Date.now();
-        if (now - lastLog < REFUSAL_LOG_INTERVAL_MS) {
-          unlogged++;
-          return;
-        }
+        const turn = logLimit.take();
+        if (!turn) return;
+        const unlogged = turn.unlogged;
         const why = total >= limits.total ? `${total} unauthenticated connections in total (at most ${limits.total})` : `${fromAddress} unauthenticated connections from ${address} (at most ${limits.perAddress})`;
         log.warn(
           { code: ErrorCodes.PREAUTH_LIMIT, remote: `${address}:${tcp.remotePort}`, unauthenticated: total, fromAddress, refusedUnlogged: unlogged },
           `connection from ${address} refused: ${why}${unlogged ? `; ${unlogged} more refused since the last such line` : ''}`,
         );
-        lastLog = now;
-        unlogged = 0;
         return;
       }
       total++;
