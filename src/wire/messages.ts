@@ -1,5 +1,5 @@
 /**
- * thinmirror wire protocol, version 2: the message types. One WebSocket per
+ * thinmirror wire protocol, version 3: the message types. One WebSocket per
  * mirror; every WebSocket message is one binary frame holding one msgpackr-encoded
  * object with a `type` discriminant. docs/protocol.md describes the exchange.
  *
