@@ -11,7 +11,10 @@
  * Then the consistency case (bench/consistency.ts): the apply time of a generation overwriting every
  * allocated chunk with consistency off, reflink and journal.
  *
- * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Then the frame MAC case (bench/frame-mac.ts): HMAC-SHA256 throughput and 1 MiB
+ * data extents between two Sessions with and without the per-frame MAC.
+ *
+ * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency | mac), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -271,10 +274,10 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency runs one case; all by default. */
+/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency|mac runs one case; all by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency'].includes(only)) throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth or consistency`);
+  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency', 'mac'].includes(only)) throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth, consistency or mac`);
   if (!only || only === 'initial') await main();
   if (!only || only === 'incremental') {
     const { incrementalBench } = await import('./incremental.js');
@@ -290,6 +293,11 @@ async function all(): Promise<void> {
     const { consistencyBench } = await import('./consistency.js');
     console.log('');
     await consistencyBench();
+  }
+  if (!only || only === 'mac') {
+    const { frameMacBench } = await import('./frame-mac.js');
+    console.log('');
+    await frameMacBench();
   }
 }
 

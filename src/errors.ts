@@ -77,6 +77,10 @@ export const ErrorCodes = {
   PEER_CONNECTED: 'TM_ERR_PEER_CONNECTED',
   /** A role command that does not apply to the mirror's role now (promote a primary, demote a secondary, resolve without a split brain). */
   ROLE: 'TM_ERR_ROLE',
+  /** A frame after the handshake failed its MAC: modified, replayed, reordered, dropped or injected on the way. */
+  FRAME_AUTH: 'TM_ERR_FRAME_AUTH',
+  /** An unauthenticated peer went over a limit: a frame larger than the handshake needs, or too many unauthenticated connections. */
+  PREAUTH_LIMIT: 'TM_ERR_PREAUTH_LIMIT',
   /** An invariant was violated: a bug. */
   INTERNAL: 'TM_ERR_INTERNAL',
 } as const;

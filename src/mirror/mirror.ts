@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import type { Logger } from 'pino';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { LogLimiter } from '../util/log-limit.js';
 import { openVolume } from '../volume/factory.js';
 import { refuse, secondaryHandshake } from '../wire/handshake.js';
 import type { AuthMsg, HelloMsg } from '../wire/messages.js';
@@ -415,10 +416,15 @@ export class Mirror {
   }
 }
 
+/** One limiter of "session refused" lines before authentication per logger (per daemon). */
+const preauthRefusals = new WeakMap<Logger, LogLimiter>();
+
 /**
  * Serve a session a primary opened to this node: the secondary's half of the
  * handshake, then the mirror it names takes it (or it is refused with a coded
- * error the peer is told). Never rejects; a refusal is logged once.
+ * error the peer is told). Never rejects; a refusal is logged once. Refusals of
+ * peers that never proved the key are logged at most once per 5 s (the line
+ * counts the others): anyone who can connect can make them.
  */
 export async function serveSession(session: Session, o: { node: string; psk: Buffer; log: Logger; mirror: (name: string) => Mirror | undefined }): Promise<void> {
   try {
@@ -429,7 +435,13 @@ export async function serveSession(session: Session, o: { node: string; psk: Buf
   } catch (err) {
     const te = asTmError(err, ErrorCodes.PROTOCOL, session.peerName);
     if (session.isOpen) session.fail(te);
-    o.log.warn({ code: te.code, peer: session.peerName }, `session refused: ${te.message}`);
+    if (session.authenticated) return void o.log.warn({ code: te.code, peer: session.peerName }, `session refused: ${te.message}`);
+    let limiter = preauthRefusals.get(o.log);
+    if (!limiter) preauthRefusals.set(o.log, (limiter = new LogLimiter()));
+    const turn = limiter.take();
+    if (!turn) return;
+    const more = turn.unlogged ? ` (and ${turn.unlogged} more sessions refused before authentication since the last such line)` : '';
+    o.log.warn({ code: te.code, peer: session.peerName, refusedUnlogged: turn.unlogged }, `session refused: ${te.message}${more}`);
   }
 }
 

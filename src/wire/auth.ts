@@ -1,29 +1,77 @@
-import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
 import { NONCE_BYTES } from './messages.js';
 
 /**
- * Mutual authentication over a pre-shared key (docs/protocol.md):
- * proofS = HMAC-SHA256(psk, "thinmirror/1 secondary" || 0x00 || mirror || 0x00 || nonceP || nonceS)
- * proofP = HMAC-SHA256(psk, "thinmirror/1 primary"   || 0x00 || mirror || 0x00 || nonceP || nonceS)
- * Both nonces enter both proofs, so neither side can replay a proof from another session.
+ * The keyed parts of protocol v3 (docs/protocol.md): the handshake's mutual
+ * proofs of the pre-shared key, the session key derived from it, and the MAC
+ * every frame after the handshake carries.
+ *
+ * proofS = HMAC-SHA256(psk, "thinmirror/3 secondary" 0 mirror 0 nodeP 0 nodeS 0 nonceP nonceS)
+ * proofP = HMAC-SHA256(psk, "thinmirror/3 primary"   0 mirror 0 nodeP 0 nodeS 0 nonceP nonceS
+ *                           u64be(volumeSize) u32be(chunkSize) volumeId 0 fresh(0|1))
+ * Both nonces enter both proofs, so neither side can replay a proof from another
+ * session; everything the handshake frames carry (but `version`, which must be
+ * equal, and the proofs themselves) enters a proof, so a relay cannot change a
+ * name or the volume's identity in transit without the proof failing.
+ *
+ * key = HKDF-SHA256(ikm psk, salt nonceP || nonceS, info "thinmirror/3 session" 0 mirror), 32 bytes
+ * tag = HMAC-SHA256(key, dir || u64be(seq) || frame), 32 bytes
+ * dir is 0x50 ('P') for frames the primary sends, 0x53 ('S') for the secondary's;
+ * seq counts the frames one side has sent since the handshake, from 0. Neither
+ * is sent: each side counts, so a replayed, reordered, dropped or injected frame
+ * is verified under another (dir, seq) and fails, as does a modified one.
  */
-function proof(role: 'primary' | 'secondary', psk: Buffer, mirror: string, nonceP: Buffer, nonceS: Buffer): Buffer {
+
+/** What both proofs cover: the names and nonces of the hello and the challenge. */
+export interface Transcript {
+  mirror: string;
+  primaryNode: string;
+  secondaryNode: string;
+  nonceP: Buffer;
+  nonceS: Buffer;
+}
+
+/** The volume identity of the auth frame, covered by the primary's proof. */
+export interface AuthFields {
+  volumeSize: number;
+  chunkSize: number;
+  volumeId: string;
+  fresh?: boolean;
+}
+
+/** Bytes of a frame tag (HMAC-SHA256). */
+export const TAG_BYTES = 32;
+
+const ZERO = Buffer.from([0]);
+
+function proofHmac(role: 'primary' | 'secondary', psk: Buffer, t: Transcript) {
   return createHmac('sha256', psk)
-    .update(`thinmirror/1 ${role}`)
-    .update(Buffer.from([0]))
-    .update(mirror, 'utf8')
-    .update(Buffer.from([0]))
-    .update(nonceP)
-    .update(nonceS)
+    .update(`thinmirror/3 ${role}`)
+    .update(ZERO)
+    .update(t.mirror, 'utf8')
+    .update(ZERO)
+    .update(t.primaryNode, 'utf8')
+    .update(ZERO)
+    .update(t.secondaryNode, 'utf8')
+    .update(ZERO)
+    .update(t.nonceP)
+    .update(t.nonceS);
+}
+
+export function proofSecondary(psk: Buffer, t: Transcript): Buffer {
+  return proofHmac('secondary', psk, t).digest();
+}
+
+export function proofPrimary(psk: Buffer, t: Transcript, a: AuthFields): Buffer {
+  const sizes = Buffer.alloc(12);
+  sizes.writeBigUInt64BE(BigInt(a.volumeSize), 0);
+  sizes.writeUInt32BE(a.chunkSize, 8);
+  return proofHmac('primary', psk, t)
+    .update(sizes)
+    .update(a.volumeId, 'utf8')
+    .update(ZERO)
+    .update(Buffer.from([a.fresh ? 1 : 0]))
     .digest();
-}
-
-export function proofSecondary(psk: Buffer, mirror: string, nonceP: Buffer, nonceS: Buffer): Buffer {
-  return proof('secondary', psk, mirror, nonceP, nonceS);
-}
-
-export function proofPrimary(psk: Buffer, mirror: string, nonceP: Buffer, nonceS: Buffer): Buffer {
-  return proof('primary', psk, mirror, nonceP, nonceS);
 }
 
 /** Constant-time comparison; false for different lengths. */
@@ -33,4 +81,26 @@ export function verifyProof(expected: Buffer, got: Buffer): boolean {
 
 export function newNonce(): Buffer {
   return randomBytes(NONCE_BYTES);
+}
+
+/** The session key of one session (see the top of this file). */
+export function sessionKey(psk: Buffer, mirror: string, nonceP: Buffer, nonceS: Buffer): Buffer {
+  const info = Buffer.concat([Buffer.from('thinmirror/3 session'), ZERO, Buffer.from(mirror, 'utf8')]);
+  return Buffer.from(hkdfSync('sha256', psk, Buffer.concat([nonceP, nonceS]), info, 32));
+}
+
+/** Which side sent a frame: the first byte of its MAC input. */
+export const DIRECTION = { primary: 0x50, secondary: 0x53 } as const;
+
+/** The tag of frame number `seq` sent by `from` (see the top of this file). */
+export function frameTag(key: Buffer, from: keyof typeof DIRECTION, seq: number, frame: Buffer): Buffer {
+  const head = Buffer.allocUnsafe(9);
+  head[0] = DIRECTION[from];
+  head.writeBigUInt64BE(BigInt(seq), 1);
+  return createHmac('sha256', key).update(head).update(frame).digest();
+}
+
+/** Constant-time check of a received tag. */
+export function verifyTag(expected: Buffer, got: Buffer): boolean {
+  return got.length === TAG_BYTES && timingSafeEqual(expected, got);
 }

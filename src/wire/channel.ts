@@ -17,8 +17,12 @@ export interface FrameHandlers {
 }
 
 export interface FrameChannel {
-  /** Send one binary frame. Ignored once the channel is closing or closed (as ws does). */
-  send(frame: Buffer): void;
+  /**
+   * Send one binary frame: `frame`, followed by `tail` when given (a MAC tag,
+   * so that the frame need not be copied to append it). Ignored once the
+   * channel is closing or closed (as ws does).
+   */
+  send(frame: Buffer, tail?: Buffer): void;
   /** Bytes sent and not yet handed on (to the kernel for a socket, to the peer for memory). */
   readonly bufferedAmount: number;
   /** Open: neither side has started to close it. */
@@ -32,7 +36,19 @@ export interface FrameChannel {
   terminate(): void;
   /** Register the receiving side. */
   attach(handlers: FrameHandlers): void;
+  /**
+   * The peer has proven the key: lift a frame size limit the channel applies
+   * before authentication (the WebSocket one refuses frames above
+   * MAX_HANDSHAKE_FRAME_BYTES until then, from their header, see transport.ts).
+   */
+  liftFrameLimit?(): void;
 }
+
+/**
+ * `code` of the Error a channel reports (through `FrameHandlers.error`) when it
+ * refused a frame over its size limit without reading it (ws's own code).
+ */
+export const FRAME_TOO_LARGE = 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH';
 
 /** Close code of a connection that ended without a close frame (RFC 6455 7.1.5); never sent on the wire. */
 export const ABNORMAL_CLOSE = 1006;

@@ -18,7 +18,7 @@ import {
 } from './messages.js';
 
 /**
- * The pure codec of protocol v2 (docs/protocol.md): messages to msgpack maps and
+ * The pure codec of protocol v3 (docs/protocol.md): messages to msgpack maps and
  * back. No I/O. Every field of every incoming frame is checked (type, range,
  * offset + length inside the volume) before anything acts on it; a violation is
  * a TmError(TM_ERR_PROTOCOL) whose message names the message type and the field

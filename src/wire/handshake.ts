@@ -1,5 +1,5 @@
 import { ErrorCodes, TmError } from '../errors.js';
-import { newNonce, proofPrimary, proofSecondary, verifyProof } from './auth.js';
+import { newNonce, proofPrimary, proofSecondary, sessionKey, verifyProof, type Transcript } from './auth.js';
 import { CloseCodes, PROTOCOL_VERSION, type AuthMsg, type HelloMsg, type Message, type ReadyMsg } from './messages.js';
 import type { Session } from './session.js';
 
@@ -28,11 +28,14 @@ export interface PrimaryHandshakeParams {
 
 /**
  * The primary's half: hello -> (challenge) -> auth -> (ready). The volume's
- * identity is sent only after the secondary has proven the key. Returns the
- * secondary's node name and its ready frame; throws the coded error otherwise
- * (also when the secondary refuses: its code is kept).
+ * identity is sent only after the secondary has proven the key. Every frame
+ * after auth, either way (ready first), carries a MAC (Session.protect).
+ * Returns the secondary's node name and its ready frame; throws the coded
+ * error otherwise (also when the secondary refuses: its code is kept).
  */
 export async function primaryHandshake(session: Session, p: PrimaryHandshakeParams): Promise<{ peerNode: string; ready: ReadyMsg }> {
+  // The challenge is the one frame the secondary sends without a MAC.
+  session.beginHandshake(1);
   const nonceP = newNonce();
   session.send({ type: 'hello', version: PROTOCOL_VERSION, node: p.node, mirror: p.mirror, nonce: nonceP });
   const challenge = expectType(session, await session.next(HANDSHAKE_TIMEOUT_MS), 'challenge');
@@ -41,19 +44,15 @@ export async function primaryHandshake(session: Session, p: PrimaryHandshakePara
     session.fail(err, CloseCodes.REFUSED);
     throw err;
   }
-  if (!verifyProof(proofSecondary(p.psk, p.mirror, nonceP, challenge.nonce), challenge.proof)) {
+  const t: Transcript = { mirror: p.mirror, primaryNode: p.node, secondaryNode: challenge.node, nonceP, nonceS: challenge.nonce };
+  if (!verifyProof(proofSecondary(p.psk, t), challenge.proof)) {
     const err = new TmError(ErrorCodes.AUTH_FAILED, `${session.peerName} (node ${challenge.node}) could not prove the pre-shared key: the keys differ`);
     session.fail(err, CloseCodes.REFUSED);
     throw err;
   }
-  session.send({
-    type: 'auth',
-    proof: proofPrimary(p.psk, p.mirror, nonceP, challenge.nonce),
-    volumeSize: p.volumeSize,
-    chunkSize: p.chunkSize,
-    volumeId: p.volumeId,
-    ...(p.fresh ? { fresh: true } : {}),
-  });
+  const volume = { volumeSize: p.volumeSize, chunkSize: p.chunkSize, volumeId: p.volumeId, ...(p.fresh ? { fresh: true } : {}) };
+  session.send({ type: 'auth', proof: proofPrimary(p.psk, t, volume), ...volume });
+  session.protect(sessionKey(p.psk, p.mirror, nonceP, challenge.nonce), 'primary');
   session.ctx.volumeSize = p.volumeSize;
   session.ctx.chunkSize = p.chunkSize;
   const ready = expectType(session, await session.next(HANDSHAKE_TIMEOUT_MS), 'ready');
@@ -62,26 +61,29 @@ export async function primaryHandshake(session: Session, p: PrimaryHandshakePara
 
 /**
  * The secondary's half up to authentication: (hello) -> challenge -> (auth).
- * The caller then checks the mirror name and the volume identity and either
- * sends `ready` or refuses with {@link refuse}.
+ * Once the primary's proof (which covers the volume identity in auth) has
+ * verified, the session is protected: the caller then checks the mirror name
+ * and the volume identity and either sends `ready` or refuses with
+ * {@link refuse}, both with a MAC.
  */
 export async function secondaryHandshake(session: Session, p: { node: string; psk: Buffer }): Promise<{ hello: HelloMsg; auth: AuthMsg }> {
+  // hello and auth are the two frames the primary sends without a MAC.
+  session.beginHandshake(2);
   const hello = expectType(session, await session.next(HANDSHAKE_TIMEOUT_MS), 'hello');
   if (hello.version !== PROTOCOL_VERSION) {
     throw refuse(session, new TmError(ErrorCodes.VERSION_MISMATCH, `primary ${hello.node} speaks protocol version ${hello.version}, this node speaks ${PROTOCOL_VERSION}`));
   }
   const nonceS = newNonce();
-  session.send({
-    type: 'challenge',
-    version: PROTOCOL_VERSION,
-    node: p.node,
-    nonce: nonceS,
-    proof: proofSecondary(p.psk, hello.mirror, hello.nonce, nonceS),
-  });
+  const t: Transcript = { mirror: hello.mirror, primaryNode: hello.node, secondaryNode: p.node, nonceP: hello.nonce, nonceS };
+  session.send({ type: 'challenge', version: PROTOCOL_VERSION, node: p.node, nonce: nonceS, proof: proofSecondary(p.psk, t) });
   const auth = expectType(session, await session.next(HANDSHAKE_TIMEOUT_MS), 'auth');
-  if (!verifyProof(proofPrimary(p.psk, hello.mirror, hello.nonce, nonceS), auth.proof)) {
-    throw refuse(session, new TmError(ErrorCodes.AUTH_FAILED, `primary ${hello.node} could not prove the pre-shared key for mirror ${hello.mirror}: the keys differ`));
+  if (!verifyProof(proofPrimary(p.psk, t, auth), auth.proof)) {
+    throw refuse(
+      session,
+      new TmError(ErrorCodes.AUTH_FAILED, `primary ${hello.node} could not prove the pre-shared key for mirror ${hello.mirror} (or its auth frame was changed on the way): the keys differ`),
+    );
   }
+  session.protect(sessionKey(p.psk, hello.mirror, hello.nonce, nonceS), 'secondary');
   return { hello, auth };
 }
 

@@ -14,11 +14,13 @@ import { Session } from './session.js';
 
 /**
  * What happens to one frame on its way: delivered, replaced (by a copy of
- * `replace`), lost, or the link is cut at this frame: the frames sent before it
- * still arrive, this one and every later one from either side are lost, and both
- * sides see an abnormal close (1006), as after a TCP reset.
+ * `replace`, or by copies of each frame of a list, in order: a relay that
+ * replays, reorders or injects frames), lost, or the link is cut at this frame:
+ * the frames sent before it still arrive, this one and every later one from
+ * either side are lost, and both sides see an abnormal close (1006), as after a
+ * TCP reset.
  */
-export type FrameAction = 'pass' | 'drop' | 'cut' | { replace: Buffer };
+export type FrameAction = 'pass' | 'drop' | 'cut' | { replace: Buffer | readonly Buffer[] };
 
 export interface MemorySessionPairOptions {
   /** `peerName` of a and of b (each names the other side); default `['peer b', 'peer a']`. */
@@ -69,14 +71,17 @@ class MemoryEnd implements FrameChannel {
     this.handlers = handlers;
   }
 
-  send(frame: Buffer): void {
+  send(body: Buffer, tail?: Buffer): void {
     if (!this.isOpen) return;
+    // One frame on the wire, as a WebSocket message would be (body and MAC tag together).
+    const frame = tail ? Buffer.concat([body, tail]) : body;
     const index = this.sent++;
     const action = this.opts.onFrame?.(this.side, index, frame) ?? 'pass';
     if (action === 'drop') return;
     if (action === 'cut') return this.terminate();
     // A copy: the sender may reuse its buffer once send() returns.
-    this.peer.receive({ kind: 'frame', data: Buffer.from(action === 'pass' ? frame : action.replace) });
+    const out = action === 'pass' ? [frame] : Buffer.isBuffer(action.replace) ? [action.replace] : action.replace;
+    for (const f of out) this.peer.receive({ kind: 'frame', data: Buffer.from(f) });
   }
 
   get bufferedAmount(): number {

@@ -1,5 +1,5 @@
 /**
- * thinmirror wire protocol, version 2: the message types. One WebSocket per
+ * thinmirror wire protocol, version 3: the message types. One WebSocket per
  * mirror; every WebSocket message is one binary frame holding one msgpackr-encoded
  * object with a `type` discriminant. docs/protocol.md describes the exchange.
  *
@@ -9,9 +9,11 @@
 
 /**
  * 2: data extents carry `crc32c` (CRC-32C) instead of version 1's `crc32`
- * (zlib CRC-32); a peer of the other version is refused with TM_ERR_VERSION_MISMATCH.
+ * (zlib CRC-32). 3: the proofs cover the node names and the auth frame's volume
+ * identity, and every frame after the handshake carries a MAC under a session key
+ * (auth.ts). A peer of another version is refused with TM_ERR_VERSION_MISMATCH.
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /** Nonces and HMAC-SHA256 proofs are exactly this many bytes. */
 export const NONCE_BYTES = 32;
@@ -22,6 +24,13 @@ export const MAX_NAME_LENGTH = 128;
 export const MAX_EXTENT_BYTES = 8 * 1024 * 1024;
 /** Longest error message carried on the wire. */
 export const MAX_ERROR_MESSAGE = 1024;
+/**
+ * Largest frame accepted before the peer has proven the key: the biggest
+ * handshake frame is an error frame (1024 UTF-16 units, at most 3 bytes each
+ * in UTF-8, plus its code and keys), under 3.2 KiB. Larger ones are refused
+ * without being decoded (TM_ERR_PREAUTH_LIMIT).
+ */
+export const MAX_HANDSHAKE_FRAME_BYTES = 4096;
 
 /** Primary -> secondary, first frame of a session. */
 export interface HelloMsg {

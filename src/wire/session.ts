@@ -1,10 +1,24 @@
 import { EventEmitter } from 'node:events';
 import { ErrorCodes, TmError, type ErrorCode } from '../errors.js';
-import type { FrameChannel } from './channel.js';
+import { frameTag, TAG_BYTES, verifyTag } from './auth.js';
+import { FRAME_TOO_LARGE, type FrameChannel } from './channel.js';
 import { decode, encode } from './codec.js';
-import { CloseCodes, type DecodeContext, type Message } from './messages.js';
+import { CloseCodes, MAX_HANDSHAKE_FRAME_BYTES, type DecodeContext, type Message } from './messages.js';
 
 const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
+
+/**
+ * How long an ended session waits for the close handshake before it terminates
+ * the connection, ms: whatever ended it, and whatever the peer does, the
+ * socket is gone by then.
+ */
+export const CLOSE_GRACE_MS = 2000;
+
+/** Frames a peer may send past the handshake's plain ones before the key is known (a correct peer sends none). */
+const MAX_HELD_FRAMES = 4;
+
+/** The side of a session: the MAC's direction byte is the sender's (auth.ts). */
+export type SessionRole = 'primary' | 'secondary';
 
 /** Bytes counted on one session, both ways, as frames on the channel. */
 export interface SessionCounters {
@@ -21,6 +35,13 @@ export interface SessionCounters {
  * close, reported once through {@link Session.closed}. Received messages queue
  * until {@link Session.next} takes them; the channel is paused while more than
  * `maxQueued` messages wait, so a slow consumer bounds memory.
+ *
+ * The handshake (handshake.ts) drives two more states: from
+ * {@link Session.beginHandshake} only handshake-sized frames are accepted, and
+ * from {@link Session.protect} every frame either way carries a MAC with an
+ * implicit sequence number, verified before the frame is decoded. Whatever
+ * ends a session, its connection is closed, terminated after CLOSE_GRACE_MS at
+ * the latest.
  */
 export class Session extends EventEmitter {
   readonly ctx: DecodeContext = {};
@@ -33,6 +54,19 @@ export class Session extends EventEmitter {
   private ended = false;
   private paused = false;
   private resolveClosed!: (e: TmError | null) => void;
+  private terminateTimer: NodeJS.Timeout | null = null;
+  /** The channel reported its close: the connection is gone. */
+  private closedChannel = false;
+  /** Inbound frames received so far (the next one's number, from 0). */
+  private inIndex = 0;
+  /** Inbound frames numbered below this travel without a MAC; Infinity until the handshake begins (sessions of tests without one). */
+  private plainInbound = Infinity;
+  /** Between beginHandshake() and protect(): frames above MAX_HANDSHAKE_FRAME_BYTES are refused undecoded. */
+  private preAuth = false;
+  /** Frames that arrived past the plain ones before the key was known: verified by protect(). */
+  private held: Buffer[] = [];
+  /** Set by protect(): the session key and the frame counters of both directions (auth.ts). */
+  private mac: { key: Buffer; self: SessionRole; peer: SessionRole; sendSeq: number; recvSeq: number } | null = null;
 
   constructor(
     readonly channel: FrameChannel,
@@ -45,19 +79,79 @@ export class Session extends EventEmitter {
       frame: (data, isBinary) => this.onFrame(data, isBinary),
       close: (code, reason) => this.onClose(code, reason),
       error: (err) => {
+        if ((err as NodeJS.ErrnoException).code === FRAME_TOO_LARGE) {
+          // Refused by the channel from the frame's header (it has sent its close
+          // frame, 1009): nothing of it was read, and nothing more will be. The
+          // connection is held, unread, for the grace period like any other that
+          // ended: an attacker that waits for the close cannot come back at once.
+          setImmediate(() => this.channel.pause());
+          return this.end(this.mac ? new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent a frame over the size limit (${err.message})`, { cause: err }) : this.preAuthTooLarge(null, err));
+        }
         this.end(new TmError(ErrorCodes.CONNECTION, `connection to ${this.peerName} failed: ${err.message}`, { cause: err }));
       },
     });
   }
 
-  /** Encode and send; returns the frame size in bytes. */
+  /** Encode and send (with its MAC once {@link protect} has run); returns the frame size in bytes. */
   send(msg: Message): number {
     if (this.ended) throw this.failure ?? new TmError(ErrorCodes.CONNECTION, `session with ${this.peerName} is closed`);
-    const frame = encode(msg);
-    this.channel.send(frame);
+    const n = this.sendFrame(encode(msg));
     this.counters.framesOut++;
-    this.counters.bytesOut += frame.length;
-    return frame.length;
+    this.counters.bytesOut += n;
+    return n;
+  }
+
+  private sendFrame(body: Buffer): number {
+    const m = this.mac;
+    if (!m) {
+      this.channel.send(body);
+      return body.length;
+    }
+    this.channel.send(body, frameTag(m.key, m.self, m.sendSeq++, body));
+    return body.length + TAG_BYTES;
+  }
+
+  /**
+   * The handshake starts (handshake.ts): until {@link protect}, a frame larger
+   * than MAX_HANDSHAKE_FRAME_BYTES ends the session before it is decoded
+   * (TM_ERR_PREAUTH_LIMIT), and inbound frames numbered `plainFrames` and up
+   * (the session's first frame is 0) must carry a MAC: those that arrive before
+   * the key is known wait, undecoded, for protect() to verify them. Fixing the
+   * count rather than switching at protect() time means no frame a relay slips
+   * in behind the last handshake frame is ever decoded without its MAC.
+   */
+  beginHandshake(plainFrames: number): void {
+    this.preAuth = !this.mac;
+    this.plainInbound = plainFrames;
+    if (this.inIndex > plainFrames) {
+      this.fail(new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent ${this.inIndex} frames before the handshake, which allows ${plainFrames}`));
+    }
+  }
+
+  /**
+   * The peer has proven the key: from now on every frame either way carries a
+   * MAC under `key` (auth.ts), the frame size limit of the handshake is lifted,
+   * and 'authenticated' is emitted. A frame whose MAC does not verify ends the
+   * session with TM_ERR_FRAME_AUTH before anything of it is decoded.
+   */
+  protect(key: Buffer, self: SessionRole): void {
+    if (this.mac) throw new TmError(ErrorCodes.INTERNAL, `session with ${this.peerName} is already protected`);
+    this.mac = { key, self, peer: self === 'primary' ? 'secondary' : 'primary', sendSeq: 0, recvSeq: 0 };
+    this.preAuth = false;
+    if (this.ended) return;
+    this.channel.liftFrameLimit?.();
+    this.emit('authenticated');
+    const held = this.held;
+    this.held = [];
+    for (const frame of held) {
+      if (this.ended) break;
+      this.receiveProtected(frame);
+    }
+  }
+
+  /** The peer has proven the key (see {@link protect}). */
+  get authenticated(): boolean {
+    return this.mac !== null;
   }
 
   /** Bytes queued in the channel and not yet handed on (to the kernel, for a socket). */
@@ -108,15 +202,13 @@ export class Session extends EventEmitter {
     if (this.ended) return;
     try {
       if (this.channel.isOpen) {
-        this.channel.send(encode({ type: 'error', code: err.code, message: err.message.slice(0, 1000) }));
+        this.sendFrame(encode({ type: 'error', code: err.code, message: err.message.slice(0, 1000) }));
         this.channel.close(closeCode, err.code);
       }
     } catch {
       // the socket may already be gone; the peer learns from the close
     }
     this.end(err);
-    // Give the close handshake a moment, then make sure the socket is gone.
-    setTimeout(() => this.channel.terminate(), 2000).unref();
   }
 
   /** Normal end: close code 1000. Idempotent. */
@@ -126,14 +218,13 @@ export class Session extends EventEmitter {
     this.closeChannel(CloseCodes.NORMAL, 'bye');
   }
 
-  /** Start the close handshake, and terminate the connection if it has not ended after a short grace period. */
+  /** Start the close handshake (end() has made sure the connection is terminated if it does not finish). */
   private closeChannel(code: number, reason: string): void {
     try {
       this.channel.close(code, reason);
     } catch {
       // already closed
     }
-    setTimeout(() => this.channel.terminate(), 2000).unref();
   }
 
   /** Abort at once without telling the peer anything. */
@@ -150,6 +241,45 @@ export class Session extends EventEmitter {
       this.fail(new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent a text frame; the protocol uses binary frames only`));
       return;
     }
+    // Before the key is proven, nothing but a handshake-sized frame is even looked at.
+    if (this.preAuth && frame.length > MAX_HANDSHAKE_FRAME_BYTES) return this.fail(this.preAuthTooLarge(frame.length));
+    const index = this.inIndex++;
+    if (index < this.plainInbound) return this.handle(frame);
+    if (this.mac) return this.receiveProtected(frame);
+    this.held.push(frame);
+    if (this.held.length > MAX_HELD_FRAMES) {
+      this.fail(new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent ${this.held.length} frames past the handshake before proving the key`));
+    }
+  }
+
+  private preAuthTooLarge(bytes: number | null, cause?: Error): TmError {
+    const size = bytes === null ? 'a frame larger than' : `a frame of ${bytes} bytes, more than`;
+    return new TmError(
+      ErrorCodes.PREAUTH_LIMIT,
+      `${this.peerName} sent ${size} the ${MAX_HANDSHAKE_FRAME_BYTES} bytes allowed before it has proven the key; refused without decoding it`,
+      cause ? { cause } : undefined,
+    );
+  }
+
+  /** A frame after the handshake: its tag checked under the next sequence number, then handled without it. */
+  private receiveProtected(frame: Buffer): void {
+    const m = this.mac!;
+    const seq = m.recvSeq++;
+    const body = frame.subarray(0, Math.max(0, frame.length - TAG_BYTES));
+    if (frame.length < TAG_BYTES || !verifyTag(frameTag(m.key, m.peer, seq, body), frame.subarray(body.length))) {
+      this.fail(
+        new TmError(
+          ErrorCodes.FRAME_AUTH,
+          `frame ${seq} from ${this.peerName} (${frame.length} bytes) failed its integrity check: it was modified, replayed, reordered or injected, or one before it was dropped; nothing of it was used`,
+        ),
+      );
+      return;
+    }
+    this.handle(body);
+  }
+
+  /** A frame that passed the checks above: decoded, validated, handed out. */
+  private handle(frame: Buffer): void {
     let msg: Message;
     try {
       msg = decode(frame, this.ctx);
@@ -187,6 +317,10 @@ export class Session extends EventEmitter {
   }
 
   private onClose(code: number, reason: string): void {
+    // The connection is gone: nothing left to terminate.
+    if (this.terminateTimer) clearTimeout(this.terminateTimer);
+    this.terminateTimer = null;
+    this.closedChannel = true;
     if (this.ended) return;
     if (code === CloseCodes.NORMAL) this.end(new TmError(ErrorCodes.CONNECTION, `${this.peerName} closed the session`));
     else this.end(new TmError(ErrorCodes.CONNECTION, `connection to ${this.peerName} closed (code ${code}${reason ? `, ${reason}` : ''})`));
@@ -196,6 +330,16 @@ export class Session extends EventEmitter {
     if (this.ended) return;
     this.ended = true;
     this.failure = err;
+    this.held = [];
+    // Whatever ended the session, its connection goes: after the close
+    // handshake, or terminated once the grace period is over.
+    if (!this.closedChannel) {
+      this.terminateTimer = setTimeout(() => {
+        this.terminateTimer = null;
+        this.channel.terminate();
+      }, CLOSE_GRACE_MS);
+      this.terminateTimer.unref();
+    }
     // Queued messages stay readable; a waiter only exists when the queue is empty.
     if (this.waiter) {
       const w = this.waiter;

@@ -5,27 +5,59 @@ import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
-import { asTmError, ErrorCodes } from '../errors.js';
+import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { LogLimiter } from '../util/log-limit.js';
 import type { FrameChannel } from './channel.js';
-import { MAX_EXTENT_BYTES } from './messages.js';
+import { HANDSHAKE_TIMEOUT_MS } from './handshake.js';
+import { MAX_EXTENT_BYTES, MAX_HANDSHAKE_FRAME_BYTES } from './messages.js';
 import { Session } from './session.js';
 import { clientCertRefusal, connectError, REFUSAL_HEADER, refusalOf, tlsReason, writeRefusal, type TlsMaterial } from './tls.js';
 
 /**
  * The WebSocket transport: the secondary's listener and the primary's client,
  * each handing out {@link Session}s. No permessage-deflate (payloads are lz4
- * already, and deflate is far too slow); frames up to the largest data extent
- * plus room for its header.
+ * already, and deflate is far too slow); frames up to MAX_HANDSHAKE_FRAME_BYTES
+ * until the peer has proven the key, then up to the largest data extent plus
+ * room for its header and MAC.
+ *
+ * Before authentication a peer costs little: the listener admits at most
+ * {@link PREAUTH_LIMITS} unauthenticated connections (in total and per source
+ * address, counted from the TCP connection until the handshake proves the key
+ * or the socket closes; extra ones are destroyed at once and logged with
+ * TM_ERR_PREAUTH_LIMIT); the TLS handshake, the HTTP upgrade and each
+ * handshake step have a 10 s timeout; and ws refuses a larger frame from its
+ * header, before reading its payload.
  */
 
-/** Largest frame accepted, bytes: a data extent's payload and its msgpack fields. */
+/** Largest frame accepted after authentication, bytes: a data extent's payload, its msgpack fields and its MAC. */
 const MAX_FRAME_BYTES = MAX_EXTENT_BYTES + 65536;
+
+/** Default bounds on unauthenticated connections of a listener. */
+export const PREAUTH_LIMITS = { total: 64, perAddress: 8 };
+
+
+/**
+ * Lift ws's frame size limit of one WebSocket. ws takes `maxPayload` once per
+ * server or client and has no public way to change it on a connection; its
+ * Receiver reads `_maxPayload` at every frame header (ws 8.x), which is what
+ * this sets. test/unit/transport.test.ts pins that behaviour, so an upgrade of
+ * ws that changes it fails there instead of refusing every data extent.
+ */
+function setMaxPayload(ws: WebSocket, bytes: number): void {
+  const receiver = (ws as unknown as { _receiver?: { _maxPayload?: unknown } })._receiver;
+  if (!receiver || typeof receiver._maxPayload !== 'number') {
+    throw new TmError(ErrorCodes.INTERNAL, 'this version of ws has no Receiver._maxPayload: cannot lift the pre-authentication frame limit');
+  }
+  receiver._maxPayload = bytes;
+}
 
 /** A `ws` WebSocket as a {@link FrameChannel}. */
 export function wsChannel(ws: WebSocket): FrameChannel {
   ws.binaryType = 'nodebuffer';
   return {
-    send: (frame) => ws.send(frame, { binary: true }),
+    // One WebSocket message: a copy joins the MAC tag to the frame (fragments would cost the receiver the same copy).
+    send: (frame, tail) => ws.send(tail ? Buffer.concat([frame, tail]) : frame, { binary: true }),
+    liftFrameLimit: () => setMaxPayload(ws, MAX_FRAME_BYTES),
     get bufferedAmount() {
       return ws.bufferedAmount;
     },
@@ -64,8 +96,17 @@ export interface Listener {
  *
  * @throws TmError TM_ERR_CONNECTION when it cannot listen on host:port.
  */
-export async function listen(o: { host: string; port: number; tls: TlsMaterial | null; log: Logger; onSession: (session: Session) => void }): Promise<Listener> {
+export async function listen(o: {
+  host: string;
+  port: number;
+  tls: TlsMaterial | null;
+  log: Logger;
+  onSession: (session: Session) => void;
+  /** Bounds on unauthenticated connections; {@link PREAUTH_LIMITS} by default. */
+  limits?: { total: number; perAddress: number };
+}): Promise<Listener> {
   const { host, port, tls, log } = o;
+  const limits = o.limits ?? PREAUTH_LIMITS;
   /** Why this request's client is refused (and logged), or null. */
   const refusal = (req: http.IncomingMessage): string | null => {
     if (!tls) return null;
@@ -85,9 +126,17 @@ export async function listen(o: { host: string; port: number; tls: TlsMaterial |
     res.writeHead(426, { 'content-type': 'text/plain' });
     res.end('thinmirror: WebSocket upgrade required\n');
   };
+  // An upgrade request must arrive complete within the handshake timeout (checked every second).
+  const httpLimits = { headersTimeout: HANDSHAKE_TIMEOUT_MS, requestTimeout: HANDSHAKE_TIMEOUT_MS, connectionsCheckingInterval: 1000 };
   const server: http.Server = tls
-    ? https.createServer({ key: tls.key, cert: tls.cert, ca: tls.ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2' }, onRequest)
-    : http.createServer(onRequest);
+    ? https.createServer(
+        { ...httpLimits, key: tls.key, cert: tls.cert, ca: tls.ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.2', handshakeTimeout: HANDSHAKE_TIMEOUT_MS },
+        onRequest,
+      )
+    : http.createServer(httpLimits, onRequest);
+  const preauth = preauthGate(limits, log);
+  // First, before TLS or HTTP see the socket: a refused one costs an accept and a close.
+  server.prependListener('connection', (tcp: Socket) => preauth.admit(tcp));
   if (tls) {
     // A socket that failed its handshake no longer knows its peer's address: note
     // it when the TCP connection arrives (the TLS socket wraps it as `_parent`).
@@ -97,6 +146,7 @@ export async function listen(o: { host: string; port: number; tls: TlsMaterial |
     server.on('secureConnection', (socket: TLSSocket) => socket.disableRenegotiation());
     server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
       const tcp = (socket as unknown as { _parent?: object })._parent;
+      if (tcp && preauth.refused(tcp)) return; // logged by the gate
       const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : ((tcp && remotes.get(tcp)) ?? 'an unknown address');
       const hint =
         err.code === 'ECONNRESET'
@@ -107,14 +157,17 @@ export async function listen(o: { host: string; port: number; tls: TlsMaterial |
       log.warn({ code: ErrorCodes.TLS, remote, reason: err.code ?? null }, `TLS handshake with ${remote} failed: ${tlsReason(err)}${hint}`);
     });
   }
-  const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_FRAME_BYTES });
+  const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_HANDSHAKE_FRAME_BYTES });
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     const why = refusal(req);
     if (why) return writeRefusal(socket, ErrorCodes.TLS, why);
     wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
   });
   wss.on('connection', (ws: WebSocket, req: http.IncomingMessage) => {
-    o.onSession(new Session(wsChannel(ws), `primary ${req.socket.remoteAddress}:${req.socket.remotePort}`));
+    const session = new Session(wsChannel(ws), `primary ${req.socket.remoteAddress}:${req.socket.remotePort}`);
+    // Authenticated: no longer counted against the bounds (its socket's close releases it otherwise).
+    session.once('authenticated', () => preauth.release(req.socket));
+    o.onSession(session);
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', (e) => reject(asTmError(e, ErrorCodes.CONNECTION, `listening on ${host}:${port}`)));
@@ -152,7 +205,8 @@ export function connect(url: string, o: { tls: TlsMaterial | null; signal: Abort
     const ws = new WebSocket(url, {
       perMessageDeflate: false,
       handshakeTimeout: 10_000,
-      maxPayload: MAX_FRAME_BYTES,
+      // Lifted once the secondary has proven the key (Session.protect).
+      maxPayload: MAX_HANDSHAKE_FRAME_BYTES,
       // A zero mask makes ws skip masking (a copy and XOR of every payload byte).
       // Masking protects HTTP intermediaries from scripts in browsers; a daemon
       // talking to a daemon (inside TLS in production) has no use for it.
@@ -186,4 +240,62 @@ export function connect(url: string, o: { tls: TlsMaterial | null; signal: Abort
     // Already aborted: 'abort' will not fire again. Same outcome as an abort during the handshake.
     if (signal.aborted) onAbort();
   });
+}
+
+/**
+ * The bounds on a listener's unauthenticated connections: each TCP connection
+ * takes a place (in total and for its address) from `admit` until `release`
+ * (its session authenticated) or its close; one that finds no place is
+ * destroyed at once. Refusals are logged with TM_ERR_PREAUTH_LIMIT, at most
+ * one line per 5 s (the line counts the others, see LogLimiter).
+ */
+function preauthGate(limits: { total: number; perAddress: number }, log: Logger) {
+  let total = 0;
+  const perAddress = new Map<string, number>();
+  /** The release of each admitted connection that still holds a place, by `address:port`. */
+  const held = new Map<string, () => void>();
+  const refusedSockets = new WeakSet<object>();
+  const logLimit = new LogLimiter();
+  const keyOf = (s: { remoteAddress?: string | undefined; remotePort?: number | undefined }) => `${s.remoteAddress}:${s.remotePort}`;
+  return {
+    admit(tcp: Socket): void {
+      const address = tcp.remoteAddress ?? 'an unknown address';
+      const fromAddress = perAddress.get(address) ?? 0;
+      if (total >= limits.total || fromAddress >= limits.perAddress) {
+        refusedSockets.add(tcp);
+        tcp.destroy();
+        const turn = logLimit.take();
+        if (!turn) return;
+        const unlogged = turn.unlogged;
+        const why = total >= limits.total ? `${total} unauthenticated connections in total (at most ${limits.total})` : `${fromAddress} unauthenticated connections from ${address} (at most ${limits.perAddress})`;
+        log.warn(
+          { code: ErrorCodes.PREAUTH_LIMIT, remote: `${address}:${tcp.remotePort}`, unauthenticated: total, fromAddress, refusedUnlogged: unlogged },
+          `connection from ${address} refused: ${why}${unlogged ? `; ${unlogged} more refused since the last such line` : ''}`,
+        );
+        return;
+      }
+      total++;
+      perAddress.set(address, fromAddress + 1);
+      const key = keyOf(tcp);
+      let done = false;
+      const release = () => {
+        if (done) return;
+        done = true;
+        total--;
+        const n = (perAddress.get(address) ?? 1) - 1;
+        if (n > 0) perAddress.set(address, n);
+        else perAddress.delete(address);
+        if (held.get(key) === release) held.delete(key);
+      };
+      held.set(key, release);
+      tcp.once('close', release);
+    },
+    /** The session on this socket (TCP or TLS over it: same addresses) has authenticated. */
+    release(socket: { remoteAddress?: string | undefined; remotePort?: number | undefined }): void {
+      held.get(keyOf(socket))?.();
+    },
+    refused(tcp: object): boolean {
+      return refusedSockets.has(tcp);
+    },
+  };
 }

@@ -54,7 +54,8 @@ export class MemoryMirrorPair {
   appliedByEnded = 0;
   /** Data payload bytes sent by primaries that have ended. */
   sentByEnded = 0;
-  onFrame: ((index: number, from: 'a' | 'b') => FrameAction) | null = null;
+  /** `frame`: the bytes as sent (MAC tag included); it must not be kept (see memory.ts). */
+  onFrame: ((index: number, from: 'a' | 'b', frame: Buffer) => FrameAction) | null = null;
   /**
    * Save faults per site (a: began as primary, b: as secondary): a save of
    * state.json whose new content `fail` returns true for is refused
@@ -138,7 +139,7 @@ export class MemoryMirrorPair {
     if (!secondary) throw new TmError(ErrorCodes.CONNECTION, `cannot connect to ${node}: its mirror is not running`);
     const pair = memorySessionPair({
       names: ['secondary (memory)', 'primary (memory)'],
-      onFrame: (from) => (this.onFrame ? this.onFrame(this.framesSeen++, from) : (this.framesSeen++, 'pass')),
+      onFrame: (from, _index, frame) => (this.onFrame ? this.onFrame(this.framesSeen++, from, frame) : (this.framesSeen++, 'pass')),
     });
     // As the transport does: stopping the connecting side drops the connection.
     signal.addEventListener('abort', () => pair.cut(), { once: true });

@@ -62,7 +62,7 @@ describe('integration: faults between and under the daemons (real TCP proxy, rea
     expect(resent).to.be.at.most(0.1 * allocated);
   });
 
-  it('a flipped byte in a data payload is caught by the checksum: session dropped with TM_ERR_CHECKSUM, the extent resent, the target identical', async () => {
+  it('a flipped byte in a data payload is caught by the frame MAC (before the checksum): session dropped with TM_ERR_FRAME_AUTH, the extent resent, the target identical', async () => {
     pair = await proxiedPair(64 * MiB);
     await pair.startSecondary().waitReady();
     // Random data travels raw: 5.5 MiB into the stream is inside the 6th 1 MiB payload.
@@ -72,8 +72,9 @@ describe('integration: faults between and under the daemons (real TCP proxy, rea
     expect(report.connection).to.equal(1);
     await pair.waitInSync(1, 60_000);
     expect(await sha256File(pair.target)).to.equal(await sha256File(pair.source));
-    expect(pair.secondary!.logTail(60)).to.contain('TM_ERR_CHECKSUM');
-    expect(pair.primary!.logTail(60)).to.contain('TM_ERR_CHECKSUM');
+    // Protocol v3: the tag of every frame is checked before it is decoded (docs/protocol.md, "Frame integrity").
+    expect(pair.secondary!.logTail(60)).to.contain('TM_ERR_FRAME_AUTH');
+    expect(pair.primary!.logTail(60)).to.contain('TM_ERR_FRAME_AUTH');
     expect(proxy!.counters.accepted).to.be.at.least(2);
   });
 
