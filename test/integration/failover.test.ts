@@ -9,12 +9,46 @@ import type { MirrorStatus } from '../../src/mirror/status.js';
 import { controlGet } from '../../src/daemon/control.js';
 import { cli, FileWriter, Mounted, sha256 } from '../helpers/mounted.js';
 import { key, parseExposition } from '../helpers/prometheus.js';
+import { createSampleVolume } from '../../src/util/sample.js';
 import { freePort } from '../helpers/pair-config.js';
 import { Pair, sha256File } from '../helpers/pair.js';
 import { LoopFs, requireTool } from '../helpers/xfs.js';
 
 const execFile = promisify(execFileCb);
 const MiB = 1024 * 1024;
+
+/**
+ * Configs where each side can reach the other (issue 12 §1: no YAML edit at
+ * failover): A listens too, B has a peer URL; reflink tracking on both.
+ */
+async function twoWayConfigs(p: Pair, extraA: Record<string, unknown> = {}): Promise<{ cfgA: string; cfgB: string }> {
+  const portA = await freePort();
+  await p.writeConfigs({
+    extraPrimary: { tracking: { mode: 'reflink', interval: '1s' }, ...extraA },
+    extraSecondary: { tracking: { mode: 'reflink', interval: '1s' } },
+  });
+  const cfgA = p.cfg.primary;
+  const cfgB = p.cfg.secondary;
+  const yamlB = await fsp.readFile(cfgB, 'utf8');
+  await fsp.writeFile(cfgA, (await fsp.readFile(cfgA, 'utf8')) + `listen:\n  host: 127.0.0.1\n  port: ${portA}\n`);
+  await fsp.writeFile(cfgB, yamlB.replace(/(- name: vm1\n)/, `$1    peer: ws://127.0.0.1:${portA}\n`));
+  expect(await fsp.readFile(cfgB, 'utf8')).to.contain(`peer: ws://127.0.0.1:${portA}`);
+  return { cfgA, cfgB };
+}
+
+/** Overwrite `n` 64 KiB pieces of an image file at offsets chosen by `seed` (inside its first `span` bytes). */
+async function scribble(file: string, seed: number, n: number, span: number): Promise<void> {
+  const fh = await fsp.open(file, 'r+');
+  try {
+    for (let i = 0; i < n; i++) {
+      const off = ((seed * 7919 + i * 104729) % Math.floor(span / (64 * 1024))) * 64 * 1024;
+      await fh.write(randomBytes(64 * 1024), 0, 64 * 1024, off);
+    }
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+}
 
 async function fsck(image: string): Promise<{ code: number; out: string }> {
   return execFile('e2fsck', ['-fn', image]).then(
@@ -75,20 +109,7 @@ describe('integration: failover, failback and switchover with real daemons (issu
     await fh.truncate(256 * MiB);
     await fh.close();
     execFileSync('mkfs.ext4', ['-q', '-F', p.source], { stdio: 'pipe' });
-    // Each side can reach the other: A listens too, B has a peer URL (issue 12 §1: no YAML edit at failover).
-    const portA = await freePort();
-    await p.writeConfigs({
-      extraPrimary: { tracking: { mode: 'reflink', interval: '1s' }, bandwidth: '8MiB/s' },
-      extraSecondary: { tracking: { mode: 'reflink', interval: '1s' } },
-    });
-    const cfgA = p.cfg.primary;
-    const cfgB = p.cfg.secondary;
-    const yamlB = await fsp.readFile(cfgB, 'utf8');
-    const portB = Number(/port: (\d+)/.exec(yamlB)![1]);
-    await fsp.writeFile(cfgA, (await fsp.readFile(cfgA, 'utf8')) + `listen:\n  host: 127.0.0.1\n  port: ${portA}\n`);
-    await fsp.writeFile(cfgB, yamlB.replace(/(- name: vm1\n)/, `$1    peer: ws://127.0.0.1:${portA}\n`));
-    expect(await fsp.readFile(cfgB, 'utf8')).to.contain(`peer: ws://127.0.0.1:${portA}`);
-    expect(portB).to.be.greaterThan(0);
+    const { cfgA, cfgB } = await twoWayConfigs(p, { bandwidth: '8MiB/s' });
 
     // 1. An ext4 on the source, written by a writer on site A, files checksummed after sync.
     const src = await Mounted.mount(p.source, path.join(fs.dir, 'a'));
@@ -225,4 +246,56 @@ describe('integration: failover, failback and switchover with real daemons (issu
     unmount(rb);
     console.log(`      promote in ${promoted.seconds.toFixed(2)} s (generation ${committedB}, rolled back ${promoted.undone ?? 'nothing'}); switchover in ${swr.seconds.toFixed(2)} s; ${expected.length} files checked after the failover`);
   });
+
+  for (const loser of ['A', 'B'] as const) {
+    it(`split brain: both sides written after a forced promote are refused with nothing written; resolve --discard-local on ${loser} gives it the other's image`, async () => {
+      fs = await LoopFs.create('xfs', 1024 * MiB);
+      pair = await Pair.create('vm1', fs.mount);
+      const p = pair;
+      await createSampleVolume(p.source, { size: 64 * MiB, allocated: 16 * MiB, extents: 16 });
+      const { cfgA, cfgB } = await twoWayConfigs(p);
+      await p.startSecondary().waitReady();
+      await p.startPrimary().waitReady();
+      await p.waitInSync(1, 60_000);
+      // promote --force while A is connected: both are primary.
+      const refused = await cli('promote', 'vm1', '--config', cfgB);
+      expect(refused.code).to.equal(1);
+      expect(refused.err).to.contain('TM_ERR_PEER_CONNECTED');
+      await p.primary!.stop();
+      const pr = await cli('promote', 'vm1', '--config', cfgB, '--force');
+      expect(pr.code, pr.err).to.equal(0);
+      // Both write.
+      await scribble(p.source, 1, 20, 64 * MiB);
+      await scribble(p.target, 2, 12, 64 * MiB);
+      const [aSha, bSha] = [await sha256File(p.source), await sha256File(p.target)];
+      p.startPrimary();
+      await p.primary!.waitReady();
+      const sbA = await p.primary!.waitFor((s) => s.mirrors[0]!.splitBrain != null && s.mirrors[0]!.splitBrain.peerBytes !== null, 60_000, 'A to see the split brain');
+      const sbB = await p.secondary!.waitFor((s) => s.mirrors[0]!.splitBrain != null && s.mirrors[0]!.splitBrain.peerBytes !== null, 60_000, 'B to see the split brain');
+      for (const st of [sbA, sbB]) {
+        const sb = st.mirrors[0]!.splitBrain!;
+        expect(sb.common!.generation).to.equal(1);
+        expect(sb.localBytes).to.be.greaterThan(0);
+        expect(sb.resolve).to.contain('thinmirror resolve vm1 --discard-local');
+      }
+      expect(sbA.mirrors[0]!.splitBrain!.localBytes).to.equal(sbB.mirrors[0]!.splitBrain!.peerBytes);
+      expect(sbA.mirrors[0]!.error!.code).to.equal('TM_ERR_SPLIT_BRAIN');
+      // Refused again and again: nothing written on either side.
+      await new Promise((r) => setTimeout(r, 2500));
+      expect([await sha256File(p.source), await sha256File(p.target)]).to.deep.equal([aSha, bSha]);
+      const [loserCfg, winner, keptSha] = loser === 'A' ? [cfgA, p.secondary!, bSha] : [cfgB, p.primary!, aSha];
+      const wrong = await cli('resolve', 'vm1', '--config', loserCfg);
+      expect(wrong.code).to.equal(2);
+      const r = await cli('resolve', 'vm1', '--discard-local', '--config', loserCfg, '--json');
+      expect(r.code, r.err).to.equal(0);
+      expect((JSON.parse(r.out) as RoleChangeReport).role).to.equal('secondary');
+      await winner.waitFor((s) => s.mirrors[0]!.state === 'in-sync' && s.mirrors[0]!.splitBrain === null && s.mirrors[0]!.committedGeneration >= 2, 60_000, 'the resync after resolve');
+      expect(await sha256File(p.source)).to.equal(keptSha);
+      expect(await sha256File(p.target)).to.equal(keptSha);
+      const w = (await winner.mirror('vm1'));
+      expect(w.role).to.equal('primary');
+      // Only the union travelled: at most the 32 pieces written on both sides (and their neighbours in a 64 KiB chunk), never the 16 MiB.
+      expect(w.lastCycle!.changedBytes).to.be.at.most(32 * 64 * 1024);
+    });
+  }
 });
