@@ -11,6 +11,7 @@ import type { RoleContext } from './context.js';
 import * as gens from './generations.js';
 import { reconcileByDigests } from './reconcile.js';
 import { Sender, type SendCounters } from './sender.js';
+import { DEFAULT_PEER_TIMEOUT } from './settings.js';
 import { newState, type MirrorState } from './state.js';
 import type { CycleReport, MirrorStatus, PrimaryPhase, Progress, ReconcileReport } from './status.js';
 
@@ -251,6 +252,7 @@ export class PrimaryRole {
       report,
       recordSent: (c, d, n) => source.recordSent(c, d, n),
       signal: this.signal,
+      peerTimeout: this.r.config.peerTimeout ?? DEFAULT_PEER_TIMEOUT,
       bytesOf: (b) => this.bytesOf(b),
     });
     await this.createGeneration(bitmap, started, readBytes);
@@ -274,6 +276,7 @@ export class PrimaryRole {
         maxExtent: c.maxExtent,
         maxInFlight: c.maxInFlight,
         signal: this.signal,
+        peerTimeout: c.peerTimeout ?? DEFAULT_PEER_TIMEOUT,
         ...(this.r.ctx.throttle ? { throttle: this.r.ctx.throttle } : {}),
         onDurable: (durable) => void gens.advanceCursor(s, durable),
         // Digests first, then the cursor.
