@@ -77,8 +77,9 @@ export class MemoryMirrorPair {
     MemoryVolume.register(targetName.slice('memory:'.length), this.target);
   }
 
-  static async create(size: number, o: { primary?: Partial<MirrorConfig>; secondary?: Partial<MirrorConfig> } = {}): Promise<MemoryMirrorPair> {
-    const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'tm-mem-'));
+  /** `base`: where the temp dir of the state files goes (default the OS temp dir; the fuzzer uses /dev/shm). */
+  static async create(size: number, o: { primary?: Partial<MirrorConfig>; secondary?: Partial<MirrorConfig>; base?: string } = {}): Promise<MemoryMirrorPair> {
+    const dir = await fsp.mkdtemp(path.join(o.base ?? os.tmpdir(), 'tm-mem-'));
     const id = `${process.pid}-${++serial}`;
     const src = `memory:src-${id}`;
     const dst = `memory:dst-${id}`;
