@@ -11,7 +11,10 @@
  * Then the consistency case (bench/consistency.ts): the apply time of a generation overwriting every
  * allocated chunk with consistency off, reflink and journal.
  *
- * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Then the event-loop case (bench/eventloop.ts): the secondary's event-loop delay p99 during the
+ * initial sync of a volume with a million allocated extents.
+ *
+ * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency | eventloop), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -271,10 +274,12 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency runs one case; all by default. */
+/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency|eventloop runs one case; all by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency'].includes(only)) throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth or consistency`);
+  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency', 'eventloop'].includes(only)) {
+    throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth, consistency or eventloop`);
+  }
   if (!only || only === 'initial') await main();
   if (!only || only === 'incremental') {
     const { incrementalBench } = await import('./incremental.js');
@@ -290,6 +295,11 @@ async function all(): Promise<void> {
     const { consistencyBench } = await import('./consistency.js');
     console.log('');
     await consistencyBench();
+  }
+  if (!only || only === 'eventloop') {
+    const { eventLoopBench } = await import('./eventloop.js');
+    console.log('');
+    await eventLoopBench();
   }
 }
 
