@@ -13,8 +13,10 @@
  *
  * Then the frame MAC case (bench/frame-mac.ts): HMAC-SHA256 throughput and 1 MiB
  * data extents between two Sessions with and without the per-frame MAC.
+ * Then the event-loop case (bench/eventloop.ts): the secondary's event-loop delay p99 during the
+ * initial sync of a volume with a million allocated extents.
  *
- * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency | mac), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency | mac | eventloop), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -274,10 +276,12 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency|mac runs one case; all by default. */
+/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency|mac|eventloop runs one case; all by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency', 'mac'].includes(only)) throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth, consistency or mac`);
+  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop'].includes(only)) {
+    throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth, consistency, mac or eventloop`);
+  }
   if (!only || only === 'initial') await main();
   if (!only || only === 'incremental') {
     const { incrementalBench } = await import('./incremental.js');
@@ -298,6 +302,11 @@ async function all(): Promise<void> {
     const { frameMacBench } = await import('./frame-mac.js');
     console.log('');
     await frameMacBench();
+  }
+  if (!only || only === 'eventloop') {
+    const { eventLoopBench } = await import('./eventloop.js');
+    console.log('');
+    await eventLoopBench();
   }
 }
 

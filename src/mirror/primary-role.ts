@@ -14,8 +14,9 @@ import * as gens from './generations.js';
 import { appendHistory, compareHistories, describeGen, newGenId, sameGen, type GenId } from './history.js';
 import { reconcileByDigests } from './reconcile.js';
 import { Sender, type SendCounters } from './sender.js';
+import { DEFAULT_PEER_TIMEOUT } from './settings.js';
 import { newState, type MirrorState, type SplitBrain } from './state.js';
-import { type CycleReport, type MirrorStatus, type PrimaryPhase, type Progress, type ReconcileReport } from './status.js';
+import type { CycleReport, MirrorStatus, PrimaryPhase, Progress, ReconcileReport } from './status.js';
 import { roleStatus } from './role-status.js';
 
 /** Codes after which retrying soon cannot help: back off to the maximum at once. */
@@ -346,6 +347,7 @@ export class PrimaryRole {
       report,
       recordSent: (c, d, n) => source.recordSent(c, d, n),
       signal: this.signal,
+      peerTimeout: this.r.config.peerTimeout ?? DEFAULT_PEER_TIMEOUT,
       bytesOf: (b) => this.bytesOf(b),
     });
     if (this.peerChanges && this.peerChanges.coveredBy === null) this.peerChanges.coveredBy = gen;
@@ -379,6 +381,7 @@ export class PrimaryRole {
         maxExtent: c.maxExtent,
         maxInFlight: c.maxInFlight,
         signal: this.signal,
+        peerTimeout: c.peerTimeout ?? DEFAULT_PEER_TIMEOUT,
         ...(this.r.ctx.throttle ? { throttle: this.r.ctx.throttle } : {}),
         onDurable: (d) => void (durable = Math.max(durable, d)),
         // Digests first, then the cursor (the furthest the secondary reported when this checkpoint starts).

@@ -26,6 +26,8 @@ export async function reconcileByDigests(
     report: ReconcileReport;
     recordSent: GenerationChanges['recordSent'];
     signal: AbortSignal;
+    /** Seconds to wait for each digests answer (TM_ERR_TIMEOUT after); absent: no limit. */
+    peerTimeout?: number;
     /** Bytes of the chunks of a bitmap (for the report). */
     bytesOf: (bitmap: RoaringBitmap32) => number;
   },
@@ -43,7 +45,7 @@ export async function reconcileByDigests(
   for (let i = 0; i < windows.length; i++) {
     if (i + 1 < windows.length) request(i + 1);
     const [off, len] = windows[i]!;
-    const m = await session.next();
+    const m = await session.next(o.peerTimeout ? o.peerTimeout * 1000 : undefined);
     if (m.type !== 'digests' || m.offset !== off || m.length !== len) {
       throw new TmError(ErrorCodes.PROTOCOL, `expected the digests of ${off}+${len} from the secondary, got ${m.type}${m.type === 'digests' ? ` of ${m.offset}+${m.length}` : ''}`);
     }

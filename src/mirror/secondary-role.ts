@@ -14,8 +14,13 @@ import { newState, type MirrorState, type SplitBrain } from './state.js';
 import type { MirrorStatus, Progress, SecondaryPhase } from './status.js';
 import { roleStatus } from './role-status.js';
 
-/** How long the allocated figure of the target in status is reused (ms). */
+/**
+ * How long the allocated figure of the target in status is reused (ms), at
+ * least; and at least this many times as long as the last walk of the map took
+ * (a map of a million extents takes seconds to walk: it is refreshed rarely).
+ */
 const ALLOCATED_TTL_MS = 2000;
+const ALLOCATED_WALK_FACTOR = 20;
 
 /**
  * What a Mirror runs while its role is secondary. Takes sessions the daemon
@@ -30,14 +35,15 @@ export class SecondaryRole {
   private lastError: TmError | null = null;
   private session: Session | null = null;
   private receiver: Receiver | null = null;
-  /** The target while a session runs (the status reads its allocation from it). */
-  private target: Volume | null = null;
   private sessionDone: Promise<void> = Promise.resolve();
   private accepting: Promise<void> = Promise.resolve();
   private consistency: Consistency | null = null;
   private appliedBase = 0;
   private wireBytesBase = 0;
-  private allocated: { at: number; bytes: number } = { at: 0, bytes: 0 };
+  /** The target's allocated bytes as last mapped: when, and how long the walk took (ms). */
+  private allocated: { at: number; bytes: number; ms: number } = { at: 0, bytes: 0, ms: 0 };
+  /** The walk refreshing {@link allocated}, while one runs (never awaited by status). */
+  private refreshing: Promise<void> | null = null;
   private stopped = false;
   private sessions = 0;
   private connectedSince: Date | null = null;
@@ -106,11 +112,11 @@ export class SecondaryRole {
         const r = await rollbackTarget(this.r.config, this.r.store.dir, v, committed, this.r.log);
         if (r.generation !== null) this.r.log.warn({ mode: r.mode, committedGeneration: committed, bytes: r.bytes }, 'an interrupted rollback was completed: the target holds the committed generation');
       }
-      // Only a figure for status: a failure to read the map does not stop the mirror.
-      this.allocated = { at: Date.now(), bytes: totalBytes(await v.allocated().catch(() => [])) };
     } finally {
       await v.close();
     }
+    // Only a figure for status, mapped beside the start rather than before it.
+    this.refreshAllocated(true);
   }
 
   /** A primary's session is running (promote then needs --force). */
@@ -167,8 +173,6 @@ export class SecondaryRole {
     this.lastError = null;
     this.sessions++;
     this.connectedSince = new Date();
-    this.target = target;
-    this.allocated.at = 0;
     const s = this.r.store.state!;
     this.r.log.info({ peer: hello.node, committedGeneration: s.committedGeneration, applying: s.applying, sessions: this.sessions }, 'session accepted');
     const receiver = new Receiver(session, target, this.record(target), {
@@ -200,9 +204,8 @@ export class SecondaryRole {
           this.session = null;
           this.connectedSince = null;
         }
-        await this.refreshAllocated(true);
-        this.target = null;
         await v.close().catch(() => {});
+        this.refreshAllocated(true);
         if (receiver.switchoverAt !== null && !this.stopped) this.r.onSwitchover?.(receiver.switchoverAt);
       });
   }
@@ -313,7 +316,7 @@ export class SecondaryRole {
             return { drop }; // never `false`: that would skip the save
           });
           if (dropDivergent.drop) await removeDivergent(store.dir);
-          this.allocated.at = 0;
+          this.refreshAllocated(true);
           // Only now may the base or the journal go: the commit is durable.
           await consistency.committed(target, gen);
         }),
@@ -381,20 +384,38 @@ export class SecondaryRole {
     this.r.log.error({ code: err.code }, err.message);
   }
 
-  /** The target's allocated bytes, looked up at most every ALLOCATED_TTL_MS on the open target (`now`: at once). */
-  private async refreshAllocated(now = false): Promise<void> {
-    const t = this.target;
-    if (!t || (!now && Date.now() - this.allocated.at <= ALLOCATED_TTL_MS)) return;
-    try {
-      this.allocated = { at: Date.now(), bytes: totalBytes(await t.allocated()) };
-    } catch {
-      // closed meanwhile: keep the last figure
-    }
+  /**
+   * Refresh the target's allocated bytes in the background, on a read-only
+   * handle of its own (independent of sessions), at most one walk at a time,
+   * and only when the figure is older than ALLOCATED_TTL_MS and
+   * ALLOCATED_WALK_FACTOR times the last walk (`soon`: the target changed
+   * a lot, e.g. a commit; still never more often than that factor allows).
+   * Status never waits for it (issue 14 §4): the walk is sliced (Volume.allocated
+   * yields), and status shows the last figure meanwhile.
+   */
+  private refreshAllocated(soon = false): void {
+    if (this.refreshing || this.stopped) return;
+    const age = Date.now() - this.allocated.at;
+    const spacing = ALLOCATED_WALK_FACTOR * this.allocated.ms;
+    if (age <= spacing || (!soon && age <= ALLOCATED_TTL_MS)) return;
+    this.refreshing = (async () => {
+      const t0 = performance.now();
+      const v = await this.r.openVolume(this.r.config.volume, { readOnly: true });
+      try {
+        const bytes = totalBytes(await v.allocated());
+        this.allocated = { at: Date.now(), bytes, ms: performance.now() - t0 };
+      } finally {
+        await v.close();
+      }
+    })()
+      // Only a figure for status: a target not there yet, or a failed walk, keeps the last one.
+      .catch(() => {})
+      .finally(() => (this.refreshing = null));
   }
 
   async status(): Promise<MirrorStatus> {
     const s = this.r.store.state;
-    await this.refreshAllocated();
+    this.refreshAllocated();
     const progress: Progress | null = this.receiver?.progress ? { ...this.receiver.progress } : null;
     return {
       name: this.name,
@@ -440,6 +461,8 @@ export class SecondaryRole {
     if (abort) this.session?.destroy();
     else this.session?.close();
     await this.sessionDone;
+    // A walk of the map for status may be running on its own handle: let it end with the mirror.
+    await this.refreshing;
     this.phase = 'stopped';
   }
 }

@@ -54,6 +54,8 @@ export interface SenderOptions {
   onDurable(durable: number): void;
   /** Make the sending side's checkpoint (tracking state, then the cursor) durable. One at a time, coalesced. */
   persist(): Promise<void>;
+  /** Seconds the secondary may stay silent while extents or the commit await its answer (TM_ERR_TIMEOUT after); absent or 0: no limit. */
+  peerTimeout?: number;
 }
 
 /** Bytes counted over the life of a role (shared by its senders). */
@@ -102,12 +104,28 @@ export class Sender {
     const flow = new FlowControl(this.o.maxInFlight);
     const checkpoint = new Coalesced(this.o.persist, (e) => flow.fail(asTmError(e, ErrorCodes.STATE, `checkpoint of generation ${gen}`)));
     let durable = resumeFrom;
+    /** Extents sent (the last seq), the last seq acknowledged, and whether `commit` went out. */
+    let seq = 0;
+    let ackedSeq = 0;
+    let commitSent = false;
+    // Every answer is checked against what was sent: a secondary that acknowledges
+    // extents it never got, claims a cursor beyond them or commits early must not
+    // make this side drop changes it has not delivered (issue 14 §5).
+    const violation = (why: string) => new TmError(ErrorCodes.PROTOCOL, `${session.peerName} ${why} during generation ${gen}`);
+    let lastHeard = Date.now();
     const reader = (async () => {
       for (;;) {
         const m = await session.next();
+        lastHeard = Date.now();
         if (m.type === 'ack') {
+          if (m.seq > seq) throw violation(`acknowledged extent ${m.seq}, but only ${seq} were sent`);
+          if (m.seq <= ackedSeq) throw violation(`acknowledged extent ${m.seq} after ${ackedSeq}: acknowledgements must go forward`);
+          ackedSeq = m.seq;
           flow.acked(m.seq);
           this.progress.doneBytes = this.progress.totalBytes - this.bytesFrom(Math.ceil(flow.ackedEnd / this.cs));
+          if (m.durable > Math.max(resumeFrom, flow.ackedEnd)) {
+            throw violation(`reported ${m.durable} bytes durable, beyond the end of what it acknowledged (${Math.max(resumeFrom, flow.ackedEnd)})`);
+          }
           if (m.durable > durable) {
             // The secondary made a checkpoint: make ours too, so that after a crash
             // neither the cursor nor the digests of what it holds are lost.
@@ -116,41 +134,65 @@ export class Sender {
             checkpoint.request();
           }
         } else if (m.type === 'committed') {
-          if (m.generation !== gen || !flow.drained) {
-            throw new TmError(ErrorCodes.PROTOCOL, `committed(${m.generation}) while generation ${gen} has extents unacknowledged`);
-          }
+          if (m.generation !== gen) throw violation(`reported generation ${m.generation} committed`);
+          if (!commitSent) throw violation(`reported the generation committed before it was sent whole`);
+          if (!flow.drained) throw violation(`reported the generation committed with extents unacknowledged`);
           return;
         } else {
-          throw new TmError(ErrorCodes.PROTOCOL, `unexpected ${m.type} frame from the secondary during generation ${gen}`);
+          throw violation(`sent an unexpected ${m.type} frame`);
         }
       }
     })();
     reader.catch((e) => flow.fail(asTmError(e, ErrorCodes.CONNECTION)));
-
-    session.send({
-      type: 'begin',
-      generation: gen,
-      resumeFrom,
-      ...(this.changes.gid ? { gid: this.changes.gid } : {}),
-      ...(this.changes.withPeerChanges ? { withPeerChanges: true } : {}),
-    });
-    let seq = 0;
-    for await (const ext of this.extents(Math.ceil(resumeFrom / this.cs))) {
-      await flow.ready();
-      if (this.o.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
-      const msg = { ...ext, seq: ++seq } as ExtentMsg;
-      if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
-      const n = session.send(msg);
-      flow.sent(seq, n, msg.offset + msg.length);
-      if (msg.kind === 'data') this.counters.sentBytes += msg.length;
-    }
-    session.send({ type: 'commit', generation: gen });
+    // A secondary that stops answering (or reading) while something awaits its
+    // answer ends the session; memory stays bounded meanwhile by flow control.
+    const timeoutMs = (this.o.peerTimeout ?? 0) * 1000;
+    const watchdog =
+      timeoutMs > 0
+        ? setInterval(
+            () => {
+              if ((flow.bytesInFlight > 0 || commitSent) && Date.now() - lastHeard > timeoutMs) {
+                const err = new TmError(ErrorCodes.TIMEOUT, `${session.peerName} did not answer for ${timeoutMs / 1000} s during generation ${gen} (${flow.bytesInFlight} bytes unacknowledged${commitSent ? ', commit sent' : ''})`);
+                session.fail(err);
+                flow.fail(err);
+              }
+            },
+            Math.min(1000, Math.max(10, timeoutMs / 4)),
+          )
+        : null;
+    watchdog?.unref();
     try {
-      await reader;
+      session.send({
+        type: 'begin',
+        generation: gen,
+        resumeFrom,
+        ...(this.changes.gid ? { gid: this.changes.gid } : {}),
+        ...(this.changes.withPeerChanges ? { withPeerChanges: true } : {}),
+      });
+      for await (const ext of this.extents(Math.ceil(resumeFrom / this.cs))) {
+        await flow.ready();
+        if (this.o.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
+        const msg = { ...ext, seq: ++seq } as ExtentMsg;
+        if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
+        // The secondary's silence is counted from the moment it has something to answer.
+        if (flow.bytesInFlight === 0) lastHeard = Date.now();
+        const n = session.send(msg);
+        flow.sent(seq, n, msg.offset + msg.length);
+        if (msg.kind === 'data') this.counters.sentBytes += msg.length;
+      }
+      // Checked by the reader: a `committed` before this point is a lie.
+      if (flow.bytesInFlight === 0) lastHeard = Date.now();
+      session.send({ type: 'commit', generation: gen });
+      commitSent = true;
+      try {
+        await reader;
+      } finally {
+        await checkpoint.settled().catch(() => {});
+      }
+      await checkpoint.settled();
     } finally {
-      await checkpoint.settled().catch(() => {});
+      if (watchdog) clearInterval(watchdog);
     }
-    await checkpoint.settled();
   }
 
   /** The generation's byte ranges from `fromChunk`, as holes and allocated pieces of at most maxExtent bytes. */

@@ -15,6 +15,9 @@ export const CONSISTENCY_MODES = ['auto', 'reflink', 'journal', 'off'] as const;
  */
 export type ConsistencyMode = (typeof CONSISTENCY_MODES)[number];
 
+/** Default of {@link MirrorConfig.peerTimeout}, seconds: far above a commit's fdatasync or a 64 MiB digest window on a slow disk. */
+export const DEFAULT_PEER_TIMEOUT = 120;
+
 export interface MirrorConfig {
   name: string;
   /** The role the mirror starts with when it has no state yet; afterwards the state's role (changed by promote/demote) runs, and a config that differs is reported in status. */
@@ -43,6 +46,13 @@ export interface MirrorConfig {
   lvm?: { vg: string; pool: string };
   /** Cap of this mirror's sends in bytes per second (primary only); absent: unlimited. */
   bandwidth?: number;
+  /**
+   * Primary: seconds the secondary may stay silent while something awaits its
+   * answer (extents unacknowledged, a commit, a digest request) before the
+   * session ends with TM_ERR_TIMEOUT. Not in the YAML config; default
+   * DEFAULT_PEER_TIMEOUT (tests shorten it).
+   */
+  peerTimeout?: number;
   /** Cap shared by every mirror to the same peer (from `peers:`), bytes per second; absent: unlimited. */
   peerBandwidth?: number;
 }

@@ -2,7 +2,7 @@ import { constants as fsc, promises as fsp } from 'node:fs';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { native, type NativeOps } from '../native/index.js';
 import { HandleVolume } from './handle-volume.js';
-import { alignRanges, mergeRanges, type ByteRange } from './volume.js';
+import { alignRanges, clipRanges, mergeRanges, type ByteRange } from './volume.js';
 
 /**
  * fallocate on a block device needs offsets and lengths aligned to its logical
@@ -66,7 +66,7 @@ export class BlockDeviceVolume extends HandleVolume {
     }
   }
 
-  async allocated(alignTo?: number): Promise<ByteRange[]> {
+  async allocated(alignTo?: number, within?: ByteRange): Promise<ByteRange[]> {
     this.check(0, 0, 'allocation map');
     let ranges: ByteRange[];
     if (this.map) {
@@ -78,6 +78,7 @@ export class BlockDeviceVolume extends HandleVolume {
     } else {
       ranges = this.size > 0 ? [{ offset: 0, length: this.size }] : [];
     }
+    ranges = clipRanges(ranges, within);
     return alignTo ? alignRanges(ranges, alignTo, this.size) : ranges;
   }
 

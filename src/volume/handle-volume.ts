@@ -31,7 +31,7 @@ export abstract class HandleVolume implements Volume {
     this.capabilities = { allocationMap, punchHole: !readOnly, zeroRange: !readOnly };
   }
 
-  abstract allocated(alignTo?: number): Promise<ByteRange[]>;
+  abstract allocated(alignTo?: number, within?: ByteRange): Promise<ByteRange[]>;
   abstract zero(offset: number, length: number): Promise<void>;
 
   protected check(offset: number, length: number, what: string): void {

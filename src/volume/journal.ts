@@ -601,8 +601,8 @@ export class JournaledVolume implements Volume {
     return new TmError(ErrorCodes.VOLUME_IO, `${what}: the journal of ${this.path} failed earlier (${this.failed!.message}); reopen the volume`, { cause: this.failed });
   }
 
-  allocated(alignTo?: number): Promise<ByteRange[]> {
-    return this.target.allocated(alignTo);
+  allocated(alignTo?: number, within?: ByteRange): Promise<ByteRange[]> {
+    return this.target.allocated(alignTo, within);
   }
 
   read(offset: number, length: number, into?: Buffer): Promise<Buffer> {

@@ -1,5 +1,5 @@
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
-import { alignRanges, checkAccess, checkWritable, type ByteRange, type Volume, type VolumeCapabilities } from './volume.js';
+import { alignRanges, checkAccess, clipRanges, checkWritable, type ByteRange, type Volume, type VolumeCapabilities } from './volume.js';
 
 /** Allocation granularity of a memory volume (bytes): what a filesystem block is to a sparse file. */
 export const MEMORY_BLOCK = 4096;
@@ -151,7 +151,7 @@ export class MemoryVolume implements Volume {
     if (e) throw asTmError(e, ErrorCodes.VOLUME_IO, what);
   }
 
-  async allocated(alignTo?: number): Promise<ByteRange[]> {
+  async allocated(alignTo?: number, within?: ByteRange): Promise<ByteRange[]> {
     this.check(0, 0, 'allocation map');
     const indices = [...this.store.blocks.keys()].sort((a, b) => a - b);
     const out: ByteRange[] = [];
@@ -162,7 +162,8 @@ export class MemoryVolume implements Volume {
       if (last && last.offset + last.length === start) last.length = end - last.offset;
       else out.push({ offset: start, length: end - start });
     }
-    return alignTo ? alignRanges(out, alignTo, this.size) : out;
+    const clipped = clipRanges(out, within);
+    return alignTo ? alignRanges(clipped, alignTo, this.size) : clipped;
   }
 
   async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {

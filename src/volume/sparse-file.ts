@@ -2,7 +2,8 @@ import { constants as fsc, promises as fsp } from 'node:fs';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { native, type NativeOps } from '../native/index.js';
 import { HandleVolume } from './handle-volume.js';
-import { alignRanges, type ByteRange } from './volume.js';
+import { Pacer } from '../util/pace.js';
+import { alignRanges, clipRanges, RangeBuilder, type ByteRange } from './volume.js';
 
 export interface OpenOptions {
   /** Create a sparse file of this size when the path does not exist. */
@@ -54,25 +55,38 @@ export class SparseFileVolume extends HandleVolume {
     }
   }
 
-  async allocated(alignTo?: number): Promise<ByteRange[]> {
+  async allocated(alignTo?: number, within?: ByteRange): Promise<ByteRange[]> {
     this.check(0, 0, 'allocation map');
-    if (this.kind === 'block') return this.size > 0 ? [{ offset: 0, length: this.size }] : [];
+    const from = Math.max(0, within?.offset ?? 0);
+    const to = Math.min(this.size, within ? within.offset + within.length : this.size);
+    if (this.kind === 'block') {
+      const all = clipRanges(this.size > 0 ? [{ offset: 0, length: this.size }] : [], { offset: from, length: to - from });
+      return alignTo ? alignRanges(all, alignTo, this.size) : all;
+    }
     const fd = this.fh.fd;
-    const out: ByteRange[] = [];
-    let pos = 0;
+    const out = new RangeBuilder(this.size, alignTo);
+    // Two system calls per allocated range, on the main thread: a million ranges
+    // take seconds, so the walk gives the event loop back every few ms.
+    const pacer = new Pacer();
+    let pos = from;
     try {
-      while (pos < this.size) {
+      while (pos < to) {
         const data = this.ops.seekData(fd, pos);
-        if (data < 0 || data >= this.size) break;
+        if (data < 0 || data >= to) break;
         let hole = this.ops.seekHole(fd, data);
         if (hole < 0 || hole > this.size) hole = this.size;
-        out.push({ offset: data, length: hole - data });
+        out.add(data, Math.min(hole, to));
         pos = hole;
+        if (pacer.due) {
+          await pacer.pace();
+          // Closed meanwhile: its descriptor number may already name another file.
+          if (this.closed) throw new TmError(ErrorCodes.VOLUME_IO, `volume ${this.path} was closed during its allocation map`);
+        }
       }
     } catch (e) {
       throw asTmError(e, ErrorCodes.VOLUME_IO, `allocation map of ${this.path}`);
     }
-    return alignTo ? alignRanges(out, alignTo, this.size) : out;
+    return out.ranges;
   }
 
   async zero(offset: number, length: number): Promise<void> {

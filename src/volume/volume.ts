@@ -32,11 +32,13 @@ export interface Volume {
   readonly kind: 'file' | 'block' | 'memory';
   readonly capabilities: VolumeCapabilities;
   /**
-   * Allocated ranges, ascending, non-overlapping, merged. With `alignTo`, every
-   * range is widened outward to multiples of `alignTo` (clipped to `size`) and
-   * ranges that then touch or overlap are merged.
+   * Allocated ranges, ascending, non-overlapping, merged. With `within`, only
+   * the allocated bytes inside that range (clipped to it). With `alignTo`,
+   * every range is then widened outward to multiples of `alignTo` (clipped to
+   * `size`) and ranges that then touch or overlap are merged. A big map is
+   * walked in slices that give the event loop back between them.
    */
-  allocated(alignTo?: number): Promise<ByteRange[]>;
+  allocated(alignTo?: number, within?: ByteRange): Promise<ByteRange[]>;
   /** Read exactly `length` bytes at `offset` (short only at end of volume is an error). */
   read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   write(offset: number, data: Buffer): Promise<void>;
@@ -72,6 +74,46 @@ export function alignRanges(ranges: ByteRange[], align: number, size: number): B
       return { offset: start, length: end - start };
     }),
   );
+}
+
+/** The parts of ascending, merged `ranges` inside `within` (clipped to it). Pure. */
+export function clipRanges(ranges: ByteRange[], within?: ByteRange): ByteRange[] {
+  if (!within) return ranges;
+  const from = within.offset;
+  const to = within.offset + within.length;
+  const out: ByteRange[] = [];
+  for (const r of ranges) {
+    const s = Math.max(r.offset, from);
+    const e = Math.min(r.offset + r.length, to);
+    if (e > s) out.push({ offset: s, length: e - s });
+  }
+  return out;
+}
+
+/**
+ * Builds an allocation map range by range: each range given in ascending
+ * order is widened to `align` (when given, clipped to `size`) and merged with
+ * the last one when they touch. What {@link alignRanges} does in one pass,
+ * for a walk that cannot hold the raw map first.
+ */
+export class RangeBuilder {
+  readonly ranges: ByteRange[] = [];
+
+  constructor(
+    private readonly size: number,
+    private readonly align?: number,
+  ) {}
+
+  add(offset: number, end: number): void {
+    if (end <= offset) return;
+    if (this.align) {
+      offset = Math.floor(offset / this.align) * this.align;
+      end = Math.min(this.size, Math.ceil(end / this.align) * this.align);
+    }
+    const last = this.ranges[this.ranges.length - 1];
+    if (last && offset <= last.offset + last.length) last.length = Math.max(last.offset + last.length, end) - last.offset;
+    else this.ranges.push({ offset, length: end - offset });
+  }
 }
 
 /** Sum of lengths. */

@@ -1,4 +1,5 @@
 import { ErrorCodes, TmError } from '../errors.js';
+import { Pacer } from '../util/pace.js';
 import { chunkDigest, DIGEST_BYTES } from './digest.js';
 import type { ByteRange, Volume } from './volume.js';
 
@@ -118,7 +119,8 @@ export async function* walk(volume: Volume, o: WalkOptions): AsyncGenerator<Walk
     throw new TmError(ErrorCodes.VOLUME_RANGE, `walk of ${from}..${to} is outside volume ${volume.path} (${volume.size} bytes)`);
   }
   const step = Math.max(cs, Math.floor(o.window / cs) * cs);
-  const alloc = o.alloc ?? (await volume.allocated(cs));
+  // Only the map of [from, to): a window of a big volume must not walk the whole of its map.
+  const alloc = o.alloc ?? (await volume.allocated(cs, { offset: from, length: to - from }));
   for (const seg of segments([[from, to]], alloc, step)) {
     if (seg.hole) {
       yield { offset: seg.offset, length: seg.length, data: null };
@@ -134,7 +136,8 @@ export async function* walk(volume: Volume, o: WalkOptions): AsyncGenerator<Walk
  * The digests of the chunks of [offset, offset + length): DIGEST_BYTES per
  * chunk, in order (the last chunk may be short: the volume's tail). Holes give
  * the zero digest without being read; allocated data is read in 4 MiB windows.
- * `alloc`: as for {@link walk} (default `volume.allocated(chunkSize)`).
+ * `alloc`: as for {@link walk} (default: the map of this range only). Yields
+ * to the event loop between chunks every few ms.
  *
  * @throws TmError TM_ERR_VOLUME_RANGE outside the volume; TM_ERR_INTERNAL if
  *   `offset` or a piece of `alloc` is not on a chunk boundary; what
@@ -145,12 +148,15 @@ export async function digestRange(volume: Volume, offset: number, length: number
   if (offset % cs !== 0) throw new TmError(ErrorCodes.INTERNAL, `digestRange: offset ${offset} is not a multiple of the chunk size ${cs}`);
   if (!Number.isSafeInteger(length) || length < 0) throw new TmError(ErrorCodes.VOLUME_RANGE, `digests of ${offset}+${length} are outside volume ${volume.path} (${volume.size} bytes)`);
   const out = Buffer.alloc(Math.ceil(length / cs) * DIGEST_BYTES, 0);
+  // Hashing 4 MiB of small chunks takes ms of the main thread: it yields between chunks every few ms.
+  const pacer = new Pacer();
   for await (const w of walk(volume, { from: offset, to: offset + length, window: DIGEST_READ_BYTES, chunkSize: cs, alloc })) {
     if (w.data === null) continue; // zero digests already
     if (w.offset % cs !== 0) throw new TmError(ErrorCodes.INTERNAL, `digestRange: allocated piece at ${w.offset} is not on a chunk boundary (map not aligned to ${cs})`);
     const base = (w.offset - offset) / cs;
     for (let at = 0, c = base; at < w.length; at += cs, c++) {
       chunkDigest(w.data.subarray(at, Math.min(at + cs, w.length)), out, c * DIGEST_BYTES);
+      await pacer.pace();
     }
   }
   return out;

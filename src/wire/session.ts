@@ -101,6 +101,16 @@ export class Session extends EventEmitter {
     return n;
   }
 
+  /**
+   * Send bytes already encoded, unchecked by the codec (with their MAC once
+   * {@link protect} has run): what a peer that does not follow the codec can
+   * put on the wire after authentication; the tests of a malicious peer use it.
+   */
+  sendEncoded(body: Buffer): number {
+    if (this.ended) throw this.failure ?? new TmError(ErrorCodes.CONNECTION, `session with ${this.peerName} is closed`);
+    return this.sendFrame(body);
+  }
+
   private sendFrame(body: Buffer): number {
     const m = this.mac;
     if (!m) {

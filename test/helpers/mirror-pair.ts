@@ -10,8 +10,10 @@ import { readJsonFile, writeFileAtomic } from '../../src/util/atomic.js';
 import type { MirrorStatus } from '../../src/mirror/status.js';
 import { MemoryVolume } from '../../src/volume/memory.js';
 import { memorySessionPair, type FrameAction } from '../../src/wire/memory.js';
+import type { Session } from '../../src/wire/session.js';
 
-const PSK = Buffer.from('memory-pair-pre-shared-key-0123456789');
+/** The pre-shared key both sides of a MemoryMirrorPair use (a fake peer authenticates with it too). */
+export const PSK = Buffer.from('memory-pair-pre-shared-key-0123456789');
 let serial = 0;
 
 /** Settings small enough that a few MiB make many extents, checkpoints and cycles. */
@@ -63,6 +65,12 @@ export class MemoryMirrorPair {
    */
   readonly saveFaults: { a: ((next: MirrorState) => boolean) | null; b: ((next: MirrorState) => boolean) | null } = { a: null, b: null };
   savesFailed = 0;
+  /**
+   * A fake secondary: when set, a primary's session goes to it instead of the
+   * secondary Mirror (it gets the secondary's end of the link, before the
+   * handshake). Tests of a malicious secondary set it.
+   */
+  peer: ((session: Session) => Promise<void>) | null = null;
   private readonly log = pino({ level: process.env.TM_TEST_LOG ?? 'silent' });
 
   private constructor(
@@ -79,8 +87,9 @@ export class MemoryMirrorPair {
     MemoryVolume.register(targetName.slice('memory:'.length), this.target);
   }
 
-  static async create(size: number, o: { primary?: Partial<MirrorConfig>; secondary?: Partial<MirrorConfig> } = {}): Promise<MemoryMirrorPair> {
-    const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'tm-mem-'));
+  /** `base`: where the temp dir of the state files goes (default the OS temp dir; the fuzzer uses /dev/shm). */
+  static async create(size: number, o: { primary?: Partial<MirrorConfig>; secondary?: Partial<MirrorConfig>; base?: string } = {}): Promise<MemoryMirrorPair> {
+    const dir = await fsp.mkdtemp(path.join(o.base ?? os.tmpdir(), 'tm-mem-'));
     const id = `${process.pid}-${++serial}`;
     const src = `memory:src-${id}`;
     const dst = `memory:dst-${id}`;
@@ -136,6 +145,14 @@ export class MemoryMirrorPair {
   /** What a primary's transport would do: a session to the other side's Mirror, served as the daemon serves one. */
   private async connect(secondary: Mirror | null, node: string, signal: AbortSignal) {
     signal.throwIfAborted();
+    if (this.peer) {
+      const fake = memorySessionPair({ names: ['secondary (fake)', 'primary (memory)'] });
+      const cut = () => fake.cut();
+      signal.addEventListener('abort', cut, { once: true });
+      void fake.a.closed.then(() => signal.removeEventListener('abort', cut));
+      void this.peer(fake.b).catch(() => {});
+      return fake.a;
+    }
     if (!secondary) throw new TmError(ErrorCodes.CONNECTION, `cannot connect to ${node}: its mirror is not running`);
     const pair = memorySessionPair({
       names: ['secondary (memory)', 'primary (memory)'],

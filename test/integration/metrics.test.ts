@@ -78,6 +78,8 @@ describe('integration: metrics over the control socket and TCP (two daemons on l
       expect(m.get(key('thinmirror_mirror_last_cycle_generation', l))).to.equal(a.lastCycle!.generation);
       expect(m.get(key('thinmirror_mirror_last_cycle_duration_seconds', l))).to.equal(a.lastCycle!.durationSeconds);
       expect(m.has('process_cpu_user_seconds_total')).to.equal(true);
+      // Issue 14 §4: the event-loop delay of the daemon, from prom-client's default metrics.
+      expect(m.get('nodejs_eventloop_lag_p99_seconds')).to.be.a('number');
     }
     expect(b.sentBytes).to.equal(a.sentBytes);
     expect(a.sentBytes).to.be.at.least(6 * MiB);
