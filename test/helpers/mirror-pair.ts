@@ -71,6 +71,8 @@ export class MemoryMirrorPair {
    * handshake). Tests of a malicious secondary set it.
    */
   peer: ((session: Session) => Promise<void>) | null = null;
+  /** Sites started without a way to reach the other side (no connect, no listener): a one-way config. */
+  readonly oneWay = new Set<'a' | 'b'>();
   private readonly log = pino({ level: process.env.TM_TEST_LOG ?? 'silent' });
 
   private constructor(
@@ -132,8 +134,11 @@ export class MemoryMirrorPair {
         }
         await writeFileAtomic(file, data);
       },
-      // Whichever side is primary (after a role change too) connects to the other one.
-      connect: async (signal) => (a ? this.connect(this.secondary, 'site-b', signal) : this.connect(this.primary, 'site-a', signal)),
+      // Whichever side is primary (after a role change too) connects to the other one;
+      // a one-way site (oneWay) has no way to reach the other, as a config without peer: / listen:.
+      ...(this.oneWay.has(a ? 'a' : 'b')
+        ? { listening: false }
+        : { connect: async (signal: AbortSignal) => (a ? this.connect(this.secondary, 'site-b', signal) : this.connect(this.primary, 'site-a', signal)) }),
     });
     // Known before it starts: a fault planned at its first frame restarts this one, not none.
     if (a) this.primary = m;

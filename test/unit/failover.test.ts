@@ -207,6 +207,29 @@ describe('failover and failback over the in-memory engine (issue 12)', function 
     expect(sb.splitBrain!.why).to.match(/both sides are primary/);
   });
 
+  it('a one-way config keeps working; promote and demote then say what is missing for replication the other way', async () => {
+    pair = await MemoryMirrorPair.create(1 * MiB);
+    // B has no peer: in its config (the harness gives it no connection either); A no listener.
+    pair.oneWay.add('b');
+    await scribble(pair.source, 21, 10);
+    await pair.startSecondary();
+    await pair.startPrimary();
+    await pair.waitCommitted(1);
+    await pair.primary!.abort();
+    await waitSide(() => pair.secondary, (s) => s.connectedSince === null, 'B to see A gone');
+    const rep = await pair.secondary!.promote();
+    expect(rep.role).to.equal('primary');
+    expect(rep.warnings.join(' ')).to.match(/no peer: URL in site-b's config.*add peer: ws:\/\/HOST:PORT/);
+    const st = await waitSide(() => pair.secondary, (s) => s.error !== null, 'the promoted side to report why it cannot replicate');
+    expect(st.error!.code).to.equal('TM_ERR_CONFIG');
+    expect(st.error!.message).to.match(/no peer: URL/);
+    // A one-way site A (no listener) is told so by demote.
+    pair.oneWay.add('a');
+    await pair.startPrimary();
+    const dem = await pair.primary!.demote();
+    expect(dem.warnings.join(' ')).to.match(/no listen: address/);
+  });
+
   for (const loser of ['A', 'B'] as const) {
     it(`split brain: both sides wrote after diverging; nothing is written until resolve --discard-local on ${loser}, which then receives the union`, async () => {
       pair = await MemoryMirrorPair.create(2 * MiB);
