@@ -2,7 +2,7 @@ import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { Coalesced } from '../util/coalesce.js';
 import type { Volume } from '../volume/volume.js';
 import { digestRange } from '../volume/walk.js';
-import type { ExtentMsg } from '../wire/messages.js';
+import type { ExtentMsg, Message } from '../wire/messages.js';
 import { decompressPayload } from '../wire/payload.js';
 import type { Session } from '../wire/session.js';
 import type { Progress } from './status.js';
@@ -51,13 +51,33 @@ export interface ReceiverOptions {
   /** Names the mirror in error messages. */
   what: string;
   log: { info(o: object, msg: string): void; warn(o: object, msg: string): void };
+  /** Extents applied at once (target writes in flight); default {@link MAX_APPLIES}; 1 applies one after the other. */
+  maxApplies?: number;
+}
+
+/** Extents applied at once by default: writes in flight on the target, so that an undo journal can cover several with one fdatasync ... */
+export const MAX_APPLIES = 16;
+/** ... and at most this many bytes of them. */
+const MAX_APPLY_BYTES = 16 * 1024 * 1024;
+
+/** An extent being applied, in arrival order. */
+interface InFlightApply {
+  seq: number;
+  end: number;
+  length: number;
+  done: boolean;
+  /** Settles when the write ends; never rejects (a failure goes to the run). */
+  settled: Promise<void>;
 }
 
 /**
- * Applies generations from a session to a target volume: extents in
- * ascending order, each acknowledged after its write, with the durable
- * cursor; a checkpoint (flush, then the cursor recorded) at least every
- * `checkpointBytes` or `checkpointInterval`, beside the apply loop; `commit`
+ * Applies generations from a session to a target volume: extents arrive in
+ * ascending order and up to `maxApplies` of them (MAX_APPLY_BYTES) are
+ * written at once; each is acknowledged, in order, once it and every extent
+ * before it are written, with the durable cursor. A checkpoint (flush, then
+ * the cursor recorded) at least every `checkpointBytes` or
+ * `checkpointInterval`, beside the apply loop, covers only the prefix of the
+ * generation whose writes have all completed; `commit` waits for every write,
  * flushes and records the generation before `committed` goes back. Knows
  * nothing of files: the target is any Volume, the record is given.
  */
@@ -67,8 +87,8 @@ export class Receiver {
   progress: Progress | null = null;
   /** The generation at which the primary asked this side to take over (a switchover agreed), or null. */
   switchoverAt: number | null = null;
-  /** Where lz4 payloads are decompressed, reused extent after extent (each write is awaited before the next extent). */
-  private scratch: Buffer | null = null;
+  /** Where lz4 payloads are decompressed: one buffer per apply in flight, reused. */
+  private readonly scratches: Buffer[] = [];
 
   constructor(
     private readonly session: Session,
@@ -82,17 +102,23 @@ export class Receiver {
     const session = this.session;
     const target = this.target;
     const rec = this.record;
+    const maxApplies = Math.max(1, this.o.maxApplies ?? MAX_APPLIES);
     let current: number | null = null;
     let nextOffset = 0; // extents of a generation arrive in ascending order
+    let applied = 0; // every extent of `current` below this is written
     let durable = 0;
     let sinceCheckpoint = 0;
     let lastCheckpointAt = Date.now();
+    const inFlight: InFlightApply[] = [];
+    let inFlightBytes = 0;
+    let failure: unknown = null;
+    let ending = false;
     // One checkpoint at a time: flush, then the cursor it covers is recorded.
     // The cursor is taken when the checkpoint starts: every write below it has
-    // completed (each is awaited), so it never claims more than is durable.
+    // completed, so the flush covers them and it never claims more than is durable.
     const checkpoint = new Coalesced(async () => {
       const gen = current!;
-      const cursor = nextOffset;
+      const cursor = applied;
       await target.flush();
       await rec.saveApplying({ generation: gen, cursor });
       durable = cursor;
@@ -102,9 +128,63 @@ export class Receiver {
         throw asTmError(e, ErrorCodes.VOLUME_IO, `${this.o.what}: checkpoint of ${target.path}`);
       });
     };
+
+    // The loop waits for the next message or for room among the applies; a
+    // failed apply wakes it with the failure.
+    let abortNext: ((e: unknown) => void) | null = null;
+    let listeners: { resolve: () => void; reject: (e: unknown) => void }[] = [];
+    const notify = () => {
+      const l = listeners;
+      listeners = [];
+      for (const x of l) {
+        if (failure !== null) x.reject(failure);
+        else x.resolve();
+      }
+    };
+    const fail = (e: unknown) => {
+      failure ??= e;
+      abortNext?.(failure);
+      notify();
+    };
+    const nextMessage = () =>
+      new Promise<Message>((resolve, reject) => {
+        if (failure !== null) return reject(failure);
+        abortNext = reject;
+        session.next().then(resolve, reject);
+      }).finally(() => (abortNext = null));
+    const until = async (cond: () => boolean) => {
+      for (;;) {
+        if (failure !== null) throw failure;
+        if (cond()) return;
+        await new Promise<void>((resolve, reject) => listeners.push({ resolve, reject }));
+      }
+    };
+    // Extents whose write completed, in order: the cursor moves, each is acknowledged.
+    const retire = () => {
+      try {
+        while (inFlight.length && inFlight[0]!.done) {
+          const e = inFlight.shift()!;
+          inFlightBytes -= e.length;
+          applied = e.end;
+          if (ending) continue;
+          sinceCheckpoint += e.length;
+          if (this.progress) this.progress.doneBytes = applied;
+          if (!checkpoint.busy && (sinceCheckpoint >= this.o.checkpointBytes || Date.now() - lastCheckpointAt >= this.o.checkpointInterval * 1000)) {
+            sinceCheckpoint = 0;
+            lastCheckpointAt = Date.now();
+            checkpoint.request();
+          }
+          session.send({ type: 'ack', seq: e.seq, durable });
+        }
+      } catch (err) {
+        fail(err);
+      }
+      notify();
+    };
+
     try {
       for (;;) {
-        const msg = await session.next();
+        const msg = await nextMessage();
         if (checkpoint.error) await settle();
         switch (msg.type) {
           case 'begin': {
@@ -122,7 +202,7 @@ export class Receiver {
               );
             }
             current = msg.generation;
-            nextOffset = durable = msg.resumeFrom;
+            nextOffset = applied = durable = msg.resumeFrom;
             // From here the target is between committed and `current`.
             await rec.begin(current, msg.resumeFrom, { ...(msg.gid ? { gid: msg.gid } : {}), ...(msg.withPeerChanges ? { withPeerChanges: true } : {}) });
             this.progress = { generation: current, doneBytes: msg.resumeFrom, totalBytes: target.size };
@@ -135,20 +215,23 @@ export class Receiver {
             if (msg.offset < nextOffset) {
               throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} is below ${nextOffset}: extents must arrive in ascending order`);
             }
-            await this.apply(msg);
-            nextOffset = msg.offset + msg.length;
-            sinceCheckpoint += msg.length;
-            if (this.progress) this.progress.doneBytes = nextOffset;
-            if (!checkpoint.busy && (sinceCheckpoint >= this.o.checkpointBytes || Date.now() - lastCheckpointAt >= this.o.checkpointInterval * 1000)) {
-              sinceCheckpoint = 0;
-              lastCheckpointAt = Date.now();
-              checkpoint.request();
-            }
-            session.send({ type: 'ack', seq: msg.seq, durable });
+            await until(() => inFlight.length < maxApplies && inFlightBytes < MAX_APPLY_BYTES);
+            const e: InFlightApply = { seq: msg.seq, end: msg.offset + msg.length, length: msg.length, done: false, settled: Promise.resolve() };
+            e.settled = this.apply(msg).then(
+              () => {
+                e.done = true;
+                retire();
+              },
+              fail,
+            );
+            inFlight.push(e);
+            inFlightBytes += msg.length;
+            nextOffset = e.end;
             break;
           }
           case 'commit': {
             if (current !== msg.generation) throw new TmError(ErrorCodes.PROTOCOL, `commit(${msg.generation}) but generation ${current} is open`);
+            await until(() => inFlight.length === 0);
             await settle();
             await target.flush();
             const gen = current;
@@ -182,16 +265,20 @@ export class Receiver {
         }
       }
     } finally {
+      // Writes still in flight end first (no more acks or checkpoints from them):
+      // what they wrote counts for the checkpoint below only up to the first that failed.
+      ending = true;
+      await Promise.all(inFlight.map((e) => e.settled));
       // Let a running checkpoint finish before the next session reads the record.
       await checkpoint.settled().catch(() => {});
       // The session ended (link cut, replaced, refused frame) inside a
-      // generation: everything below nextOffset was written, so make it durable
+      // generation: everything below `applied` was written, so make it durable
       // now and the next session resumes there, not at the last periodic
       // checkpoint. (After a crash, the periodic checkpoints are what is left.)
-      if (current !== null && !checkpoint.error && nextOffset > durable) {
+      if (current !== null && !checkpoint.error && applied > durable) {
         try {
           await target.flush();
-          await rec.saveApplying({ generation: current, cursor: nextOffset });
+          await rec.saveApplying({ generation: current, cursor: applied });
         } catch (e) {
           this.o.log.warn({ err: e }, 'checkpoint at the end of the session failed; the next session resumes from the last one');
         }
@@ -207,12 +294,21 @@ export class Receiver {
     }
   }
 
+  /** A decompression buffer of at least `n` bytes, from those no apply is using. */
+  private takeScratch(n: number): Buffer {
+    const i = this.scratches.findIndex((b) => b.length >= n);
+    if (i >= 0) return this.scratches.splice(i, 1)[0]!;
+    this.scratches.pop(); // too small for this size: let it go, so the pool stays one buffer per apply in flight
+    return Buffer.allocUnsafe(n);
+  }
+
   private async apply(msg: ExtentMsg): Promise<void> {
+    let scratch: Buffer | undefined;
     try {
       if (msg.kind === 'data') {
-        if (msg.codec === 'lz4' && (!this.scratch || this.scratch.length < msg.length)) this.scratch = Buffer.allocUnsafe(msg.length);
+        if (msg.codec === 'lz4') scratch = this.takeScratch(msg.length);
         // Throws TM_ERR_CHECKSUM before anything is written.
-        const raw = decompressPayload(msg, this.scratch ?? undefined);
+        const raw = decompressPayload(msg, scratch);
         await this.target.write(msg.offset, raw);
         this.appliedBytes += raw.length;
       } else {
@@ -220,6 +316,8 @@ export class Receiver {
       }
     } catch (e) {
       throw asTmError(e, ErrorCodes.VOLUME_IO, `${this.o.what}, target ${this.target.path} at ${msg.offset}+${msg.length}`);
+    } finally {
+      if (scratch) this.scratches.push(scratch);
     }
   }
 }

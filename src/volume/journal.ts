@@ -8,7 +8,12 @@
  * `commit(N)`, before the first write or zero of a chunk, the chunk's current
  * content (or the fact that it was a hole, or all zeros) is appended to
  * `gen-<N>.journal` in the journal directory, and the target write is issued
- * only once that record is durable (fdatasync). {@link JournaledVolume.rollback}
+ * only once that record is durable (fdatasync). Records are group-committed:
+ * writes to different chunks may be in flight together (the Receiver keeps
+ * several), their records are appended as one batch and one fdatasync covers
+ * the batch; each call's target write waits for the fdatasync that covers its
+ * own records. Calls that share a chunk are ordered: the later one starts
+ * once the earlier one's target write is done. {@link JournaledVolume.rollback}
  * replays the records in reverse onto the stopped target.
  *
  * ## File format (all integers little-endian)
@@ -46,14 +51,21 @@
  * record holds its content of C.
  *
  * - A call's records are appended (positional writes at the end of the valid
- *   prefix), then one fdatasync, then the chunks count as saved, then the
- *   target write or zero is issued. A crash before the fdatasync returned may
- *   leave a torn tail (zeros, part of a record, even later records of the same
- *   batch without earlier ones); the target was not touched for any of those
- *   chunks, so the tail is not needed: the journal is its longest prefix of
- *   records whose magic, lengths and CRC check, and what follows is ignored
- *   (rollback) or cut off (reopen, before anything is appended after it).
- *   Only the last batch can be torn: the next one starts after its fdatasync.
+ *   prefix, in a batch with those of other calls in flight), then one
+ *   fdatasync covers the batch, then the call's chunks count as saved, then
+ *   its target write or zero is issued. A crash before that fdatasync
+ *   returned may leave a torn tail (zeros, part of a record, even later
+ *   records of the same batch without earlier ones); the target was not
+ *   touched for any of those chunks, so the tail is not needed: the journal
+ *   is its longest prefix of records whose magic, lengths and CRC check, and
+ *   what follows is ignored (rollback) or cut off (reopen, before anything is
+ *   appended after it). Only what follows the last completed fdatasync can be
+ *   torn: appends run one at a time, and an fdatasync covers every append
+ *   before it.
+ * - Two calls never read or write a chunk at the same time: a call waits for
+ *   the earlier calls in flight that share one of its chunks (their target
+ *   writes included). So a chunk's old content is read before any write of
+ *   the generation reaches it, and writes to one chunk land in call order.
  * - A record whose CRC checks but whose content is impossible (another
  *   generation, outside the volume, not on chunk boundaries, a head that
  *   disagrees with the target) is not a torn write: TM_ERR_STATE.
@@ -204,6 +216,27 @@ interface ScannedJournal {
   records: RecordRef[];
   validLength: number;
   fileLength: number;
+}
+
+/** A call in flight on chunks [first, end) (Infinity: all of them); `done` resolves (never rejects) when it ends. */
+interface InFlight {
+  first: number;
+  end: number;
+  done: Promise<void>;
+}
+
+/** A call waiting for its records to be appended or, with `sync`, durable. */
+interface Waiter {
+  resolve: () => void;
+  reject: (e: unknown) => void;
+  sync: boolean;
+}
+
+/** Records queued for one append of the group commit, and the calls waiting for them. */
+interface Batch {
+  bufs: Buffer[];
+  records: number;
+  waiters: Waiter[];
 }
 
 /** A live journal of the current base. */
@@ -420,9 +453,23 @@ export class JournaledVolume implements Volume {
   private readonly saved: Bitmap = new RoaringBitmap32();
   /** Chunks allocated (even in part) when `current` began; valid for every chunk not saved. */
   private allocatedAtBegin: Bitmap | null = null;
-  /** Serializes saves, begin and commit: one batch is appended and synced at a time. */
-  private lock: Promise<void> = Promise.resolve();
-  private scratch: Buffer | null = null;
+  /**
+   * Writes, zeros, begins, commits and close in progress, in the order they
+   * were called: each waits for the earlier ones whose chunks it shares (a
+   * begin, commit or close shares every chunk). Writes to different chunks run
+   * concurrently, which is what lets one fdatasync cover several of them.
+   */
+  private readonly inFlight = new Set<InFlight>();
+  /** Records waiting for the next append: the group commit. */
+  private queued: Batch | null = null;
+  /** The append loop, while it runs. */
+  private appending: Promise<void> | null = null;
+  /** Appends completed on the journal being appended to. */
+  private appends = 0;
+  /** Calls whose records were appended (up to append number `upTo`) and that wait for an fdatasync started after it. */
+  private unsynced: { upTo: number; waiters: Waiter[] }[] = [];
+  /** The fdatasync loop, while it runs. */
+  private syncing: Promise<void> | null = null;
   private records = 0;
   private syncs = 0;
 
@@ -493,13 +540,33 @@ export class JournaledVolume implements Volume {
     return this.journal ? [this.journal, ...this.others] : [...this.others];
   }
 
-  private serial<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.lock.then(fn);
-    this.lock = run.then(
-      () => {},
-      () => {},
-    );
-    return run;
+  /**
+   * Run `fn` once every earlier call in flight that touches chunks
+   * [first, end) is done (target write included); `end` Infinity: after all of
+   * them, and before any later one (begin, commit, close). The set of earlier
+   * calls is taken synchronously, so calls are ordered as they were made.
+   */
+  private async ordered<T>(first: number, end: number, fn: () => Promise<T>): Promise<T> {
+    const before: Promise<void>[] = [];
+    for (const f of this.inFlight) if (f.first < end && first < f.end) before.push(f.done);
+    let release!: () => void;
+    const me: InFlight = { first, end, done: new Promise<void>((r) => (release = r)) };
+    this.inFlight.add(me);
+    try {
+      if (before.length) await Promise.all(before); // `done` never rejects
+      return await fn();
+    } finally {
+      this.inFlight.delete(me);
+      release();
+    }
+  }
+
+  /** Like {@link ordered} over every chunk, once the group commit is idle too: nothing of the journal is moving. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    return this.ordered(0, Infinity, async () => {
+      while (this.appending || this.syncing) await (this.appending ?? this.syncing);
+      return fn();
+    });
   }
 
   private checkOpen(what: string): void {
@@ -520,7 +587,7 @@ export class JournaledVolume implements Volume {
     if (!Number.isSafeInteger(generation) || generation <= this.committed) {
       throw new TmError(ErrorCodes.INTERNAL, `begin(${generation}): generation ${this.committed} is already committed`);
     }
-    await this.serial(async () => {
+    await this.exclusive(async () => {
       if (this.failed) throw this.refusal(`begin(${generation})`);
       if (this.current === generation) return;
       await this.closeJournal();
@@ -569,9 +636,10 @@ export class JournaledVolume implements Volume {
    */
   async commit(generation: number): Promise<void> {
     this.checkOpen(`commit(${generation})`);
-    await this.serial(async () => {
+    await this.exclusive(async () => {
       if (this.current !== generation) throw new TmError(ErrorCodes.INTERNAL, `commit(${generation}) but ${this.current === null ? 'no generation' : `generation ${this.current}`} is begun`);
       const files = this.liveJournals();
+      this.o.log?.info({ ...this.stats, generation }, 'journal of the generation dropped at commit');
       await this.closeJournal();
       this.others = [];
       this.current = null;
@@ -632,9 +700,10 @@ export class JournaledVolume implements Volume {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.lock;
-    await this.closeJournal();
-    await this.target.close();
+    await this.exclusive(async () => {
+      await this.closeJournal();
+      await this.target.close();
+    });
   }
 
   private async guarded(offset: number, length: number, what: string, zeroing: boolean, op: () => Promise<void>): Promise<void> {
@@ -644,24 +713,31 @@ export class JournaledVolume implements Volume {
     }
     if (this.current === null) throw new TmError(ErrorCodes.INTERNAL, `${what} ${offset}+${length} on ${this.path} outside a journaled generation (begin was not called)`);
     if (length === 0) return op();
-    const ran = await this.serial(() => this.save(offset, length, zeroing, this.o.unsafeWriteBeforeJournal ? op : null));
-    if (!ran) await op();
-  }
-
-  /**
-   * Save the chunks of [offset, offset + length) not saved yet (for a zero,
-   * not those that were holes at begin): read, append, one fdatasync, mark
-   * saved. Runs under the lock. With `unsafeOp` (the broken ordering), runs it
-   * between reading the old content and appending; returns whether it ran it.
-   */
-  private async save(offset: number, length: number, zeroing: boolean, unsafeOp: (() => Promise<void>) | null): Promise<boolean> {
-    if (this.failed) throw this.refusal(`${zeroing ? 'zero' : 'write'} ${offset}+${length}`);
-    if (this.current === null || !this.fh || !this.journal || !this.allocatedAtBegin) {
-      throw new TmError(ErrorCodes.INTERNAL, `write ${offset}+${length} on ${this.path}: generation committed meanwhile`);
-    }
     const cs = this.chunkSize;
     const first = Math.floor(offset / cs);
     const end = Math.floor((offset + length - 1) / cs) + 1;
+    // In order with the calls in flight on the same chunks: a chunk's old
+    // content is read before any write to it, and writes to it land in call order.
+    await this.ordered(first, end, async () => {
+      const ran = await this.save(first, end, `${what} ${offset}+${length}`, zeroing, this.o.unsafeWriteBeforeJournal ? op : null);
+      if (!ran) await op();
+    });
+  }
+
+  /**
+   * Save the chunks [first, end) not saved yet (for a zero, not those that
+   * were holes at begin): read their old content, queue their records for
+   * the group commit, wait until an fdatasync covers them, mark them saved.
+   * Runs when no earlier call on these chunks is in flight. With `unsafeOp`
+   * (the broken ordering), runs it between reading the old content and
+   * queuing the records; returns whether it ran it.
+   */
+  private async save(first: number, end: number, what: string, zeroing: boolean, unsafeOp: (() => Promise<void>) | null): Promise<boolean> {
+    if (this.failed) throw this.refusal(what);
+    if (this.current === null || !this.allocatedAtBegin) {
+      throw new TmError(ErrorCodes.INTERNAL, `${what} on ${this.path}: generation committed meanwhile`);
+    }
+    const cs = this.chunkSize;
     if (this.saved.hasRange(first, end)) return false;
     const need = new RoaringBitmap32();
     need.addRange(first, end);
@@ -682,28 +758,31 @@ export class JournaledVolume implements Volume {
       else runs.push({ first: i, end: i + 1, allocated: a });
     }
 
-    // Records are gathered into one positional write at a time; in the
-    // unsafe mode all of them are kept until after the target write.
+    // Records are handed to the group commit APPEND_BYTES at a time (bounds
+    // the memory of a long call); in the unsafe mode all of them are kept
+    // until after the target write.
     let pending: Buffer[] = [];
     let pendingBytes = 0;
-    let records = 0;
-    const drain = async () => {
-      if (!pending.length) return;
-      const buf = pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingBytes);
+    let pendingRecords = 0;
+    const hand = (sync: boolean) => {
+      const bufs = pending;
+      const records = pendingRecords;
       pending = [];
       pendingBytes = 0;
-      await this.append(buf);
+      pendingRecords = 0;
+      return this.groupCommit(bufs, records, sync);
     };
-    const push = async (kind: RecordKind, at: number, len: number, payload?: Buffer) => {
+    /** Queue a record; `rec` when the payload was read in place (the header and CRC are filled in here). */
+    const push = async (kind: RecordKind, at: number, len: number, payload?: Buffer, rec?: Buffer) => {
       const p = payload ? payload.length : 0;
-      const rec = Buffer.allocUnsafe(RECORD_OVERHEAD + p);
+      rec ??= Buffer.allocUnsafe(RECORD_OVERHEAD + p);
       writeHeader(rec, 0, kind, gen, at, len, p);
-      payload?.copy(rec, RECORD_HEADER);
+      if (payload && payload.buffer !== rec.buffer) payload.copy(rec, RECORD_HEADER);
       sealRecord(rec, 0, p);
       pending.push(rec);
       pendingBytes += rec.length;
-      records++;
-      if (!unsafeOp && pendingBytes >= APPEND_BYTES) await drain();
+      pendingRecords++;
+      if (!unsafeOp && pendingBytes >= APPEND_BYTES) await hand(false);
     };
 
     for (const run of runs) {
@@ -713,8 +792,12 @@ export class JournaledVolume implements Volume {
         await push(RecordKind.HOLE, start, stop - start);
         continue;
       }
-      if (!this.scratch || this.scratch.length < stop - start) this.scratch = Buffer.allocUnsafe(sliceChunks * cs);
-      const old = await this.target.read(start, stop - start, this.scratch);
+      // The old content is read straight into the payload of a data record
+      // covering the run (a buffer of this call's own: calls on other chunks run meanwhile).
+      const rec = Buffer.allocUnsafe(RECORD_OVERHEAD + stop - start);
+      const payload = rec.subarray(RECORD_HEADER, RECORD_HEADER + stop - start);
+      let old = await this.target.read(start, stop - start, payload);
+      if (old.buffer !== payload.buffer || old.byteOffset !== payload.byteOffset) old = Buffer.from(old); // not read in place: no sharing below
       // Consecutive chunks that read as zeros make a zeros record, the others data records.
       const zeros = (at: number) => isAllZero(old.subarray(at, Math.min(at + cs, old.length)));
       for (let from = 0; from < old.length; ) {
@@ -722,7 +805,9 @@ export class JournaledVolume implements Volume {
         let to = from + cs;
         while (to < old.length && zeros(to) === z) to += cs;
         to = Math.min(to, old.length);
-        await push(z ? RecordKind.ZEROS : RecordKind.DATA, start + from, to - from, z ? undefined : old.subarray(from, to));
+        // The usual case, no zero chunk in the run: the record is the buffer read into.
+        const whole = !z && from === 0 && to === old.length && old.buffer === rec.buffer;
+        await push(z ? RecordKind.ZEROS : RecordKind.DATA, start + from, to - from, z ? undefined : old.subarray(from, to), whole ? rec : undefined);
         from = to;
       }
     }
@@ -731,30 +816,132 @@ export class JournaledVolume implements Volume {
       await unsafeOp();
       if (this.o.testGapMs) await sleep(this.o.testGapMs);
     }
-    try {
-      await drain();
-      await (this.o.datasync ? this.o.datasync(this.fh) : this.fh.datasync());
-    } catch (e) {
-      this.failed = asTmError(e, ErrorCodes.VOLUME_IO, `journal ${this.journal.file}`);
-      throw this.failed;
-    }
-    this.syncs++;
-    this.records += records;
+    await hand(true);
     this.saved.orInPlace(need);
     if (this.o.testGapMs && !unsafeOp) await sleep(this.o.testGapMs);
     return unsafeOp !== null;
   }
 
-  /** Positional append at the end of the valid prefix; a failure poisons the wrapper. */
-  private async append(buf: Buffer): Promise<void> {
-    const j = this.journal!;
+  /**
+   * The group commit. Queue `bufs` (`records` records) for the next append at
+   * the end of the journal's valid prefix; with `sync`, resolve only once an
+   * fdatasync that started after that append completed has returned (the
+   * records are durable). Appends run one at a time, and so do fdatasyncs,
+   * but an append runs while the previous batch's fdatasync does: whatever is
+   * queued meanwhile goes into the next batch, so the saves in flight together
+   * share one fdatasync. A failed append or fdatasync poisons the wrapper and
+   * rejects every call waiting for one (their target writes are not issued).
+   */
+  private groupCommit(bufs: Buffer[], records: number, sync: boolean): Promise<void> {
+    if (this.failed) return Promise.reject(this.failed);
+    const q = (this.queued ??= { bufs: [], records: 0, waiters: [] });
+    for (const b of bufs) q.bufs.push(b);
+    q.records += records;
+    const done = new Promise<void>((resolve, reject) => q.waiters.push({ resolve, reject, sync }));
+    this.appending ??= this.runAppends();
+    return done;
+  }
+
+  /** Append batch after batch until none is queued; never rejects (failures go to the waiting calls). */
+  private async runAppends(): Promise<void> {
+    await null; // never done before `appending` is set; below, the last check and the reset are one step
     try {
-      await writeFully(this.fh!, buf, j.length);
-    } catch (e) {
-      this.failed = asTmError(e, ErrorCodes.VOLUME_IO, `appending to journal ${j.file}`);
-      throw this.failed;
+      for (let q = this.queued; q; q = this.queued) {
+        this.queued = null;
+        const j = this.journal;
+        const fh = this.fh;
+        try {
+          if (this.failed) throw this.failed;
+          if (!j || !fh) throw new TmError(ErrorCodes.INTERNAL, `journal of ${this.path} closed with records queued`);
+          await this.append(j, fh, q.bufs);
+        } catch (e) {
+          this.fail(e, q.waiters, `appending to journal ${j?.file ?? this.dir}`);
+          continue;
+        }
+        this.records += q.records;
+        this.appends++;
+        const toSync = q.waiters.filter((w) => w.sync);
+        for (const w of q.waiters) if (!w.sync) w.resolve();
+        if (toSync.length) {
+          this.unsynced.push({ upTo: this.appends, waiters: toSync });
+          this.syncing ??= this.runSyncs();
+        }
+      }
+    } finally {
+      this.appending = null;
     }
-    j.length += buf.length;
+  }
+
+  /** fdatasync until every append a call waits for is covered; never rejects. */
+  private async runSyncs(): Promise<void> {
+    await null; // as in runAppends
+    try {
+      while (this.unsynced.length) {
+        const upTo = this.appends; // this fdatasync starts after these appends completed
+        const fh = this.fh;
+        try {
+          if (this.failed) throw this.failed;
+          if (!fh) throw new TmError(ErrorCodes.INTERNAL, `journal of ${this.path} closed with records to sync`);
+          await (this.o.datasync ? this.o.datasync(fh) : fh.datasync());
+        } catch (e) {
+          const all = this.unsynced.flatMap((u) => u.waiters);
+          this.unsynced = [];
+          this.fail(e, all, `journal ${this.journal?.file ?? this.dir}`);
+          continue;
+        }
+        this.syncs++;
+        while (this.unsynced.length && this.unsynced[0]!.upTo <= upTo) for (const w of this.unsynced.shift()!.waiters) w.resolve();
+      }
+    } finally {
+      this.syncing = null;
+    }
+  }
+
+  /** The journal failed: poison the wrapper, reject `waiters` and every call queued behind them. */
+  private fail(e: unknown, waiters: Waiter[], what: string): void {
+    this.failed ??= asTmError(e, ErrorCodes.VOLUME_IO, what);
+    const q = this.queued;
+    this.queued = null;
+    for (const w of [...waiters, ...(q?.waiters ?? [])]) w.reject(this.failed);
+  }
+
+  /**
+   * Positional append of `bufs` at the end of the valid prefix of `j`, in one
+   * writev (records under 64 KiB, such as hole records, are first joined).
+   */
+  private async append(j: LiveJournal, fh: fsp.FileHandle, bufs: Buffer[]): Promise<void> {
+    const iov: Buffer[] = [];
+    let small: Buffer[] = [];
+    let smallBytes = 0;
+    const join = () => {
+      if (small.length) iov.push(small.length === 1 ? small[0]! : Buffer.concat(small, smallBytes));
+      small = [];
+      smallBytes = 0;
+    };
+    for (const b of bufs) {
+      if (b.length >= 65536) {
+        join();
+        iov.push(b);
+      } else {
+        small.push(b);
+        smallBytes += b.length;
+        if (smallBytes >= APPEND_BYTES) join();
+      }
+    }
+    join();
+    let bytes = 0;
+    for (const b of iov) bytes += b.length;
+    let done = 0;
+    let from = 0; // first buffer of iov not wholly written
+    while (done < bytes) {
+      const { bytesWritten } = await fh.writev(iov.slice(from, from + 512), j.length + done);
+      done += bytesWritten;
+      // Drop what was written: whole buffers, then the written head of a partly written one.
+      let left = bytesWritten;
+      while (left > 0 && left >= iov[from]!.length) left -= iov[from++]!.length;
+      if (left > 0) iov[from] = iov[from]!.subarray(left);
+    }
+    j.length += bytes;
   }
 
   /**

@@ -549,4 +549,129 @@ describe('undo journal (JournaledVolume): the save volume of a secondary (issue 
     expect(await t2.allocated()).to.deep.equal(allocBefore);
     await t2.close();
   });
+
+  /** Chunks covered by the records in `file` (record headers as in journal.ts's file format), head excluded. */
+  async function chunksInJournal(file: string): Promise<number[]> {
+    const buf = await fsp.readFile(file);
+    const out: number[] = [];
+    for (let pos = HEAD_BYTES; pos + RECORD_OVERHEAD <= buf.length; ) {
+      if (buf.readUInt32LE(pos) !== 0x314a4d54) break;
+      const offset = Number(buf.readBigUInt64LE(pos + 16));
+      const length = buf.readUInt32LE(pos + 24);
+      const payload = buf.readUInt32LE(pos + 28);
+      if (pos + RECORD_OVERHEAD + payload > buf.length) break;
+      for (let c = offset / CS; c < Math.ceil((offset + length) / CS); c++) out.push(c);
+      pos += RECORD_OVERHEAD + payload;
+    }
+    return out;
+  }
+
+  /**
+   * A target that checks, at every write and zero, that each chunk it touches
+   * is durable in the journal: its record was in the file when an fdatasync
+   * started, and that fdatasync has returned (`durable`, kept by the
+   * datasync hook). Violations are collected, not thrown.
+   */
+  class Checked extends Probe {
+    readonly durable = new Set<number>();
+    readonly violations: string[] = [];
+    reads = 0;
+    override async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+      const b = await super.read(offset, length, into);
+      this.reads++;
+      return b;
+    }
+    private check(what: string, offset: number, length: number): void {
+      for (let c = Math.floor(offset / CS); c < Math.ceil((offset + length) / CS); c++) if (!this.durable.has(c)) this.violations.push(`${what} of chunk ${c} before its record was durable`);
+    }
+    override async write(offset: number, data: Buffer): Promise<void> {
+      this.check('write', offset, data.length);
+      await super.write(offset, data);
+    }
+    override async zero(offset: number, length: number): Promise<void> {
+      this.check('zero', offset, length);
+      await super.zero(offset, length);
+    }
+  }
+
+  /** `checked`'s datasync hook: the records in the file when the fdatasync starts are durable once it returns; `first` runs before the first one. */
+  function durableTracker(checked: Checked, first: () => Promise<void> = async () => {}) {
+    let n = 0;
+    return async (fh: fsp.FileHandle) => {
+      if (n++ === 0) await first();
+      const covered = await chunksInJournal(journalFile(dir, 1));
+      await fh.datasync();
+      for (const c of covered) checked.durable.add(c);
+    };
+  }
+
+  it('group commit: writes in flight together share one fdatasync, and no chunk is written before an fdatasync that covers its record has returned', async () => {
+    const v = await image();
+    const before = v.clone();
+    const checked = new Checked(v.handle());
+    // The first fdatasync is held until every write has read its old content and queued its records.
+    const jv = await open(checked, {
+      datasync: durableTracker(checked, async () => {
+        for (let i = 0; i < 1000 && checked.reads < 6; i++) await new Promise((r) => setImmediate(r)); // bounded: serialized writes never get there
+        for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+      }),
+    });
+    await jv.begin(1);
+    const writes: Promise<void>[] = [];
+    for (let c = 0; c < 16; c++) writes.push(jv.write(c * CS + 10, pattern(100, c))); // 16 chunks: 6 data (read: 0-3, 6, 9), 10 holes
+    await Promise.all(writes);
+    expect(jv.stats.records).to.equal(16); // one per call: each call saves its own chunk
+    expect(jv.stats.syncs).to.be.at.most(2);
+    expect(checked.violations).to.deep.equal([]);
+    expect(checked.log.filter((x) => x === 'write')).to.have.length(16);
+    await jv.close();
+    await JournaledVolume.rollback(v.handle(), dir, { committed: 0 });
+    expect(await sameContent(v, before)).to.equal(true);
+  });
+
+  it('the durability check of the group-commit test catches the broken ordering (negative control)', async () => {
+    const v = await image();
+    const checked = new Checked(v.handle());
+    const jv = await open(checked, { unsafeWriteBeforeJournal: true, datasync: durableTracker(checked) });
+    await jv.begin(1);
+    await Promise.all([0, 1, 2].map((c) => jv.write(c * CS, pattern(100, c))));
+    expect(checked.violations).to.have.length(3);
+    await jv.close();
+  });
+
+  it('writes in flight on the same chunk are ordered: the old content is saved once, before either lands, and they land in call order', async () => {
+    const v = await image();
+    const before = v.clone();
+    // The first write of chunk 1 is slow: unordered, the later calls on chunk 1 would overtake it.
+    class SlowFirst extends Checked {
+      slow = true;
+      override async write(offset: number, data: Buffer): Promise<void> {
+        if (this.slow && Math.floor(offset / CS) === 1) {
+          this.slow = false;
+          for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+        }
+        await super.write(offset, data);
+      }
+    }
+    const checked = new SlowFirst(v.handle());
+    const jv = await open(checked, { datasync: durableTracker(checked) });
+    await jv.begin(1);
+    const ops: [string, number, number | Buffer][] = [
+      ['write', CS + 100, pattern(5000, 1)],
+      ['write', CS + 2000, pattern(5000, 2)], // overlaps the first
+      ['write', 9 * CS, pattern(CS, 3)], // another chunk: not held up
+      ['zero', CS + 4000, 100],
+      ['write', 0, pattern(CS + 50, 4)], // chunks 0 and 1
+    ];
+    const expected = v.clone();
+    for (const [op, at, x] of ops) await (op === 'write' ? expected.write(at, x as Buffer) : expected.zero(at, x as number));
+    await Promise.all(ops.map(([op, at, x]) => (op === 'write' ? jv.write(at, x as Buffer) : jv.zero(at, x as number))));
+    expect(checked.violations).to.deep.equal([]);
+    expect(await sameContent(v, expected)).to.equal(true);
+    expect(jv.stats.savedChunks).to.equal(3); // 0, 1, 9: chunk 1 once
+    expect(jv.stats.bytes).to.equal(HEAD_BYTES + 3 * (RECORD_OVERHEAD + CS)); // three data records of one chunk each
+    await jv.close();
+    await JournaledVolume.rollback(v.handle(), dir, { committed: 0 });
+    expect(await sameContent(v, before)).to.equal(true);
+  });
 });

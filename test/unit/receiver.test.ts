@@ -5,6 +5,8 @@ import { MemoryVolume } from '../../src/volume/memory.js';
 import { memorySessionPair } from '../../src/wire/memory.js';
 import type { Session } from '../../src/wire/session.js';
 import { makeDataExtent } from '../../src/wire/payload.js';
+import type { ByteRange, Volume, VolumeCapabilities } from '../../src/volume/volume.js';
+import type { Message } from '../../src/wire/messages.js';
 
 const silent = { info() {}, warn() {} };
 
@@ -29,6 +31,71 @@ function record(): Record {
     },
   };
   return r;
+}
+
+/**
+ * A target whose writes wait until the test releases them (by offset), so
+ * that extents complete out of order; it counts the writes in flight, and
+ * can fail the write at one offset.
+ */
+class Gated implements Volume {
+  readonly kind = 'memory' as const;
+  inFlight = 0;
+  maxInFlight = 0;
+  failAt: number | null = null;
+  private readonly gates = new Map<number, () => void>();
+  private readonly opened = new Set<number>();
+  constructor(readonly inner: MemoryVolume) {}
+  get path(): string {
+    return this.inner.path;
+  }
+  get size(): number {
+    return this.inner.size;
+  }
+  get capabilities(): VolumeCapabilities {
+    return this.inner.capabilities;
+  }
+  allocated(alignTo?: number): Promise<ByteRange[]> {
+    return this.inner.allocated(alignTo);
+  }
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    return this.inner.read(offset, length, into);
+  }
+  /** Let the write at `offset` proceed (now, or as soon as it comes). */
+  release(offset: number): void {
+    this.opened.add(offset);
+    this.gates.get(offset)?.();
+  }
+  /** Resolves once `n` writes are waiting at their gate. */
+  async waiting(n: number): Promise<void> {
+    while (this.gates.size < n) await new Promise((r) => setImmediate(r));
+  }
+  /** Resolves once exactly the writes at `offsets` are waiting at their gate and no other write is in flight. */
+  async waitingAt(offsets: number[]): Promise<void> {
+    const want = [...offsets].sort((x, y) => x - y).join();
+    while ([...this.gates.keys()].sort((x, y) => x - y).join() !== want || this.inFlight !== offsets.length) await new Promise((r) => setImmediate(r));
+  }
+  async write(offset: number, data: Buffer): Promise<void> {
+    this.inFlight++;
+    this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+    try {
+      if (!this.opened.has(offset)) await new Promise<void>((r) => this.gates.set(offset, r));
+      this.gates.delete(offset);
+      if (offset === this.failAt) throw new Error(`EIO: injected at ${offset}`);
+      await this.inner.write(offset, data);
+    } finally {
+      this.inFlight--;
+    }
+  }
+  zero(offset: number, length: number): Promise<void> {
+    return this.inner.zero(offset, length);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
 }
 
 /** A Receiver on `b` with checkpoints only at commits. */
@@ -124,5 +191,74 @@ describe('Receiver (mirror/receiver) over an in-memory session', () => {
     const err = await run.catch((e) => e);
     expect(err.code).to.equal('TM_ERR_PROTOCOL');
     expect(err.message).to.match(/resumes from 8192, but only generation 1 up to 4096 is durable here/);
+  });
+
+  it('applies several extents at once, acknowledges them in order, and a checkpoint never covers an extent whose write (or an earlier one) has not completed', async () => {
+    const CHUNK = 4096;
+    const size = 16 * CHUNK;
+    const inner = MemoryVolume.create(size);
+    const target = new Gated(inner);
+    const rec = record();
+    // A checkpoint after every extent: each must cover only extents whose writes completed, all of them below its cursor.
+    const checked: number[] = [];
+    const save = rec.saveApplying.bind(rec);
+    rec.saveApplying = async (a: Applying) => {
+      for (let at = 0; at < a.cursor; at += CHUNK) expect((await inner.read(at, CHUNK)).equals(Buffer.alloc(CHUNK, 1 + at / CHUNK)), `chunk at ${at} below cursor ${a.cursor}`).to.equal(true);
+      checked.push(a.cursor);
+      await save(a);
+    };
+    const { a, b } = open(size);
+    const run = new Receiver(b, target, rec, { chunkSize: CHUNK, checkpointBytes: 1, checkpointInterval: 60, what: 'test', log: silent, maxApplies: 4 }).run();
+    run.catch(() => {});
+    a.send({ type: 'begin', generation: 1, resumeFrom: 0 });
+    for (let i = 0; i < 6; i++) a.send(await makeDataExtent(i + 1, i * CHUNK, Buffer.alloc(CHUNK, 1 + i)));
+    a.send({ type: 'commit', generation: 1 });
+    // Four writes in flight at once (maxApplies), none released yet: the fifth extent waits for room.
+    await target.waiting(4);
+    expect(target.maxInFlight).to.equal(4);
+    // Complete them out of order: 2, 3, 4 first. Nothing may be acknowledged or checkpointed past extent 1
+    // (and the window stays full: room is made by acknowledged extents, so 5 and 6 wait).
+    for (const i of [1, 2, 3]) target.release(i * CHUNK);
+    await target.waitingAt([0]);
+    for (const i of [1, 2, 3]) expect((await inner.read(i * CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK, 1 + i))).to.equal(true);
+    for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+    expect(rec.saves).to.deep.equal(['applying 1@0']);
+    expect(target.maxInFlight).to.equal(4);
+    for (const i of [0, 4, 5]) target.release(i * CHUNK);
+    const got: Message[] = [];
+    for (;;) {
+      const m = await a.next(5000);
+      got.push(m);
+      if (m.type === 'committed') break;
+    }
+    expect(got.filter((m) => m.type === 'ack').map((m) => (m as { seq: number }).seq)).to.deep.equal([1, 2, 3, 4, 5, 6]);
+    for (const m of got) if (m.type === 'ack') expect(m.durable % CHUNK).to.equal(0);
+    expect(checked.length).to.be.greaterThan(0);
+    expect(rec.saves[rec.saves.length - 1]).to.equal('committed 1');
+    for (let i = 0; i < 6; i++) expect((await inner.read(i * CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK, 1 + i))).to.equal(true);
+    a.close();
+    await run.catch(() => {});
+  });
+
+  it('a failed write among several in flight ends the session with TM_ERR_VOLUME_IO; the end-of-session checkpoint stops before it, even if later writes completed', async () => {
+    const CHUNK = 4096;
+    const size = 16 * CHUNK;
+    const inner = MemoryVolume.create(size);
+    const target = new Gated(inner);
+    target.failAt = 2 * CHUNK;
+    const rec = record();
+    const { a, b } = open(size);
+    const run = new Receiver(b, target, rec, { chunkSize: CHUNK, checkpointBytes: 1 << 30, checkpointInterval: 60, what: 'test', log: silent, maxApplies: 8 }).run();
+    a.send({ type: 'begin', generation: 1, resumeFrom: 0 });
+    for (let i = 0; i < 5; i++) a.send(await makeDataExtent(i + 1, i * CHUNK, Buffer.alloc(CHUNK, 1 + i)));
+    await target.waiting(5);
+    for (const i of [0, 1, 3, 4]) target.release(i * CHUNK);
+    await new Promise((r) => setImmediate(r));
+    target.release(2 * CHUNK);
+    const err = await run.catch((e) => e);
+    expect(err.code).to.equal('TM_ERR_VOLUME_IO');
+    expect(err.message).to.match(/injected at 8192/);
+    expect(rec.applying).to.deep.equal({ generation: 1, cursor: 2 * CHUNK });
+    expect((await inner.read(4 * CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK, 5))).to.equal(true); // written, but not claimed durable
   });
 });
