@@ -639,7 +639,7 @@ export class JournaledVolume implements Volume {
     await this.exclusive(async () => {
       if (this.current !== generation) throw new TmError(ErrorCodes.INTERNAL, `commit(${generation}) but ${this.current === null ? 'no generation' : `generation ${this.current}`} is begun`);
       const files = this.liveJournals();
-      this.o.log?.info({ ...this.stats, generation }, 'journal of the generation dropped at commit');
+      this.o.log?.debug({ ...this.stats, generation }, 'journal of the generation dropped at commit');
       await this.closeJournal();
       this.others = [];
       this.current = null;
