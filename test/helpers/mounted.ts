@@ -4,6 +4,8 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { cliPath } from '../../src/cli/daemon-process.js';
+import type { Pair } from './pair.js';
+import type { LoopFs } from './xfs.js';
 
 /*
  * What the integration tests of drills and failover share: the CLI as an
@@ -96,3 +98,36 @@ export class FileWriter {
   }
 }
 
+
+/**
+ * What an integration test of a site builds, torn down in reverse by
+ * {@link Scene.cleanup} (call it in afterEach): the writer stopped, the images
+ * unmounted, the daemons killed, the loop filesystem removed.
+ */
+export class Scene {
+  fs: LoopFs | undefined;
+  pair: Pair | undefined;
+  writer: FileWriter | undefined;
+  readonly mounts: Mounted[] = [];
+
+  async mount(image: string, dir: string, opts?: string): Promise<Mounted> {
+    const m = await Mounted.mount(image, dir, opts);
+    this.mounts.push(m);
+    return m;
+  }
+
+  unmount(m: Mounted): void {
+    m.umount();
+    this.mounts.splice(this.mounts.indexOf(m), 1);
+  }
+
+  async cleanup(): Promise<void> {
+    await this.writer?.stop().catch(() => {});
+    for (const m of this.mounts.splice(0).reverse()) m.umount();
+    await this.pair?.cleanup();
+    await this.fs?.cleanup();
+    this.writer = undefined;
+    this.pair = undefined;
+    this.fs = undefined;
+  }
+}

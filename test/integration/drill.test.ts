@@ -12,44 +12,31 @@ import { fileUsers } from '../../src/volume/file-users.js';
 import { Pair, sha256File } from '../helpers/pair.js';
 import { key, parseExposition } from '../helpers/prometheus.js';
 import { LoopFs, requireTool } from '../helpers/xfs.js';
-import { cli, FileWriter, Mounted, sha256 } from '../helpers/mounted.js';
+import { cli, FileWriter, Scene, sha256 } from '../helpers/mounted.js';
 
 const execFile = promisify(execFileCb);
 const MiB = 1024 * 1024;
 
 describe('integration: a failover drill on the secondary while replication goes on (issue 11 §3)', function () {
   this.timeout(300_000);
-  let fs: LoopFs | undefined;
-  let pair: Pair | undefined;
-  let writer: FileWriter | undefined;
-  const mounts: Mounted[] = [];
+  const sc = new Scene();
 
   before(() => {
     requireTool('mkfs.ext4', 'e2fsprogs');
     requireTool('e2fsck', 'e2fsprogs');
   });
 
-  afterEach(async () => {
-    await writer?.stop().catch(() => {});
-    for (const m of mounts.splice(0).reverse()) m.umount();
-    await pair?.cleanup();
-    await fs?.cleanup();
-    writer = undefined;
-    pair = undefined;
-    fs = undefined;
-  });
+  afterEach(() => sc.cleanup());
 
   it('clones the consistent image during an apply; the clone mounts, holds every file synced before its generation, fscks clean, stays apart from the replica; stop refused while mounted', async () => {
-    fs = await LoopFs.create('xfs', 3 * 1024 * MiB);
-    pair = await Pair.create('vm1', fs.mount);
-    const p = pair;
+    const fs = (sc.fs = await LoopFs.create('xfs', 3 * 1024 * MiB));
+    const p = (sc.pair = await Pair.create('vm1', fs.mount));
     // 1. The source holds an ext4, mounted on the primary's side.
     const fh = await fsp.open(p.source, 'w');
     await fh.truncate(512 * MiB);
     await fh.close();
     execFileSync('mkfs.ext4', ['-q', '-F', p.source], { stdio: 'pipe' });
-    const src = await Mounted.mount(p.source, path.join(fs.dir, 'src'));
-    mounts.push(src);
+    const src = await sc.mount(p.source, path.join(fs.dir, 'src'));
     // Reflink tracking: each generation is a point-in-time image of the source (crash consistent for the ext4).
     // The bandwidth cap makes applies last, so that a drill can start during one.
     await p.writeConfigs({ extraPrimary: { tracking: { mode: 'reflink', interval: '1s' }, bandwidth: '4MiB/s' } });
@@ -59,7 +46,7 @@ describe('integration: a failover drill on the secondary while replication goes 
     const secondaryCfg = p.cfg.secondary;
     const sstate = p.cfg.secondaryState;
     const w = new FileWriter(src.dir, async () => (await p.primaryMirror()).generation);
-    writer = w;
+    sc.writer = w;
     w.start();
 
     // 2. A drill started while a generation is applied. The primary is paused (SIGSTOP) inside an
@@ -117,8 +104,7 @@ describe('integration: a failover drill on the secondary while replication goes 
     expect(table.out).to.match(new RegExp(`vm1\\s+${d.name}\\s+${G}\\s`));
 
     // 3. The clone mounts (the ext4 journal is replayed) and holds every file synced before generation G was detected.
-    const clone = await Mounted.mount(d.path, path.join(fs.dir, 'clone'));
-    mounts.push(clone);
+    const clone = await sc.mount(d.path, path.join(fs.dir, 'clone'));
     const expected = w.files.filter((f) => f.syncedBefore + 2 <= G);
     expect(expected.length, 'files synced before the drill generation').to.be.at.least(10);
     for (const f of expected) {
@@ -144,8 +130,7 @@ describe('integration: a failover drill on the secondary while replication goes 
     // Generations kept committing during all of it.
     await committedAtLeast(G + 5, 'more generations while the clone is mounted');
 
-    clone.umount();
-    mounts.splice(mounts.indexOf(clone), 1);
+    sc.unmount(clone);
     // mount -o loop detaches its loop device once released; that can lag the umount a little.
     for (let i = 0; i < 100 && (await fileUsers(d.path)).users.length > 0; i++) await new Promise((r) => setTimeout(r, 50));
     const fsck = await execFile('e2fsck', ['-fn', d.path]).then(
@@ -165,24 +150,21 @@ describe('integration: a failover drill on the secondary while replication goes 
 
     // The replica never saw the drill's writes: at a quiescent point it equals the source, which fscks clean and lacks them.
     await w.stop();
-    src.umount();
-    mounts.splice(mounts.indexOf(src), 1);
+    sc.unmount(src);
     await p.waitConverged(180_000);
-    const replica = await Mounted.mount(p.target, path.join(fs.dir, 'replica'), 'loop,ro,noload');
-    mounts.push(replica);
+    const replica = await sc.mount(p.target, path.join(fs.dir, 'replica'), 'loop,ro,noload');
     const names = new Set(await fsp.readdir(replica.dir));
     for (const n of drillFiles) expect(names.has(n), n).to.equal(false);
     for (const f of w.files) expect(names.has(f.name), f.name).to.equal(true);
-    replica.umount();
-    mounts.splice(mounts.indexOf(replica), 1);
+    sc.unmount(replica);
     console.log(
       `      drill of generation ${G} in ${d.seconds.toFixed(3)} s; ${expected.length} of ${w.files.length} files checked in the clone; committed ${(await sec()).committedGeneration} generations in all`,
     );
   });
 
   it('on an ext4 target (consistency journal) drill start is refused with TM_ERR_DRILL_UNSUPPORTED naming the filesystem', async () => {
-    fs = await LoopFs.create('ext4', 256 * MiB);
-    pair = await Pair.create('vm1', fs.mount);
+    const fs = (sc.fs = await LoopFs.create('ext4', 256 * MiB));
+    const pair = (sc.pair = await Pair.create('vm1', fs.mount));
     await createSampleVolume(pair.source, { size: 32 * MiB, allocated: 4 * MiB, extents: 2 });
     await pair.writeConfigs();
     await pair.startSecondary().waitReady();

@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 import type { RoleChangeReport } from '../../src/mirror/mirror.js';
 import type { MirrorStatus } from '../../src/mirror/status.js';
 import { controlGet } from '../../src/daemon/control.js';
-import { cli, FileWriter, Mounted, sha256 } from '../helpers/mounted.js';
+import { cli, FileWriter, Scene, sha256 } from '../helpers/mounted.js';
 import { key, parseExposition } from '../helpers/prometheus.js';
 import { createSampleVolume } from '../../src/util/sample.js';
 import { freePort } from '../helpers/pair-config.js';
@@ -24,8 +24,9 @@ const MiB = 1024 * 1024;
 async function twoWayConfigs(p: Pair, extraA: Record<string, unknown> = {}): Promise<{ cfgA: string; cfgB: string }> {
   const portA = await freePort();
   await p.writeConfigs({
-    extraPrimary: { tracking: { mode: 'reflink', interval: '1s' }, ...extraA },
-    extraSecondary: { tracking: { mode: 'reflink', interval: '1s' } },
+    // A refused side (split brain) retries after reconnect.max: short here, so that both sides see it soon.
+    extraPrimary: { tracking: { mode: 'reflink', interval: '1s' }, reconnect: { min: '1s', max: '2s' }, ...extraA },
+    extraSecondary: { tracking: { mode: 'reflink', interval: '1s' }, reconnect: { min: '1s', max: '2s' } },
   });
   const cfgA = p.cfg.primary;
   const cfgB = p.cfg.secondary;
@@ -75,10 +76,7 @@ async function expectFiles(dir: string, files: Map<string, string>, what: string
 
 describe('integration: failover, failback and switchover with real daemons (issue 12 §6)', function () {
   this.timeout(600_000);
-  let fs: LoopFs | undefined;
-  let pair: Pair | undefined;
-  let writer: FileWriter | undefined;
-  const mounts: Mounted[] = [];
+  const sc = new Scene();
 
   before(() => {
     requireTool('mkfs.ext4', 'e2fsprogs');
@@ -86,25 +84,11 @@ describe('integration: failover, failback and switchover with real daemons (issu
     requireTool('mkfs.xfs', 'xfsprogs');
   });
 
-  afterEach(async () => {
-    await writer?.stop().catch(() => {});
-    for (const m of mounts.splice(0).reverse()) m.umount();
-    await pair?.cleanup();
-    await fs?.cleanup();
-    writer = undefined;
-    pair = undefined;
-    fs = undefined;
-  });
-
-  const unmount = (m: Mounted) => {
-    m.umount();
-    mounts.splice(mounts.indexOf(m), 1);
-  };
+  afterEach(() => sc.cleanup());
 
   it('site A is lost mid-generation; B is promoted (consistent, fsck clean) and written; A comes back, is demoted and receives only the union; switchover back to A loses nothing; A -> B resumes', async () => {
-    fs = await LoopFs.create('xfs', 3 * 1024 * MiB);
-    pair = await Pair.create('vm1', fs.mount);
-    const p = pair;
+    const fs = (sc.fs = await LoopFs.create('xfs', 3 * 1024 * MiB));
+    const p = (sc.pair = await Pair.create('vm1', fs.mount));
     const fh = await fsp.open(p.source, 'w');
     await fh.truncate(256 * MiB);
     await fh.close();
@@ -112,13 +96,12 @@ describe('integration: failover, failback and switchover with real daemons (issu
     const { cfgA, cfgB } = await twoWayConfigs(p, { bandwidth: '8MiB/s' });
 
     // 1. An ext4 on the source, written by a writer on site A, files checksummed after sync.
-    const src = await Mounted.mount(p.source, path.join(fs.dir, 'a'));
-    mounts.push(src);
+    const src = await sc.mount(p.source, path.join(fs.dir, 'a'));
     await p.startSecondary().waitReady();
     await p.startPrimary().waitReady();
     await p.waitInSync(1, 120_000);
     const w = new FileWriter(src.dir, async () => (await p.primaryMirror()).generation);
-    writer = w;
+    sc.writer = w;
     w.start();
     await p.secondary!.waitFor((s) => s.mirrors[0]!.committedGeneration >= 4, 120_000, 'generations with the writer running');
 
@@ -136,9 +119,8 @@ describe('integration: failover, failback and switchover with real daemons (issu
     p.primary!.kill('SIGKILL');
     await p.primary!.exited;
     await w.stop();
-    writer = undefined;
-    src.umount();
-    mounts.splice(mounts.indexOf(src), 1);
+    sc.writer = undefined;
+    sc.unmount(src);
     const torn = await p.secondaryMirror();
     const committedB = torn.committedGeneration;
 
@@ -156,21 +138,19 @@ describe('integration: failover, failback and switchover with real daemons (issu
     expect(bAfter.role).to.equal('primary');
     expect(bAfter.roleConflict).to.match(/config says role secondary, but the mirror is primary/);
     // Mount B (the journal replays), every file synced before the last committed generation is there; fsck clean after.
-    let b = await Mounted.mount(p.target, path.join(fs.dir, 'b'));
-    mounts.push(b);
+    let b = await sc.mount(p.target, path.join(fs.dir, 'b'));
     const expected = w.files.filter((f) => f.syncedBefore + 2 <= committedB);
     expect(expected.length, 'files synced before the committed generation').to.be.at.least(5);
     for (const f of expected) expect(sha256(await fsp.readFile(path.join(b.dir, f.name))), f.name).to.equal(f.sha);
-    unmount(b);
+    sc.unmount(b);
     const f1 = await fsck(p.target);
     expect(f1.code, f1.out).to.equal(0);
 
     // 4. B is mounted, written and changed.
-    b = await Mounted.mount(p.target, path.join(fs.dir, 'b'));
-    mounts.push(b);
+    b = await sc.mount(p.target, path.join(fs.dir, 'b'));
     const onB = await writeFiles(b.dir, 'b', 24);
     await fsp.rm(path.join(b.dir, expected[0]!.name));
-    unmount(b);
+    sc.unmount(b);
 
     // 5. A comes back as it was (primary): both are primary, refused as a split brain, nothing written.
     const bSha = await sha256File(p.target);
@@ -211,24 +191,22 @@ describe('integration: failover, failback and switchover with real daemons (issu
     console.log(`      reverse resync: union ${union} bytes (A had changed ${demoted.divergentBytes}), sent ${sent} bytes; ${allocated} bytes allocated`);
 
     // 6. switchover back to A with zero loss: B is written once more, then hands over.
-    b = await Mounted.mount(p.target, path.join(fs.dir, 'b'));
-    mounts.push(b);
+    b = await sc.mount(p.target, path.join(fs.dir, 'b'));
     const onB2 = await writeFiles(b.dir, 'b2', 8);
-    unmount(b);
+    sc.unmount(b);
     const sw = await cli('switchover', 'vm1', '--config', cfgB, '--json');
     expect(sw.code, sw.err).to.equal(0);
     const swr = JSON.parse(sw.out) as RoleChangeReport;
     expect(swr).to.include({ role: 'secondary', divergentBytes: 0 });
     await p.primary!.waitFor((s) => s.mirrors[0]!.role === 'primary' && s.mirrors[0]!.state === 'in-sync', 60_000, 'A primary again');
-    const a = await Mounted.mount(p.source, path.join(fs.dir, 'a'));
-    mounts.push(a);
+    const a = await sc.mount(p.source, path.join(fs.dir, 'a'));
     await expectFiles(a.dir, onB, 'written on B before the failback');
     await expectFiles(a.dir, onB2, 'written on B before the switchover');
 
     // 7. Replication A -> B resumes with nothing to resend.
     const sentA0 = (await p.primaryMirror()).sentBytes;
     const onA = await writeFiles(a.dir, 'a', 4);
-    unmount(a);
+    sc.unmount(a);
     const g = (await p.primaryMirror()).committedGeneration;
     await p.primary!.waitFor((s) => s.mirrors[0]!.committedGeneration > g && s.mirrors[0]!.state === 'in-sync', 60_000, 'A -> B');
     await p.waitConverged(60_000);
@@ -240,18 +218,16 @@ describe('integration: failover, failback and switchover with real daemons (issu
     expect(bFinal.roleConflict).to.equal(null);
     const f2 = await fsck(p.target);
     expect(f2.code, f2.out).to.equal(0);
-    const rb = await Mounted.mount(p.target, path.join(fs.dir, 'b'), 'loop,ro');
-    mounts.push(rb);
+    const rb = await sc.mount(p.target, path.join(fs.dir, 'b'), 'loop,ro');
     await expectFiles(rb.dir, onA, 'written on A after the switchover');
-    unmount(rb);
+    sc.unmount(rb);
     console.log(`      promote in ${promoted.seconds.toFixed(2)} s (generation ${committedB}, rolled back ${promoted.undone ?? 'nothing'}); switchover in ${swr.seconds.toFixed(2)} s; ${expected.length} files checked after the failover`);
   });
 
   for (const loser of ['A', 'B'] as const) {
     it(`split brain: both sides written after a forced promote are refused with nothing written; resolve --discard-local on ${loser} gives it the other's image`, async () => {
-      fs = await LoopFs.create('xfs', 1024 * MiB);
-      pair = await Pair.create('vm1', fs.mount);
-      const p = pair;
+      const fs = (sc.fs = await LoopFs.create('xfs', 1024 * MiB));
+      const p = (sc.pair = await Pair.create('vm1', fs.mount));
       await createSampleVolume(p.source, { size: 64 * MiB, allocated: 16 * MiB, extents: 16 });
       const { cfgA, cfgB } = await twoWayConfigs(p);
       await p.startSecondary().waitReady();
