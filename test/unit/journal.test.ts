@@ -1,4 +1,5 @@
 import { expect } from 'chai';
+import { DelegatingVolume } from '../helpers/delegating-volume.js';
 import { promises as fsp, mkdtempSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -6,7 +7,7 @@ import { TmError } from '../../src/errors.js';
 import { HEAD_BYTES, journalFile, JournaledVolume, listJournals, RECORD_OVERHEAD, type JournalOpenOptions } from '../../src/volume/journal.js';
 import { MemoryVolume, sameContent } from '../../src/volume/memory.js';
 import { SparseFileVolume } from '../../src/volume/sparse-file.js';
-import type { ByteRange, Volume, VolumeCapabilities } from '../../src/volume/volume.js';
+import type { Volume } from '../../src/volume/volume.js';
 import { rejection } from '../helpers/rejection.js';
 
 const KiB = 1024;
@@ -25,46 +26,32 @@ function pattern(n: number, seed: number): Buffer {
  * fdatasync can be placed among them) and can fail once `failAfter` of them
  * have been done: a rollback killed half way.
  */
-class Probe implements Volume {
+class Probe extends DelegatingVolume {
   failAfter = Infinity;
   done = 0;
   constructor(
-    readonly inner: MemoryVolume,
+    inner: MemoryVolume,
     readonly log: string[] = [],
-  ) {}
-  get path(): string {
-    return this.inner.path;
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  readonly kind = 'memory' as const;
-  get capabilities(): VolumeCapabilities {
-    return this.inner.capabilities;
-  }
-  allocated(alignTo?: number): Promise<ByteRange[]> {
-    return this.inner.allocated(alignTo);
-  }
-  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    return this.inner.read(offset, length, into);
+  ) {
+    super(inner);
   }
   private gate(what: string): void {
     if (this.done >= this.failAfter) throw new TmError('TM_ERR_VOLUME_IO', `killed before ${what}`);
     this.done++;
     this.log.push(what);
   }
-  async write(offset: number, data: Buffer): Promise<void> {
+  override async write(offset: number, data: Buffer): Promise<void> {
     this.gate('write');
     await this.inner.write(offset, data);
   }
-  async zero(offset: number, length: number): Promise<void> {
+  override async zero(offset: number, length: number): Promise<void> {
     this.gate('zero');
     await this.inner.zero(offset, length);
   }
-  flush(): Promise<void> {
+  override flush(): Promise<void> {
     return this.inner.flush();
   }
-  close(): Promise<void> {
+  override close(): Promise<void> {
     return this.inner.close();
   }
 }

@@ -1,11 +1,11 @@
 import { expect } from 'chai';
+import { DelegatingVolume } from '../helpers/delegating-volume.js';
 import { Receiver, type ReplicaRecord } from '../../src/mirror/receiver.js';
 import type { Applying } from '../../src/mirror/state.js';
 import { MemoryVolume } from '../../src/volume/memory.js';
 import { memorySessionPair } from '../../src/wire/memory.js';
 import type { Session } from '../../src/wire/session.js';
 import { makeDataExtent } from '../../src/wire/payload.js';
-import type { ByteRange, Volume, VolumeCapabilities } from '../../src/volume/volume.js';
 import type { Message } from '../../src/wire/messages.js';
 
 const silent = { info() {}, warn() {} };
@@ -38,29 +38,12 @@ function record(): Record {
  * that extents complete out of order; it counts the writes in flight, and
  * can fail the write at one offset.
  */
-class Gated implements Volume {
-  readonly kind = 'memory' as const;
+class Gated extends DelegatingVolume {
   inFlight = 0;
   maxInFlight = 0;
   failAt: number | null = null;
   private readonly gates = new Map<number, () => void>();
   private readonly opened = new Set<number>();
-  constructor(readonly inner: MemoryVolume) {}
-  get path(): string {
-    return this.inner.path;
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  get capabilities(): VolumeCapabilities {
-    return this.inner.capabilities;
-  }
-  allocated(alignTo?: number): Promise<ByteRange[]> {
-    return this.inner.allocated(alignTo);
-  }
-  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    return this.inner.read(offset, length, into);
-  }
   /** Let the write at `offset` proceed (now, or as soon as it comes). */
   release(offset: number): void {
     this.opened.add(offset);
@@ -75,7 +58,7 @@ class Gated implements Volume {
     const want = [...offsets].sort((x, y) => x - y).join();
     while ([...this.gates.keys()].sort((x, y) => x - y).join() !== want || this.inFlight !== offsets.length) await new Promise((r) => setImmediate(r));
   }
-  async write(offset: number, data: Buffer): Promise<void> {
+  override async write(offset: number, data: Buffer): Promise<void> {
     this.inFlight++;
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
     try {
@@ -87,13 +70,13 @@ class Gated implements Volume {
       this.inFlight--;
     }
   }
-  zero(offset: number, length: number): Promise<void> {
+  override zero(offset: number, length: number): Promise<void> {
     return this.inner.zero(offset, length);
   }
-  flush(): Promise<void> {
+  override flush(): Promise<void> {
     return this.inner.flush();
   }
-  close(): Promise<void> {
+  override close(): Promise<void> {
     return this.inner.close();
   }
 }
