@@ -178,17 +178,24 @@ export class Mirror {
           `mirror ${this.name}: primary ${this.state?.peerNode ?? 'the peer'} is connected and replicating to this side; stop it or demote it first, or promote --force (the old primary is then refused as a split brain when it connects)`,
         );
       }
-      const s = this.state;
-      if (!s) throw new TmError(ErrorCodes.STATE, `mirror ${this.name}: this side never received a generation (no ${this.stateFile.file}): there is nothing to promote`);
+      if (!this.state) throw new TmError(ErrorCodes.STATE, `mirror ${this.name}: this side never received a generation (no ${this.stateFile.file}): there is nothing to promote`);
       await r?.stop(true);
       this.runner = null;
+      // Read after the stop: the receiver's last checkpoint may have changed it.
+      const s = this.state;
       const undone = s.applying?.generation ?? null;
-      await rollbackForPromote(this.config, this.stateFile, s, this.log, (next) => this.saveThenSwap(() => next));
-      const next = structuredClone(this.state!) as MirrorState;
-      changeRole(next, 'primary', this.stateFile.file);
-      await this.saveThenSwap(() => next);
+      try {
+        await rollbackForPromote(this.config, this.stateFile, s, this.log, (next) => this.saveThenSwap(() => next));
+        const next = structuredClone(this.state!) as MirrorState;
+        changeRole(next, 'primary', this.stateFile.file);
+        await this.saveThenSwap(() => next);
+      } catch (e) {
+        // Refused or failed before the role changed: the secondary goes on receiving.
+        if (this.role === 'secondary' && !this.runner) await this.startRunner('secondary').catch(() => {});
+        throw e;
+      }
       this.noteRoleConflict();
-      this.log.info({ generation: next.committedGeneration, undone, why: o.why ?? 'promote' }, 'promoted: this side is primary');
+      this.log.info({ generation: this.state!.committedGeneration, undone, why: o.why ?? 'promote' }, 'promoted: this side is primary');
       await this.startRunner('primary', { rebase: true });
       return this.report('primary', t0, undone, null, this.promoteWarnings());
     });
@@ -211,19 +218,35 @@ export class Mirror {
     if (!(r instanceof PrimaryRole) || !this.state) {
       throw new TmError(ErrorCodes.STATE, `mirror ${this.name} is not running${this.failedStart ? ` (${this.failedStart.code}: ${this.failedStart.message})` : ''}: its changes cannot be found to keep them; fix that first`);
     }
-    await r.halt();
-    const changed = await r.changedSinceCommitted();
-    const next = structuredClone(this.state) as MirrorState;
-    const bytes = changed ? gens.bitmapBytes(changed, next.chunkSize, next.volumeSize) : 0;
-    if (changed && !changed.isEmpty) await saveDivergent(this.stateFile.dir, changed);
-    next.divergence =
-      changed === null
-        ? { since: next.history?.at(-1) ?? null, bytes: 0, unknown: true, reason: `${why}: the change source lost its base, the changed chunks are not known`, coveredBy: null }
-        : changed.isEmpty
-          ? null
-          : { since: next.history?.at(-1) ?? null, bytes, unknown: false, reason: why, coveredBy: null };
-    changeRole(next, 'secondary', this.stateFile.file);
-    await this.saveThenSwap(() => next);
+    // A switchover's session stays open until this side is recorded secondary: the
+    // peer promotes itself when it closes, and must never find this side still primary.
+    const switching = afterSwitchover !== null;
+    if (!switching) await r.halt();
+    let changed: Awaited<ReturnType<PrimaryRole['changedSinceCommitted']>>;
+    let next: MirrorState;
+    let bytes: number;
+    try {
+      changed = await r.changedSinceCommitted();
+      next = structuredClone(this.state) as MirrorState;
+      bytes = changed ? gens.bitmapBytes(changed, next.chunkSize, next.volumeSize) : 0;
+      if (changed && !changed.isEmpty) await saveDivergent(this.stateFile.dir, changed);
+      next.divergence =
+        changed === null
+          ? { since: next.history?.at(-1) ?? null, bytes: 0, unknown: true, reason: `${why}: the change source lost its base, the changed chunks are not known`, coveredBy: null }
+          : changed.isEmpty
+            ? null
+            : { since: next.history?.at(-1) ?? null, bytes, unknown: false, reason: why, coveredBy: null };
+      changeRole(next, 'secondary', this.stateFile.file);
+      const n = next;
+      await this.saveThenSwap(() => n);
+    } catch (e) {
+      // Not demoted: the primary role starts again (a peer that agreed to a switchover then meets a primary: a split brain, refused by both).
+      await r.stop().catch(() => {});
+      this.runner = null;
+      await this.startRunner('primary').catch(() => {});
+      throw e;
+    }
+    if (switching) await r.halt();
     this.noteRoleConflict();
     if (!next.divergence) await removeDivergent(this.stateFile.dir);
     await r.dropTracking().catch((e) => this.log.warn({ err: e }, 'removing tracking state after demote failed'));

@@ -207,6 +207,30 @@ describe('failover and failback over the in-memory engine (issue 12)', function 
     expect(sb.splitBrain!.why).to.match(/both sides are primary/);
   });
 
+  it('promote of a torn replica with consistency off is refused (TM_ERR_CONSISTENCY) and the secondary keeps receiving', async () => {
+    pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { consistency: 'off', checkpointBytes: 32 * KiB } });
+    await scribble(pair.source, 31, 40);
+    await pair.startSecondary();
+    await pair.startPrimary();
+    await pair.waitCommitted(1);
+    const start = pair.framesSeen;
+    let cut = false;
+    pair.onFrame = (i) => (i >= start + 14 ? ((cut = true), 'cut') : 'pass');
+    await scribble(pair.source, 32, 60);
+    await pair.waitPrimary(() => cut, 'the cut inside generation 2');
+    await pair.primary!.abort();
+    pair.onFrame = null;
+    const b = pair.secondary!;
+    await waitSide(() => b, (s) => s.connectedSince === null && s.generation === 2, 'B to hold a partly applied generation 2');
+    const e = await rejection(b.promote());
+    expect(e?.code).to.equal('TM_ERR_CONSISTENCY');
+    expect(b.role).to.equal('secondary');
+    // Still a running secondary: the primary comes back and finishes generation 2.
+    await pair.startPrimary();
+    await pair.waitCommitted(2);
+    expect(await sameContent(pair.source, pair.target)).to.equal(true);
+  });
+
   it('a one-way config keeps working; promote and demote then say what is missing for replication the other way', async () => {
     pair = await MemoryMirrorPair.create(1 * MiB);
     // B has no peer: in its config (the harness gives it no connection either); A no listener.
