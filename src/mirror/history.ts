@@ -60,6 +60,11 @@ export function compareHistories(local: readonly GenId[], remote: readonly GenId
   return { common: null, localAhead: [...local], remoteAhead: [...remote] };
 }
 
+/** A primary's chain as the peer may know it: its committed generations, then its pending one (whose commit acknowledgement may have been lost). */
+export function withPending(history: readonly GenId[] | undefined, pending: GenId | null | undefined): GenId[] {
+  return [...(history ?? []), ...(pending ? [pending] : [])];
+}
+
 /** "g12 (site-a, 3f9c…)" for messages. */
 export function describeGen(g: GenId | null | undefined): string {
   return g ? `generation ${g.generation} (${g.node} ${g.id.slice(0, 8)})` : 'no generation';

@@ -9,9 +9,9 @@ import { HANDSHAKE_TIMEOUT_MS, primaryHandshake } from '../wire/handshake.js';
 import type { HistoryMsg } from '../wire/messages.js';
 import type { Session } from '../wire/session.js';
 import type { RoleContext } from './context.js';
-import { loadDivergent, removeDivergent, saveDivergent, serializeBitmap } from './divergence.js';
+import { loadDivergent, removeDivergent } from './divergence.js';
 import * as gens from './generations.js';
-import { appendHistory, compareHistories, describeGen, newGenId, sameGen, type GenId } from './history.js';
+import { appendHistory, compareHistories, describeGen, newGenId, sameGen, withPending, type GenId } from './history.js';
 import { reconcileByDigests } from './reconcile.js';
 import { Sender, type SendCounters } from './sender.js';
 import { DEFAULT_PEER_TIMEOUT } from './settings.js';
@@ -31,6 +31,9 @@ const REFUSALS = new Set<string>([
   ErrorCodes.SPLIT_BRAIN,
   ErrorCodes.CONFIG,
 ]);
+
+/** How long a split brain's figure of the bytes changed here is reused (ms). */
+const CHANGED_BYTES_TTL_MS = 30_000;
 
 /** What the peer said in its history frame, as this primary uses it for the session. */
 interface PeerChanges {
@@ -78,6 +81,8 @@ export class PrimaryRole {
   /** Detection passes, one at a time (the loop's, and a split brain's or a demote's measure). */
   private detecting: Promise<unknown> = Promise.resolve();
   private halted = false;
+  /** The last {@link changedBytes} figure and when it was measured. */
+  private changedMeasure: { at: number; bytes: number | null } | null = null;
   /** Resolved to cut the loop's wait short (a switchover was asked). */
   private wake = resolvers();
   /** The volume was the image of the committed generation when this role started (a promote): take it as the tracking base. */
@@ -452,7 +457,7 @@ export class PrimaryRole {
     session.send(this.historyMsg(null));
     const m = await session.next(HANDSHAKE_TIMEOUT_MS);
     if (m.type !== 'history') throw new TmError(ErrorCodes.PROTOCOL, `expected the secondary's history frame, got ${m.type}`);
-    const mine: GenId[] = [...(s.history ?? []), ...(s.pendingGid ? [s.pendingGid] : [])];
+    const mine = withPending(s.history, s.pendingGid);
     if (m.role === 'primary') {
       throw await this.splitBrain(session, m, compareHistories(mine, m.ids).common, `both sides are primary (${session.peerName} was promoted too)`);
     }
@@ -539,8 +544,14 @@ export class PrimaryRole {
    * (null when the change source lost its base).
    */
   async changedBytes(): Promise<number | null> {
+    // Both sides of a split brain keep reconnecting and are refused each time: measure at
+    // most every CHANGED_BYTES_TTL_MS, not a detection pass (a whole read, for scan) per attempt.
+    const m = this.changedMeasure;
+    if (m && Date.now() - m.at < CHANGED_BYTES_TTL_MS) return m.bytes;
     const b = await this.changedSinceCommitted();
-    return b ? this.bytesOf(b) : null;
+    const bytes = b ? this.bytesOf(b) : null;
+    this.changedMeasure = { at: Date.now(), bytes };
+    return bytes;
   }
 
   /** The chunks of {@link changedBytes}, or null when they cannot be known. */
@@ -569,7 +580,7 @@ export class PrimaryRole {
     session.send({ type: 'ready', committedGeneration: s.committedGeneration, applying: null });
     const m = await session.next(HANDSHAKE_TIMEOUT_MS);
     if (m.type !== 'history') throw new TmError(ErrorCodes.PROTOCOL, `expected the peer's history frame, got ${m.type}`);
-    const mine: GenId[] = [...(s.history ?? []), ...(s.pendingGid ? [s.pendingGid] : [])];
+    const mine = withPending(s.history, s.pendingGid);
     const local = await this.changedBytes().catch(() => null);
     session.send({ ...this.historyMsg(local) });
     // The connecting side tells its changed bytes only in answer to ours (when it connects to us): keep what it said last time.

@@ -5,9 +5,10 @@ import type { AuthMsg, HelloMsg, HistoryMsg, ReadyMsg } from '../wire/messages.j
 import type { Session } from '../wire/session.js';
 import type { RoleContext } from './context.js';
 import { Consistency, rollbackTarget } from './consistency.js';
-import { loadDivergent, removeDivergent, serializeBitmap } from './divergence.js';
+import { serializeBitmap } from '../track/bitmap-store.js';
+import { loadDivergent, removeDivergent } from './divergence.js';
 import { Drills } from './drill.js';
-import { appendHistory, compareHistories, describeGen, type GenId } from './history.js';
+import { appendHistory, compareHistories, describeGen, withPending } from './history.js';
 import { splitBrainError } from './primary-role.js';
 import { Receiver, type Applying, type ReplicaRecord } from './receiver.js';
 import { newState, type MirrorState, type SplitBrain } from './state.js';
@@ -232,7 +233,7 @@ export class SecondaryRole {
     };
     session.send(reply);
     const mine = s.history ?? [];
-    const theirs: GenId[] = [...m.ids, ...(m.pending ? [m.pending] : [])];
+    const theirs = withPending(m.ids, m.pending);
     if (mine.length > 0 && m.ids.length > 0) {
       const cmp = compareHistories(mine, theirs);
       if (cmp.common && cmp.localAhead.length > 0) {

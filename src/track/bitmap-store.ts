@@ -13,6 +13,34 @@ export type RoaringBitmap32 = InstanceType<typeof roaring.RoaringBitmap32>;
  * A bitmap is written before any of its data is sent and removed only after the
  * secondary has acknowledged the generation.
  */
+/** The portable roaring serialization of `bitmap` (run-optimized first). */
+export function serializeBitmap(bitmap: RoaringBitmap32): Buffer {
+  bitmap.runOptimize();
+  bitmap.shrinkToFit();
+  const bytes = bitmap.serialize('portable');
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/** Write `bitmap` to `file` atomically (portable roaring). */
+export async function writeBitmapFile(file: string, bitmap: RoaringBitmap32): Promise<void> {
+  await writeFileAtomic(file, serializeBitmap(bitmap));
+}
+
+/** Read a bitmap written by {@link writeBitmapFile}; TM_ERR_STATE naming `what` and the file when it is unreadable or corrupt. */
+export async function readBitmapFile(file: string, what: string): Promise<RoaringBitmap32> {
+  let buf: Buffer;
+  try {
+    buf = await fsp.readFile(file);
+  } catch (e) {
+    throw asTmError(e, ErrorCodes.STATE, `reading ${what} ${file}`);
+  }
+  try {
+    return RoaringBitmap32.deserialize(buf, 'portable');
+  } catch (e) {
+    throw new TmError(ErrorCodes.STATE, `${what} ${file} is corrupt: ${(e as Error).message}`, { cause: e });
+  }
+}
+
 export class BitmapStore {
   constructor(readonly dir: string) {}
 
@@ -21,25 +49,11 @@ export class BitmapStore {
   }
 
   async save(generation: number, bitmap: RoaringBitmap32): Promise<void> {
-    bitmap.runOptimize();
-    bitmap.shrinkToFit();
-    const bytes = bitmap.serialize('portable');
-    await writeFileAtomic(this.fileFor(generation), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+    await writeBitmapFile(this.fileFor(generation), bitmap);
   }
 
-  async load(generation: number): Promise<RoaringBitmap32> {
-    const file = this.fileFor(generation);
-    let buf: Buffer;
-    try {
-      buf = await fsp.readFile(file);
-    } catch (e) {
-      throw asTmError(e, ErrorCodes.STATE, `reading bitmap ${file}`);
-    }
-    try {
-      return RoaringBitmap32.deserialize(buf, 'portable');
-    } catch (e) {
-      throw new TmError(ErrorCodes.STATE, `bitmap ${file} is corrupt: ${(e as Error).message}`, { cause: e });
-    }
+  load(generation: number): Promise<RoaringBitmap32> {
+    return readBitmapFile(this.fileFor(generation), 'bitmap');
   }
 
   async remove(generation: number): Promise<void> {
