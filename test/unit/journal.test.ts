@@ -83,6 +83,17 @@ describe('undo journal (JournaledVolume): the save volume of a secondary (issue 
     await v.write(16 * CS, pattern(12 * KiB, 4));
     return v;
   }
+  /** An image, a copy of it as it was, and generation 1 written over it through the journal (closed, not committed). */
+  async function journaledGeneration(): Promise<{ v: MemoryVolume; before: MemoryVolume }> {
+    const v = await image();
+    const before = v.clone();
+    const jv = await open(v.handle());
+    await jv.begin(1);
+    await generation(jv);
+    await jv.close();
+    return { v, before };
+  }
+
 
   /**
    * One generation: overwrites (chunk 1 partly, 3 whole), a write from data
@@ -304,12 +315,7 @@ describe('undo journal (JournaledVolume): the save volume of a secondary (issue 
     let kills = 0;
     for (let k = 0; k <= RECORDS; k++) {
       dir = path.join(root, `kill${k}`);
-      const v = await image();
-      const before = v.clone();
-      const jv = await open(v.handle());
-      await jv.begin(1);
-      await generation(jv);
-      await jv.close();
+      const { v, before } = await journaledGeneration();
       const probe = new Probe(v.handle());
       probe.failAfter = k;
       if (k < RECORDS) {
@@ -329,12 +335,7 @@ describe('undo journal (JournaledVolume): the save volume of a secondary (issue 
   });
 
   it('a rollback killed half way and then a restarted replica: the journal still undoes everything', async () => {
-    const v = await image();
-    const before = v.clone();
-    const jv = await open(v.handle());
-    await jv.begin(1);
-    await generation(jv);
-    await jv.close();
+    const { v, before } = await journaledGeneration();
     const probe = new Probe(v.handle());
     probe.failAfter = 3;
     await rejection(JournaledVolume.rollback(probe, dir, { committed: 0 }));
