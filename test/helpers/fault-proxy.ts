@@ -275,6 +275,13 @@ export class FaultProxy {
     return this.connections.size;
   }
 
+  /** The most bytes any current connection has forwarded to the target (0 without one). */
+  get liveBytesToTarget(): number {
+    let n = 0;
+    for (const c of this.connections) n = Math.max(n, c.toTarget.forwarded);
+    return n;
+  }
+
   /** Bytes read by the proxy and not yet forwarded, over all connections and both directions. */
   get queuedBytes(): number {
     let n = 0;
@@ -327,10 +334,12 @@ export class FaultProxy {
     }
   }
 
-  /** Destroy every current connection, both sides. New connections are still accepted. */
-  cut(): void {
+  /** Destroy every current connection, both sides; returns how many. New connections are still accepted. */
+  cut(): number {
     this.counters.cuts++;
-    for (const c of [...this.connections]) c.destroy();
+    const live = [...this.connections];
+    for (const c of live) c.destroy();
+    return live.length;
   }
 
   /** While on, new connections are closed as soon as they are accepted. */

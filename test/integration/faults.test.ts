@@ -45,12 +45,20 @@ describe('integration: faults between and under the daemons (real TCP proxy, rea
     pair.startPrimary();
     let applied = 0;
     for (let cut = 0; cut < 10; cut++) {
-      // Cut only after the sync made progress since the last cut: every cut lands mid-transfer.
+      // Cut only a live connection that has carried data, after the sync made
+      // progress since the last cut: every cut lands mid-transfer. (Progress
+      // alone is not enough: after a cut the secondary still applies what it
+      // had received, so two cuts could otherwise fall between connections.)
       const from = applied;
-      const st = await pair.secondary!.waitFor((s) => s.mirrors[0]!.appliedBytes >= from + 12 * MiB, 60_000, `progress before cut ${cut + 1}`, 20);
+      const st = await pair.secondary!.waitFor(
+        (s) => s.mirrors[0]!.appliedBytes >= from + 12 * MiB && proxy!.liveBytesToTarget >= 4 * MiB,
+        60_000,
+        `progress on a live connection before cut ${cut + 1}`,
+        20,
+      );
       applied = st.mirrors[0]!.appliedBytes;
       expect(st.mirrors[0]!.committedGeneration, 'the sync is still running').to.equal(0);
-      proxy!.cut();
+      expect(proxy!.cut(), `cut ${cut + 1} destroys the live connection`).to.equal(1);
     }
     expect(proxy!.counters.cuts).to.equal(10);
     await pair.waitInSync(1, 120_000);
