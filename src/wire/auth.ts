@@ -1,4 +1,4 @@
-import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createCipheriv, createHmac, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
 import { NONCE_BYTES } from './messages.js';
 
 /**
@@ -15,11 +15,18 @@ import { NONCE_BYTES } from './messages.js';
  * name or the volume's identity in transit without the proof failing.
  *
  * key = HKDF-SHA256(ikm psk, salt nonceP || nonceS, info "thinmirror/3 session" 0 mirror), 32 bytes
- * tag = HMAC-SHA256(key, dir || u64be(seq) || frame), 32 bytes
+ * tag = GMAC: the 16-byte tag of AES-256-GCM under key, with the 12-byte nonce
+ *       dir || 0 0 0 || u64be(seq), the frame as additional data and nothing
+ *       encrypted (NIST SP 800-38D's GMAC)
  * dir is 0x50 ('P') for frames the primary sends, 0x53 ('S') for the secondary's;
  * seq counts the frames one side has sent since the handshake, from 0. Neither
  * is sent: each side counts, so a replayed, reordered, dropped or injected frame
  * is verified under another (dir, seq) and fails, as does a modified one.
+ * GMAC needs a nonce never used twice under one key: the key is new in every
+ * session (both sides' fresh nonces enter it), and (dir, seq) never repeats in
+ * one. It runs on AES-NI and carry-less multiply: about 4x the rate of
+ * HMAC-SHA256 here (bench/frame-mac.ts prints both), and its cost per byte is
+ * paid on every byte of a sync, on both sides.
  */
 
 /** What both proofs cover: the names and nonces of the hello and the challenge. */
@@ -39,8 +46,8 @@ export interface AuthFields {
   fresh?: boolean;
 }
 
-/** Bytes of a frame tag (HMAC-SHA256). */
-export const TAG_BYTES = 32;
+/** Bytes of a frame tag (GMAC, AES-256-GCM's full tag). */
+export const TAG_BYTES = 16;
 
 const ZERO = Buffer.from([0]);
 
@@ -94,6 +101,17 @@ export const DIRECTION = { primary: 0x50, secondary: 0x53 } as const;
 
 /** The tag of frame number `seq` sent by `from` (see the top of this file). */
 export function frameTag(key: Buffer, from: keyof typeof DIRECTION, seq: number, frame: Buffer): Buffer {
+  const nonce = Buffer.alloc(12);
+  nonce[0] = DIRECTION[from];
+  nonce.writeBigUInt64BE(BigInt(seq), 4);
+  const gcm = createCipheriv('aes-256-gcm', key, nonce, { authTagLength: TAG_BYTES });
+  gcm.setAAD(frame);
+  gcm.final();
+  return gcm.getAuthTag();
+}
+
+/** HMAC-SHA256 over the same input as {@link frameTag}: not used by the protocol; the frame-MAC bench measures it beside GMAC. */
+export function frameHmacForBench(key: Buffer, from: keyof typeof DIRECTION, seq: number, frame: Buffer): Buffer {
   const head = Buffer.allocUnsafe(9);
   head[0] = DIRECTION[from];
   head.writeBigUInt64BE(BigInt(seq), 1);
