@@ -9,7 +9,13 @@
  * (perf_hooks.monitorEventLoopDelay: nodejs_eventloop_lag_p99_seconds and
  * _max_seconds). Printed and written as JSON: the p99 per interval (its
  * maximum and median over the sync) and the largest delay seen, against
- * the issue's target p99 <= 20 ms; also the time of one walk of the source's
+ * the issue's target p99 <= 20 ms. The figure held against the target is the
+ * secondary's delay over the whole sync in one histogram: each daemon is
+ * started with bench/eventloop-recorder.mjs preloaded, which records the
+ * delay from the start of the sync to the daemon's exit without the resets
+ * of the scrapes, and every stall over 20 ms; Node's histogram counts its
+ * 10 ms timer period into every sample, so the delay is the sample less
+ * 10 ms (both are printed). Also the time of one walk of the source's
  * map in this process and the longest stall of this process's event loop
  * during it.
  *
@@ -80,6 +86,42 @@ function metric(text: string, name: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
+/** What bench/eventloop-recorder.mjs writes (ms). */
+interface EldRecord {
+  resolutionMs: number;
+  count: number;
+  min: number;
+  max: number;
+  mean: number;
+  p50: number;
+  p90: number;
+  p99: number;
+  'p99.9': number;
+  stalls: { atMs: number; lateMs: number }[];
+}
+
+/** Node's histogram records each interval of its timer, the timer's own period included: the delay is what exceeds it. */
+function delayFigures(r: EldRecord) {
+  const d = (x: number) => Math.max(0, x - r.resolutionMs);
+  const worst = [...r.stalls].sort((a, b) => b.lateMs - a.lateMs);
+  return {
+    samples: r.count,
+    delayP50Ms: d(r.p50),
+    delayP99Ms: d(r.p99),
+    delayP999Ms: d(r['p99.9']),
+    delayMaxMs: d(r.max),
+    rawP99Ms: r.p99,
+    rawMaxMs: r.max,
+    stallsOver20Ms: r.stalls.length,
+    worstStallsMs: worst.slice(0, 10).map((s) => s.lateMs),
+  };
+}
+
+function restoreEnv(name: string, value: string | undefined): void {
+  if (value === undefined) delete process.env[name];
+  else process.env[name] = value;
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s.length ? s[Math.floor(s.length / 2)]! : NaN;
@@ -107,8 +149,24 @@ export async function eventLoopBench(): Promise<void> {
     if (walk.ranges !== extents) throw new Error(`expected ${extents} allocated ranges in the source, found ${walk.ranges}`);
 
     const cfg = await writePairConfigs({ dir, mirror: 'loop', source, target, port: await freePort(), interval: '1h', chunkSize: '4KiB', extraSecondary: { chunkSize: '4KiB' } });
-    const { secondary, primary } = await startPair(cfg, dir, daemons);
+    // Each daemon records its whole event-loop delay histogram (bench/eventloop-recorder.mjs).
+    const eldDir = path.join(fs.mount, 'eld');
+    await fsp.mkdir(eldDir);
+    const saved = { args: process.env.TM_DAEMON_NODE_ARGS, dir: process.env.TM_ELD_DIR };
+    process.env.TM_DAEMON_NODE_ARGS = `${saved.args ?? ''} --import ${path.join(import.meta.dirname, 'eventloop-recorder.mjs')}`.trim();
+    process.env.TM_ELD_DIR = eldDir;
+    let pair: Awaited<ReturnType<typeof startPair>>;
+    try {
+      pair = await startPair(cfg, dir, daemons);
+    } finally {
+      restoreEnv('TM_DAEMON_NODE_ARGS', saved.args);
+      restoreEnv('TM_ELD_DIR', saved.dir);
+    }
+    const { secondary, primary } = pair;
     await primary.waitReady();
+    // The record starts now, with the sync: the secondary's own start is not in it.
+    process.kill(secondary.pid, 'SIGUSR2');
+    process.kill(primary.pid, 'SIGUSR2');
     t0 = performance.now();
     // One scrape first: it resets the histogram, so the samples cover the sync only.
     await controlGet(cfg.secondaryState, '/metrics');
@@ -154,8 +212,11 @@ export async function eventLoopBench(): Promise<void> {
     await probe;
     const sortedProbes = [...probes].sort((a, b) => a - b);
     const pct = (q: number) => sortedProbes[Math.min(sortedProbes.length - 1, Math.floor(q * sortedProbes.length))]!;
-    const targetWalk = await timeWalk(target);
+    // The whole sync in one histogram per daemon, written when they exit.
     await Promise.all(daemons.map((d) => d.stop()));
+    const eld = async (pid: number): Promise<EldRecord> => JSON.parse(await fsp.readFile(path.join(eldDir, `eld.${pid}.json`), 'utf8')) as EldRecord;
+    const wholeSync = { secondary: await eld(secondary.pid), primary: await eld(primary.pid) };
+    const targetWalk = await timeWalk(target);
     const identical = (await sha256File(source)) === (await sha256File(target));
     const p99s = samples.map((s) => s.p99);
     const result = {
@@ -173,6 +234,11 @@ export async function eventLoopBench(): Promise<void> {
         secondsWithinTarget: p99s.filter((x) => x <= TARGET_P99_MS).length / p99s.length,
         perSecond: samples,
         note: "prom-client's nodejs_eventloop_lag_{p99,max}_seconds of the secondary daemon, scraped every second over the control socket (each scrape resets the histogram and runs a status of the mirror); monitorEventLoopDelay at prom-client's default 10 ms resolution",
+      },
+      wholeSync: {
+        secondary: delayFigures(wholeSync.secondary),
+        primary: delayFigures(wholeSync.primary),
+        note: "each daemon's event-loop delay over the whole sync in one histogram (bench/eventloop-recorder.mjs preloaded: monitorEventLoopDelay at prom-client's 10 ms resolution, never reset). Node records every interval of its 10 ms timer, the period included (an idle process shows p50 10.1 ms): delay = recorded - 10 ms; raw* are as recorded, as prom-client's nodejs_eventloop_lag_* report them",
       },
       statusProbe: {
         count: probes.length,
@@ -194,7 +260,13 @@ export async function eventLoopBench(): Promise<void> {
     const e = result.secondaryEventLoop;
     console.log('');
     console.log(`initial sync of ${extents} extents of 4 KiB (chunk 4 KiB): ${syncSeconds.toFixed(1)} s, identical=${identical}`);
-    console.log(`  secondary event-loop delay, per second of the sync: p99 max ${e.p99MaxMs.toFixed(1)} ms, median ${e.p99MedianMs.toFixed(1)} ms (target <= ${TARGET_P99_MS} ms); largest delay ${e.maxMs.toFixed(1)} ms`);
+    for (const side of ['secondary', 'primary'] as const) {
+      const w = result.wholeSync[side];
+      console.log(
+        `  ${side} event-loop delay over the whole sync (${w.samples} samples): p50 ${w.delayP50Ms.toFixed(1)} ms, p99 ${w.delayP99Ms.toFixed(1)} ms${side === 'secondary' ? ` (target <= ${TARGET_P99_MS} ms)` : ''}, p99.9 ${w.delayP999Ms.toFixed(1)} ms, max ${w.delayMaxMs.toFixed(1)} ms; ${w.stallsOver20Ms} stalls over 20 ms, worst ${w.worstStallsMs.map((x) => x.toFixed(0)).join(' ')} ms (Node's raw p99 with the 10 ms timer period: ${w.rawP99Ms.toFixed(1)} ms)`,
+      );
+    }
+    console.log(`  prom-client's nodejs_eventloop_lag_p99_seconds of the secondary, per second of the sync (10 ms timer period included): p99 max ${e.p99MaxMs.toFixed(1)} ms, median ${e.p99MedianMs.toFixed(1)} ms (target <= ${TARGET_P99_MS} ms); largest delay ${e.maxMs.toFixed(1)} ms`);
     const b = result.benchProcessEventLoop;
     const sp = result.statusProbe;
     console.log(`  GET /status of the secondary every 50 ms (${sp.count} probes): p50 ${sp.p50Ms.toFixed(1)} ms, p99 ${sp.p99Ms.toFixed(1)} ms, max ${sp.maxMs!.toFixed(1)} ms`);

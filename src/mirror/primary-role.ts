@@ -4,7 +4,7 @@ import { BitmapStore, RoaringBitmap32 } from '../track/bitmap-store.js';
 import { createSource } from '../track/index.js';
 import type { ChangeSource } from '../track/source.js';
 import { sleep } from '../util/sleep.js';
-import { totalBytes, type Volume } from '../volume/volume.js';
+import { allocatedBytesOf, type Volume } from '../volume/volume.js';
 import { HANDSHAKE_TIMEOUT_MS, primaryHandshake } from '../wire/handshake.js';
 import type { HistoryMsg } from '../wire/messages.js';
 import type { Session } from '../wire/session.js';
@@ -123,7 +123,7 @@ export class PrimaryRole {
       if (picked.reason) this.r.log.info({ trackingMode: picked.source.mode }, `tracking.mode auto: ${picked.reason}`);
       await this.source.open(s.generation, s.committedGeneration);
       if (this.rebaseAtStart) await this.rebase(s);
-      this.allocatedBytes = totalBytes(await volume.allocated());
+      this.allocatedBytes = await allocatedBytesOf(volume);
       this.r.log.info({ generation: s.generation, committedGeneration: s.committedGeneration, pending: s.pending, volumeBytes: s.volumeSize, allocatedBytes: this.allocatedBytes }, 'primary mirror ready');
     } catch (e) {
       await volume.close();
@@ -287,7 +287,7 @@ export class PrimaryRole {
       await this.r.store.update((s) => gens.requireReconcile(s, why));
       return;
     }
-    this.allocatedBytes = totalBytes(await this.volume!.allocated());
+    this.allocatedBytes = await allocatedBytesOf(this.volume!);
     await this.mergeDivergence(bitmap);
     if (bitmap.isEmpty) {
       this.r.log.debug({ readBytes, ms: Date.now() - started }, 'no changes');

@@ -1,5 +1,5 @@
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
-import { totalBytes, type Volume } from '../volume/volume.js';
+import { allocatedBytesOf, type Volume } from '../volume/volume.js';
 import { HANDSHAKE_TIMEOUT_MS, refuse } from '../wire/handshake.js';
 import type { AuthMsg, HelloMsg, HistoryMsg, ReadyMsg } from '../wire/messages.js';
 import type { Session } from '../wire/session.js';
@@ -403,7 +403,7 @@ export class SecondaryRole {
       const t0 = performance.now();
       const v = await this.r.openVolume(this.r.config.volume, { readOnly: true });
       try {
-        const bytes = totalBytes(await v.allocated());
+        const bytes = await allocatedBytesOf(v);
         this.allocated = { at: Date.now(), bytes, ms: performance.now() - t0 };
       } finally {
         await v.close();

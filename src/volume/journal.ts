@@ -98,7 +98,7 @@ import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { native } from '../native/index.js';
 import { fsyncDir, removeDurably } from '../util/atomic.js';
 import { sleep } from '../util/sleep.js';
-import type { ByteRange, Volume, VolumeCapabilities } from './volume.js';
+import { allocatedBytesOf, type ByteRange, type Volume, type VolumeCapabilities } from './volume.js';
 import { isAllZero } from './zero.js';
 
 const { RoaringBitmap32 } = roaring;
@@ -671,6 +671,10 @@ export class JournaledVolume implements Volume {
 
   allocated(alignTo?: number, within?: ByteRange): Promise<ByteRange[]> {
     return this.target.allocated(alignTo, within);
+  }
+
+  allocatedBytes(): Promise<number> {
+    return allocatedBytesOf(this.target);
   }
 
   read(offset: number, length: number, into?: Buffer): Promise<Buffer> {

@@ -63,8 +63,22 @@ export class SparseFileVolume extends HandleVolume {
       const all = clipRanges(this.size > 0 ? [{ offset: 0, length: this.size }] : [], { offset: from, length: to - from });
       return alignTo ? alignRanges(all, alignTo, this.size) : all;
     }
-    const fd = this.fh.fd;
     const out = new RangeBuilder(this.size, alignTo);
+    await this.walk(from, to, (offset, end) => out.add(offset, end));
+    return out.ranges;
+  }
+
+  async allocatedBytes(): Promise<number> {
+    this.check(0, 0, 'allocation map');
+    if (this.kind === 'block') return this.size;
+    let n = 0;
+    await this.walk(0, this.size, (offset, end) => (n += end - offset));
+    return n;
+  }
+
+  /** Every allocated range in [from, to), clipped to it, in order, to `each`. */
+  private async walk(from: number, to: number, each: (offset: number, end: number) => void): Promise<void> {
+    const fd = this.fh.fd;
     // Two system calls per allocated range, on the main thread: a million ranges
     // take seconds, so the walk gives the event loop back every few ms.
     const pacer = new Pacer();
@@ -75,7 +89,7 @@ export class SparseFileVolume extends HandleVolume {
         if (data < 0 || data >= to) break;
         let hole = this.ops.seekHole(fd, data);
         if (hole < 0 || hole > this.size) hole = this.size;
-        out.add(data, Math.min(hole, to));
+        each(data, Math.min(hole, to));
         pos = hole;
         if (pacer.due) {
           await pacer.pace();
@@ -86,7 +100,6 @@ export class SparseFileVolume extends HandleVolume {
     } catch (e) {
       throw asTmError(e, ErrorCodes.VOLUME_IO, `allocation map of ${this.path}`);
     }
-    return out.ranges;
   }
 
   async zero(offset: number, length: number): Promise<void> {

@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { native, type NativeOps } from '../../src/native/index.js';
 import { describeMap, formatMap } from '../../src/volume/map.js';
 import { SparseFileVolume } from '../../src/volume/sparse-file.js';
-import { alignRanges, mergeRanges } from '../../src/volume/volume.js';
+import { alignRanges, allocatedBytesOf, mergeRanges } from '../../src/volume/volume.js';
 import { isAllZero } from '../../src/volume/zero.js';
 
 const KiB = 1024;
@@ -83,6 +83,9 @@ describe('native addon and the sparse-file volume (real files)', () => {
         { offset: 5 * MiB + 64 * KiB, length: 64 * KiB },
         { offset: 10 * MiB, length: 1000 },
       ]);
+      // Counted without building the list: the same bytes as the map's.
+      expect(await v.allocatedBytes()).to.equal(16 * KiB + 1000);
+      expect(await allocatedBytesOf(v)).to.equal(16 * KiB + 1000);
     } finally {
       await v.close();
     }
