@@ -40,7 +40,16 @@ export interface NativeOps {
   crc32c(buf: Uint8Array): number;
   /** CRC-32C by tables only (what CPUs without SSE4.2 run; tests compare it with `crc32c`). */
   crc32cPortable(buf: Uint8Array): number;
+  /** An AES-256-GCM key schedule for {@link gmacTag} / {@link gmacVerify} (gmac.c), freed with its handle. */
+  gmacKey(key: Buffer): GmacKeyHandle;
+  /** GMAC of `frame` under the handle's key with the nonce dir || 0 0 0 || u64be(seq): 16 bytes. */
+  gmacTag(key: GmacKeyHandle, dir: number, seq: number, frame: Uint8Array): Buffer;
+  /** Whether `tag` is that GMAC (constant-time comparison; false for another length). */
+  gmacVerify(key: GmacKeyHandle, dir: number, seq: number, frame: Uint8Array, tag: Uint8Array): boolean;
 }
+
+/** An opaque key schedule made by {@link NativeOps.gmacKey}. */
+export type GmacKeyHandle = { readonly __gmacKey: unique symbol };
 
 /** FIEMAP extent flags (linux/fiemap.h). */
 export const FiemapFlags = {

@@ -12,6 +12,7 @@
  *                                                false when socketPath is empty
  * Also exported here, implemented in payload.c (the payload codec):
  *   crc32c(buf), crc32cPortable(buf), lz4CompressCrc(src, dst), lz4DecompressInto(src, dst)
+ * and in gmac.c (the frame MAC): gmacKey(key), gmacTag(handle, dir, seq, frame), gmacVerify(handle, dir, seq, frame, tag)
  * Errors are Node-style: message "<syscall> failed: <strerror>", code "E...", errno, syscall.
  * Offsets and lengths are JS numbers (exact up to 2^53 bytes).
  */
@@ -31,6 +32,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "gmac.h"
 #include "payload.h"
 
 static const char *errno_name(int e) {
@@ -364,6 +366,9 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"lz4CompressCrc", NULL, Lz4CompressCrc, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32c", NULL, Crc32c, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32cPortable", NULL, Crc32cPortable, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"gmacKey", NULL, GmacKey, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"gmacTag", NULL, GmacTag, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"gmacVerify", NULL, GmacVerify, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { ErrorCodes, TmError, type ErrorCode } from '../errors.js';
-import { frameTag, TAG_BYTES, verifyTag } from './auth.js';
+import { FrameMac, TAG_BYTES } from './auth.js';
 import { FRAME_TOO_LARGE, type FrameChannel } from './channel.js';
 import { decode, encode } from './codec.js';
 import { CloseCodes, MAX_HANDSHAKE_FRAME_BYTES, type DecodeContext, type Message } from './messages.js';
@@ -66,7 +66,7 @@ export class Session extends EventEmitter {
   /** Frames that arrived past the plain ones before the key was known: verified by protect(). */
   private held: Buffer[] = [];
   /** Set by protect(): the session key and the frame counters of both directions (auth.ts). */
-  private mac: { key: Buffer; self: SessionRole; peer: SessionRole; sendSeq: number; recvSeq: number } | null = null;
+  private mac: { key: FrameMac; self: SessionRole; peer: SessionRole; sendSeq: number; recvSeq: number } | null = null;
 
   constructor(
     readonly channel: FrameChannel,
@@ -117,7 +117,7 @@ export class Session extends EventEmitter {
       this.channel.send(body);
       return body.length;
     }
-    this.channel.send(body, frameTag(m.key, m.self, m.sendSeq++, body));
+    this.channel.send(body, m.key.tag(m.self, m.sendSeq++, body));
     return body.length + TAG_BYTES;
   }
 
@@ -146,7 +146,7 @@ export class Session extends EventEmitter {
    */
   protect(key: Buffer, self: SessionRole): void {
     if (this.mac) throw new TmError(ErrorCodes.INTERNAL, `session with ${this.peerName} is already protected`);
-    this.mac = { key, self, peer: self === 'primary' ? 'secondary' : 'primary', sendSeq: 0, recvSeq: 0 };
+    this.mac = { key: new FrameMac(key), self, peer: self === 'primary' ? 'secondary' : 'primary', sendSeq: 0, recvSeq: 0 };
     this.preAuth = false;
     if (this.ended) return;
     this.channel.liftFrameLimit?.();
@@ -276,7 +276,7 @@ export class Session extends EventEmitter {
     const m = this.mac!;
     const seq = m.recvSeq++;
     const body = frame.subarray(0, Math.max(0, frame.length - TAG_BYTES));
-    if (frame.length < TAG_BYTES || !verifyTag(frameTag(m.key, m.peer, seq, body), frame.subarray(body.length))) {
+    if (frame.length < TAG_BYTES || !m.key.verify(m.peer, seq, body, frame.subarray(body.length))) {
       this.fail(
         new TmError(
           ErrorCodes.FRAME_AUTH,

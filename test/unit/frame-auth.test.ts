@@ -2,7 +2,8 @@ import { expect } from 'chai';
 import { ErrorCodes, TmError } from '../../src/errors.js';
 import { prng, textLike } from '../../src/util/sample.js';
 import { sameContent } from '../../src/volume/memory.js';
-import { frameTag, proofPrimary, proofSecondary, sessionKey, TAG_BYTES } from '../../src/wire/auth.js';
+import { native } from '../../src/native/index.js';
+import { FrameMac, frameTag, proofPrimary, proofSecondary, sessionKey, TAG_BYTES } from '../../src/wire/auth.js';
 import { decode, encode } from '../../src/wire/codec.js';
 import { primaryHandshake, secondaryHandshake } from '../../src/wire/handshake.js';
 import { memorySessionPair, type FrameAction } from '../../src/wire/memory.js';
@@ -80,6 +81,23 @@ describe('frame integrity after the handshake (issue 14 §2)', () => {
     expect(frameTag(k, 'secondary', 0, f).equals(t), 'direction').to.equal(false);
     expect(frameTag(k, 'primary', 1, f).equals(t), 'sequence number').to.equal(false);
     expect(frameTag(k, 'primary', 0, encode(commit(2))).equals(t), 'bytes').to.equal(false);
+    // The addon's GMAC (what sessions use) gives exactly the tags of Node's AES-256-GCM.
+    const mac = new FrameMac(k);
+    const rnd = prng(7);
+    for (const [from, seq, size] of [['primary', 0, 0], ['secondary', 1, 1], ['primary', 2 ** 32 + 5, 4 * KiB], ['secondary', Number.MAX_SAFE_INTEGER, MiB + 3]] as const) {
+      const frame = Buffer.alloc(size);
+      for (let i = 0; i < size; i++) frame[i] = Math.floor(rnd() * 256);
+      const want = frameTag(k, from, seq, frame);
+      expect(mac.tag(from, seq, frame).equals(want), `${from} ${seq} ${size}`).to.equal(true);
+      expect(mac.verify(from, seq, frame, want)).to.equal(true);
+      const bad = Buffer.from(want);
+      bad[15] = bad[15]! ^ 1;
+      expect(mac.verify(from, seq, frame, bad), 'a flipped tag bit').to.equal(false);
+      expect(mac.verify(from, seq, frame, want.subarray(0, 15)), 'a short tag').to.equal(false);
+    }
+    expect(() => new FrameMac(Buffer.alloc(31))).to.throw(TypeError, /32 bytes/);
+    // NIST's GCM test case 13 (AES-256, zero key and nonce, nothing authenticated): the addon's AES-256-GCM itself.
+    expect(native().gmacTag(native().gmacKey(Buffer.alloc(32)), 0, 0, Buffer.alloc(0)).toString('hex')).to.equal('530f8afbc74536b9a963b4f1c4cb738b');
     // The proofs cover the names and, for the primary, the volume identity.
     const tr = { mirror: 'vm1', primaryNode: 'site-a', secondaryNode: 'site-b', nonceP: nP, nonceS: nS };
     expect(proofSecondary(KEY, tr).equals(proofSecondary(KEY, { ...tr, primaryNode: 'site-x' }))).to.equal(false);
