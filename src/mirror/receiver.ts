@@ -105,6 +105,7 @@ export class Receiver {
     const maxApplies = Math.max(1, this.o.maxApplies ?? MAX_APPLIES);
     let current: number | null = null;
     let nextOffset = 0; // extents of a generation arrive in ascending order
+    let lastSeq = 0; // ... and with ascending numbers (a generation's first is 1)
     let applied = 0; // every extent of `current` below this is written
     let durable = 0;
     let sinceCheckpoint = 0;
@@ -159,9 +160,11 @@ export class Receiver {
         await new Promise<void>((resolve, reject) => listeners.push({ resolve, reject }));
       }
     };
-    // Extents whose write completed, in order: the cursor moves, each is acknowledged.
+    // Extents whose write completed, in order: the cursor moves, and one ack
+    // covers them all (acks are cumulative: docs/protocol.md).
     const retire = () => {
       try {
+        let ack = -1;
         while (inFlight.length && inFlight[0]!.done) {
           const e = inFlight.shift()!;
           inFlightBytes -= e.length;
@@ -174,8 +177,9 @@ export class Receiver {
             lastCheckpointAt = Date.now();
             checkpoint.request();
           }
-          session.send({ type: 'ack', seq: e.seq, durable });
+          ack = e.seq;
         }
+        if (ack >= 0) session.send({ type: 'ack', seq: ack, durable });
       } catch (err) {
         fail(err);
       }
@@ -202,6 +206,7 @@ export class Receiver {
               );
             }
             current = msg.generation;
+            lastSeq = 0;
             nextOffset = applied = durable = msg.resumeFrom;
             // From here the target is between committed and `current`.
             await rec.begin(current, msg.resumeFrom, { ...(msg.gid ? { gid: msg.gid } : {}), ...(msg.withPeerChanges ? { withPeerChanges: true } : {}) });
@@ -215,6 +220,9 @@ export class Receiver {
             if (msg.offset < nextOffset) {
               throw new TmError(ErrorCodes.PROTOCOL, `extent at ${msg.offset} is below ${nextOffset}: extents must arrive in ascending order`);
             }
+            // An ack covers every extent up to its seq: seqs must go up, or one ack would cover an extent not yet written.
+            if (msg.seq <= lastSeq) throw new TmError(ErrorCodes.PROTOCOL, `extent ${msg.seq} at ${msg.offset} after extent ${lastSeq}: extent numbers must go up`);
+            lastSeq = msg.seq;
             await until(() => inFlight.length < maxApplies && inFlightBytes < MAX_APPLY_BYTES);
             const e: InFlightApply = { seq: msg.seq, end: msg.offset + msg.length, length: msg.length, done: false, settled: Promise.resolve() };
             e.settled = this.apply(msg).then(

@@ -106,6 +106,8 @@ interface ModelState {
   current: number | null;
   nextOffset: number;
   durable: number;
+  /** The last extent number of the open generation (they must go up). */
+  lastSeq: number;
 }
 
 function cloneState(s: ModelState): ModelState {
@@ -157,6 +159,7 @@ function modelStep(s: ModelState, frame: Buffer, size: number): Step {
       if (msg.resumeFrom > 0 && (!a || a.generation !== msg.generation || msg.resumeFrom > a.cursor)) return bad(`resume from ${msg.resumeFrom} beyond what is durable`);
       s.current = msg.generation;
       s.nextOffset = s.durable = msg.resumeFrom;
+      s.lastSeq = 0;
       if (!a || a.generation !== msg.generation) s.applying = { generation: msg.generation, cursor: msg.resumeFrom };
       return { ok: true, answer: null };
     }
@@ -165,6 +168,8 @@ function modelStep(s: ModelState, frame: Buffer, size: number): Step {
       if (offset % CS !== 0 || length < 1 || length > size - offset || (length % CS !== 0 && offset + length !== size)) throw new Error(`codec accepted extent ${offset}+${length}`);
       if (s.current === null) return bad('extent outside a generation');
       if (offset < s.nextOffset) return bad(`extent at ${offset} below ${s.nextOffset}`);
+      if (msg.seq <= s.lastSeq) return bad(`extent ${msg.seq} after ${s.lastSeq}`);
+      s.lastSeq = msg.seq;
       if (msg.kind === 'data') {
         const payload = msg.payload!;
         let raw: Buffer;
@@ -190,7 +195,7 @@ function modelStep(s: ModelState, frame: Buffer, size: number): Step {
       s.committed = msg.generation;
       s.applying = null;
       s.current = null;
-      s.nextOffset = s.durable = 0;
+      s.nextOffset = s.durable = s.lastSeq = 0;
       return { ok: true, answer: { type: 'committed', generation: msg.generation } };
     }
     case 'digest-req':
@@ -364,7 +369,7 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzReport> {
   const base = existsSync('/dev/shm') ? '/dev/shm' : undefined;
   const pair = await MemoryMirrorPair.create(size, { secondary: { consistency: o.consistency ?? 'off', checkpointBytes: 16 * KiB }, ...(base ? { base } : {}) });
   const quiet = pino({ level: 'silent' });
-  let model: ModelState = { content: Buffer.alloc(size), committed: 0, applying: null, current: null, nextOffset: 0, durable: 0 };
+  let model: ModelState = { content: Buffer.alloc(size), committed: 0, applying: null, current: null, nextOffset: 0, durable: 0, lastSeq: 0 };
   const fail = (why: string) => {
     report.failures.push(`session ${report.sessions} (seed ${o.seed}): ${why}`);
     log(`FAIL ${report.failures[report.failures.length - 1]}`);
@@ -433,6 +438,11 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzReport> {
             m = await link.a.next();
           } catch {
             return;
+          }
+          // Acks are cumulative: one may cover the acks the model expects before it (never another answer).
+          if (m.type === 'ack') {
+            const seq = m.seq;
+            while (answers[next]?.answer.type === 'ack' && (answers[next]!.answer as { seq: number }).seq < seq) next++;
           }
           const want = answers[next];
           const same =
@@ -509,7 +519,7 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzReport> {
         break;
       }
       for (let i = 1; i < states.length && states[i - 1] !== found; i++) if (states[i]!.committed !== states[i - 1]!.committed) report.commits++;
-      model = { ...cloneState(found), applying: recordAtEnd(found), current: null, nextOffset: 0, durable: 0 };
+      model = { ...cloneState(found), applying: recordAtEnd(found), current: null, nextOffset: 0, durable: 0, lastSeq: 0 };
       if (report.sessions % 50 === 0) log(`${report.sessions} sessions, ${report.frames} frames, committed generation ${model.committed}`);
     }
   } finally {

@@ -96,7 +96,7 @@ function open(size: number) {
 }
 
 describe('Receiver (mirror/receiver) over an in-memory session', () => {
-  it('applies a generation, acknowledges each extent, flushes and records the commit before answering committed', async () => {
+  it('applies a generation, acknowledges the extents (cumulative acks), flushes and records the commit before answering committed', async () => {
     const size = 64 * 1024;
     const target = MemoryVolume.create(size);
     const rec = record();
@@ -108,8 +108,13 @@ describe('Receiver (mirror/receiver) over an in-memory session', () => {
     a.send(await makeDataExtent(1, 0, data));
     a.send({ type: 'extent', seq: 2, kind: 'trim', offset: 8192, length: size - 8192 });
     a.send({ type: 'commit', generation: 1 });
-    const got = [await a.next(1000), await a.next(1000), await a.next(1000)];
-    expect(got.map((m) => m.type)).to.deep.equal(['ack', 'ack', 'committed']);
+    const got: Message[] = [];
+    do got.push(await a.next(1000));
+    while (got[got.length - 1]!.type !== 'committed');
+    // Acks are cumulative: one or two of them, the last for extent 2, before committed.
+    const acks = got.filter((m) => m.type === 'ack').map((m) => (m as { seq: number }).seq);
+    expect(acks[acks.length - 1]).to.equal(2);
+    expect(got.map((m) => m.type)).to.deep.equal([...acks.map(() => 'ack'), 'committed']);
     expect(rec.saves).to.deep.equal(['applying 1@0', 'committed 1']);
     expect(target.flushes).to.be.at.least(1);
     expect((await target.read(0, 8192)).equals(data)).to.equal(true);
@@ -176,6 +181,21 @@ describe('Receiver (mirror/receiver) over an in-memory session', () => {
     expect(err.message).to.match(/resumes from 8192, but only generation 1 up to 4096 is durable here/);
   });
 
+  it('extent numbers that do not go up are refused (TM_ERR_PROTOCOL): a cumulative ack would cover an extent not written', async () => {
+    const size = 64 * 1024;
+    const target = MemoryVolume.create(size);
+    const { a, b } = open(size);
+    const run = receiver(b, target, record()).run();
+    a.send({ type: 'begin', generation: 1, resumeFrom: 0 });
+    a.send(await makeDataExtent(5, 0, Buffer.alloc(4096, 1)));
+    a.send(await makeDataExtent(5, 4096, Buffer.alloc(4096, 2)));
+    const err = await run.catch((e) => e);
+    expect(err.code).to.equal('TM_ERR_PROTOCOL');
+    expect(err.message).to.match(/extent 5 at 4096 after extent 5: extent numbers must go up/);
+    // Nothing of the refused extent was written.
+    expect(await target.allocated(undefined, { offset: 4096, length: 4096 })).to.deep.equal([]);
+  });
+
   it('applies several extents at once, acknowledges them in order, and a checkpoint never covers an extent whose write (or an earlier one) has not completed', async () => {
     const CHUNK = 4096;
     const size = 16 * CHUNK;
@@ -214,7 +234,11 @@ describe('Receiver (mirror/receiver) over an in-memory session', () => {
       got.push(m);
       if (m.type === 'committed') break;
     }
-    expect(got.filter((m) => m.type === 'ack').map((m) => (m as { seq: number }).seq)).to.deep.equal([1, 2, 3, 4, 5, 6]);
+    // Extents 2-4 were written before 1: the ack after 1's write covers all four (acks are cumulative); then 5 and 6.
+    const acks = got.filter((m) => m.type === 'ack').map((m) => (m as { seq: number }).seq);
+    expect(acks[0]).to.equal(4);
+    expect(acks[acks.length - 1]).to.equal(6);
+    expect(acks, 'acks go forward').to.deep.equal([...new Set(acks)].sort((x, y) => x - y));
     for (const m of got) if (m.type === 'ack') expect(m.durable % CHUNK).to.equal(0);
     expect(checked.length).to.be.greaterThan(0);
     expect(rec.saves[rec.saves.length - 1]).to.equal('committed 1');
