@@ -10,6 +10,12 @@ export interface NativeOps {
   seekData(fd: number, offset: number): number;
   /** lseek SEEK_HOLE: next hole offset at or after `offset`, -1 past the end (ENXIO). */
   seekHole(fd: number, offset: number): number;
+  /**
+   * SEEK_DATA / SEEK_HOLE over [from, to) on the threadpool: start and end of
+   * each allocated range (an end may pass `to`), at most `maxRanges` of them;
+   * fewer means the map ends before `to`.
+   */
+  seekMap(fd: number, from: number, to: number, maxRanges: number): Promise<Float64Array>;
   /** fallocate(PUNCH_HOLE | KEEP_SIZE). */
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /** fallocate(ZERO_RANGE | KEEP_SIZE). */

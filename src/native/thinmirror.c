@@ -1,6 +1,8 @@
 /*
  * thinmirror's N-API addon: the system calls Node does not offer.
  *   seekData(fd, offset) / seekHole(fd, offset)  lseek SEEK_DATA / SEEK_HOLE; -1 on ENXIO
+ *   seekMap(fd, from, to, maxRanges)             the same over [from, to) on the threadpool (Promise): Float64Array,
+ *                                                start and end of each allocated range, at most maxRanges
  *   punchHole(fd, offset, length)                fallocate PUNCH_HOLE|KEEP_SIZE   (Promise, threadpool)
  *   zeroRange(fd, offset, length)                fallocate ZERO_RANGE|KEEP_SIZE   (Promise, threadpool)
  *   blkGetSize64(fd)                             ioctl BLKGETSIZE64
@@ -154,7 +156,7 @@ static napi_value BlkGetSize64(napi_env env, napi_callback_info info) {
 
 /* ---- asynchronous range operations on the libuv threadpool ---- */
 
-enum op { OP_PUNCH, OP_ZERO, OP_DISCARD, OP_CLONE, OP_FIEMAP };
+enum op { OP_PUNCH, OP_ZERO, OP_DISCARD, OP_CLONE, OP_FIEMAP, OP_SEEKMAP };
 
 struct work {
   napi_async_work work;
@@ -164,9 +166,48 @@ struct work {
   int64_t offset, length;
   int err;
   int sync;                 /* OP_FIEMAP: FIEMAP_FLAG_SYNC */
-  double *extents;          /* OP_FIEMAP: logical, physical, length, flags per extent */
+  double *extents;          /* OP_FIEMAP: logical, physical, length, flags per extent; OP_SEEKMAP: start, end per range */
   size_t count, cap;
+  int64_t max;              /* OP_SEEKMAP: at most this many ranges */
 };
+
+/* Room for one more extent of `per` numbers in w->extents; ENOMEM when none. */
+static int grow(struct work *w, size_t per) {
+  if (w->count < w->cap) return 0;
+  size_t cap = w->cap ? w->cap * 2 : 64;
+  double *n = realloc(w->extents, cap * per * sizeof(double));
+  if (!n) return ENOMEM;
+  w->extents = n;
+  w->cap = cap;
+  return 0;
+}
+
+/*
+ * SEEK_DATA / SEEK_HOLE over [offset, length) (length is the end here): the
+ * allocated ranges as start, end pairs (end may pass the given end: the
+ * caller clips), at most w->max of them. On the threadpool: a filesystem may
+ * hold a seek behind a writer's lock for seconds (seen on XFS while the same
+ * file is written and flushed), which must not stop the event loop.
+ */
+static int do_seekmap(struct work *w) {
+  off_t pos = (off_t)w->offset, end = (off_t)w->length;
+  while (pos < end && (int64_t)w->count < w->max) {
+    off_t data = lseek(w->fd, pos, SEEK_DATA);
+    if (data < 0) return errno == ENXIO ? 0 : errno;
+    if (data >= end) return 0;
+    off_t hole = lseek(w->fd, data, SEEK_HOLE);
+    if (hole < 0) {
+      if (errno != ENXIO) return errno;
+      hole = end;
+    }
+    if (grow(w, 2)) return ENOMEM;
+    w->extents[w->count * 2] = (double)data;
+    w->extents[w->count * 2 + 1] = (double)hole;
+    w->count++;
+    pos = hole;
+  }
+  return 0;
+}
 
 /* FIEMAP over [offset, offset+length): every mapped extent, batch after batch. */
 static int do_fiemap(struct work *w) {
@@ -191,15 +232,9 @@ static int do_fiemap(struct work *w) {
     int last = 0;
     for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
       struct fiemap_extent *e = &fm->fm_extents[i];
-      if (w->count == w->cap) {
-        size_t cap = w->cap ? w->cap * 2 : 64;
-        double *n = realloc(w->extents, cap * 4 * sizeof(double));
-        if (!n) {
-          free(fm);
-          return ENOMEM;
-        }
-        w->extents = n;
-        w->cap = cap;
+      if (grow(w, 4)) {
+        free(fm);
+        return ENOMEM;
       }
       double *d = w->extents + w->count * 4;
       d[0] = (double)e->fe_logical;
@@ -222,6 +257,7 @@ static const char *op_name(enum op op) {
     case OP_ZERO: return "fallocate(ZERO_RANGE)";
     case OP_CLONE: return "ioctl(FICLONE)";
     case OP_FIEMAP: return "ioctl(FS_IOC_FIEMAP)";
+    case OP_SEEKMAP: return "lseek(SEEK_DATA/SEEK_HOLE)";
     default: return "ioctl(BLKDISCARD)";
   }
 }
@@ -244,6 +280,9 @@ static void execute(napi_env env, void *data) {
     case OP_FIEMAP:
       w->err = do_fiemap(w);
       return;
+    case OP_SEEKMAP:
+      w->err = do_seekmap(w);
+      return;
     default: {
       uint64_t range[2] = {(uint64_t)w->offset, (uint64_t)w->length};
       r = ioctl(w->fd, BLKDISCARD, range);
@@ -256,12 +295,13 @@ static void complete(napi_env env, napi_status status, void *data) {
   struct work *w = data;
   if (w->err == 0 && status == napi_ok) {
     napi_value result;
-    if (w->op == OP_FIEMAP) {
+    if (w->op == OP_FIEMAP || w->op == OP_SEEKMAP) {
+      size_t per = w->op == OP_FIEMAP ? 4 : 2;
       napi_value ab;
       void *mem;
-      napi_create_arraybuffer(env, w->count * 4 * sizeof(double), &mem, &ab);
-      if (w->count) memcpy(mem, w->extents, w->count * 4 * sizeof(double));
-      napi_create_typedarray(env, napi_float64_array, w->count * 4, ab, 0, &result);
+      napi_create_arraybuffer(env, w->count * per * sizeof(double), &mem, &ab);
+      if (w->count) memcpy(mem, w->extents, w->count * per * sizeof(double));
+      napi_create_typedarray(env, napi_float64_array, w->count * per, ab, 0, &result);
     } else {
       napi_get_undefined(env, &result);
     }
@@ -276,7 +316,7 @@ static void complete(napi_env env, napi_status status, void *data) {
 
 static napi_value start_op(napi_env env, napi_callback_info info, enum op op) {
   int64_t a[4] = {0, 0, 0, 0};
-  size_t want = op == OP_CLONE ? 2 : op == OP_FIEMAP ? 4 : 3;
+  size_t want = op == OP_CLONE ? 2 : op == OP_FIEMAP || op == OP_SEEKMAP ? 4 : 3;
   if (!get_args(env, info, want, a)) return NULL;
   struct work *w = calloc(1, sizeof *w);
   if (!w) {
@@ -288,6 +328,12 @@ static napi_value start_op(napi_env env, napi_callback_info info, enum op op) {
   w->offset = a[1];
   w->length = a[2];
   w->sync = a[3] != 0;
+  w->max = a[3];
+  if (op == OP_SEEKMAP && w->max < 1) {
+    free(w);
+    napi_throw_type_error(env, NULL, "seekMap: maxRanges must be at least 1");
+    return NULL;
+  }
   napi_value promise, name;
   napi_create_promise(env, &w->deferred, &promise);
   napi_create_string_utf8(env, op_name(op), NAPI_AUTO_LENGTH, &name);
@@ -297,6 +343,7 @@ static napi_value start_op(napi_env env, napi_callback_info info, enum op op) {
 }
 
 static napi_value PunchHole(napi_env env, napi_callback_info info) { return start_op(env, info, OP_PUNCH); }
+static napi_value SeekMap(napi_env env, napi_callback_info info) { return start_op(env, info, OP_SEEKMAP); }
 static napi_value ZeroRange(napi_env env, napi_callback_info info) { return start_op(env, info, OP_ZERO); }
 static napi_value BlkDiscard(napi_env env, napi_callback_info info) { return start_op(env, info, OP_DISCARD); }
 static napi_value Ficlone(napi_env env, napi_callback_info info) { return start_op(env, info, OP_CLONE); }
@@ -355,6 +402,7 @@ static napi_value Init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, SeekData, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, SeekHole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seekMap", NULL, SeekMap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHole", NULL, PunchHole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blkGetSize64", NULL, BlkGetSize64, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -2,8 +2,10 @@ import { constants as fsc, promises as fsp } from 'node:fs';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { native, type NativeOps } from '../native/index.js';
 import { HandleVolume } from './handle-volume.js';
-import { Pacer } from '../util/pace.js';
 import { alignRanges, clipRanges, RangeBuilder, type ByteRange } from './volume.js';
+
+/** Ranges per threadpool call of the allocation walk: a few ms of work for the event loop per batch. */
+const SEEK_BATCH = 16384;
 
 export interface OpenOptions {
   /** Create a sparse file of this size when the path does not exist. */
@@ -79,23 +81,22 @@ export class SparseFileVolume extends HandleVolume {
   /** Every allocated range in [from, to), clipped to it, in order, to `each`. */
   private async walk(from: number, to: number, each: (offset: number, end: number) => void): Promise<void> {
     const fd = this.fh.fd;
-    // Two system calls per allocated range, on the main thread: a million ranges
-    // take seconds, so the walk gives the event loop back every few ms.
-    const pacer = new Pacer();
+    // The system calls (two per range) run on the threadpool, a batch at a
+    // time: a filesystem may hold one behind a writer's lock for seconds (seen
+    // on XFS, the replica being written and flushed meanwhile), and a million
+    // ranges take seconds anyway. The event loop only gets the results.
     let pos = from;
     try {
       while (pos < to) {
-        const data = this.ops.seekData(fd, pos);
-        if (data < 0 || data >= to) break;
-        let hole = this.ops.seekHole(fd, data);
-        if (hole < 0 || hole > this.size) hole = this.size;
-        each(data, Math.min(hole, to));
-        pos = hole;
-        if (pacer.due) {
-          await pacer.pace();
-          // Closed meanwhile: its descriptor number may already name another file.
-          if (this.closed) throw new TmError(ErrorCodes.VOLUME_IO, `volume ${this.path} was closed during its allocation map`);
+        const batch = await this.ops.seekMap(fd, pos, to, SEEK_BATCH);
+        // Closed meanwhile: its descriptor number may already name another file.
+        if (this.closed) throw new TmError(ErrorCodes.VOLUME_IO, `volume ${this.path} was closed during its allocation map`);
+        for (let i = 0; i < batch.length; i += 2) {
+          const hole = Math.min(batch[i + 1]!, this.size);
+          each(batch[i]!, Math.min(hole, to));
+          pos = hole;
         }
+        if (batch.length < 2 * SEEK_BATCH) break;
       }
     } catch (e) {
       throw asTmError(e, ErrorCodes.VOLUME_IO, `allocation map of ${this.path}`);

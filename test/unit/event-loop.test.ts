@@ -40,30 +40,79 @@ describe('the event loop during big allocation maps and digests (issue 14 §4)',
   before(() => (dir = mkdtempSync(path.join(os.tmpdir(), 'tm-loop-'))));
   after(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('allocated() of a map of 262,144 extents yields to the event loop while it walks, and gives the same map', async () => {
-    // A sparse file whose SEEK_DATA/SEEK_HOLE say: 4 KiB of data every 8 KiB (2 GiB apparent).
+  it('allocated() of a map of 262,144 extents runs its system calls off the main thread, in batches, yields between them, and gives the same map', async () => {
+    // A sparse file whose seekMap says: 4 KiB of data every 8 KiB (2 GiB apparent).
     const f = path.join(dir, 'big.img');
     const fd = openSync(f, 'w');
     ftruncateSync(fd, 2 * GiB);
     closeSync(fd);
     const real = native();
-    let calls = 0;
+    let batches = 0;
     const ops: NativeOps = {
       ...real,
-      seekData: (_fd, pos) => (calls++, pos >= 2 * GiB ? -1 : Math.ceil(pos / (8 * KiB)) * 8 * KiB),
-      seekHole: (_fd, pos) => (calls++, Math.floor(pos / (8 * KiB)) * 8 * KiB + 4 * KiB),
+      // The walk must not make its system calls on the event loop's thread.
+      seekData: () => expect.fail('seekData (synchronous, on the main thread) called by the walk'),
+      seekHole: () => expect.fail('seekHole (synchronous, on the main thread) called by the walk'),
+      seekMap: async (_fd, from, to, max) => {
+        batches++;
+        await new Promise((r) => setImmediate(r)); // the threadpool answers later
+        const out: number[] = [];
+        for (let at = Math.ceil(from / (8 * KiB)) * 8 * KiB; at < to && out.length < 2 * max; at += 8 * KiB) out.push(at, at + 4 * KiB);
+        return Float64Array.from(out);
+      },
     };
     const v = await SparseFileVolume.open(f, { readOnly: true, ops });
     try {
       const { ranBefore, result } = await yieldsDuring(() => v.allocated());
-      expect(calls).to.equal(2 * 262_144 + 1);
+      expect(batches, 'batches of 16,384 ranges').to.equal(262_144 / 16_384 + 1);
       expect(result).to.have.length(262_144);
       expect(result[1]).to.deep.equal({ offset: 8 * KiB, length: 4 * KiB });
       expect(ranBefore, 'a callback queued after the walk started ran before it ended').to.equal(true);
+      expect(await v.allocatedBytes()).to.equal(262_144 * 4 * KiB);
       // Aligned to 8 KiB every range touches the next: one range.
       expect(await v.allocated(8 * KiB)).to.deep.equal([{ offset: 0, length: 2 * GiB }]);
     } finally {
       await v.close();
+    }
+  });
+
+  it("the addon's seekMap (threadpool) finds what seekData/seekHole find, batch after batch, on a real file", async () => {
+    const f = path.join(dir, 'seekmap.img');
+    const fd = openSync(f, 'w');
+    const offsets = [0, 64 * KiB, 1 * MiB, 3 * MiB - 4 * KiB, 5 * MiB];
+    for (const off of offsets) writeSync(fd, Buffer.alloc(4 * KiB, 0xcd), 0, 4 * KiB, off);
+    ftruncateSync(fd, 6 * MiB);
+    const ops = native();
+    try {
+      const want: number[] = [];
+      for (let pos = 0; ; ) {
+        const d = ops.seekData(fd, pos);
+        if (d < 0) break;
+        const h = ops.seekHole(fd, d);
+        want.push(d, h);
+        pos = h;
+      }
+      expect(want.length / 2).to.equal(offsets.length);
+      expect([...(await ops.seekMap(fd, 0, 6 * MiB, 1000))]).to.deep.equal(want);
+      // Two at a time, each batch from where the last one ended.
+      const got: number[] = [];
+      for (let pos = 0; ; ) {
+        const b = await ops.seekMap(fd, pos, 6 * MiB, 2);
+        got.push(...b);
+        if (b.length < 4) break;
+        pos = b[b.length - 1]!;
+      }
+      expect(got).to.deep.equal(want);
+      // Up to `to` only (a range that starts before it is returned whole: the caller clips).
+      expect([...(await ops.seekMap(fd, 64 * KiB, 1 * MiB, 100))]).to.deep.equal([64 * KiB, 68 * KiB]);
+      expect([...(await ops.seekMap(fd, 5 * MiB + 4 * KiB, 6 * MiB, 100))]).to.deep.equal([]);
+      await ops.seekMap(99999, 0, 1, 1).then(
+        () => expect.fail('a bad descriptor must reject'),
+        (e: NodeJS.ErrnoException) => expect(e).to.include({ code: 'EBADF' }),
+      );
+      expect(() => ops.seekMap(fd, 0, 1, 0)).to.throw(TypeError);
+    } finally {
+      closeSync(fd);
     }
   });
 
