@@ -26,11 +26,9 @@ import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
 import { createSampleVolume, prng } from '../src/util/sample.js';
 import { describeMap } from '../src/volume/map.js';
-import { SparseFileVolume } from '../src/volume/sparse-file.js';
-import { chunkDigest, DIGEST_BYTES } from '../src/volume/digest.js';
-import { compressPayload, decompressPayload } from '../src/wire/payload.js';
 import { formatBytes } from '../src/util/units.js';
 import { freePort, sha256File, startPair, writePairConfigs } from '../test/helpers/pair-config.js';
+import { codecFloor } from './codec-floor.js';
 import { writeResult } from './results.js';
 
 const GiB = 1024 ** 3;
@@ -55,60 +53,6 @@ function timeCommand(cmd: string, args: string[]): number {
   const r = spawnSync(cmd, args, { stdio: 'inherit' });
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed with status ${r.status}`);
   return Number(process.hrtime.bigint() - t) / 1e9;
-}
-
-/**
- * What the payload codec alone costs on this machine, one piece at a time on
- * one CPU: lz4 compression with CRC-32C (the primary's work per byte, without
- * reading, hashing or sending), lz4 decompression with CRC-32C (the
- * secondary's), and SHA-256 scan digests, over the allocated data of `source`
- * in 1 MiB pieces, read first so that no I/O is timed. A pipeline that meets
- * the wire target (<= 0.4 of allocated) must compress at least the share
- * `mustCompress` of the data and cannot finish sooner than that share of
- * (compress + decompress) / CPUs, which bounds its throughput whatever else
- * it does (reading, writing, hashing, the network all come on top).
- */
-async function codecFloor(source: string): Promise<{ bytes: number; compressSeconds: number; decompressSeconds: number; sha256Seconds: number; wireRatio: number; mustCompress: number; cpus: number; ceilingMBps: number }> {
-  const v = await SparseFileVolume.open(source, { readOnly: true });
-  const piece = 1 << 20;
-  let bytes = 0;
-  let wire = 0;
-  let compressNs = 0n;
-  let decompressNs = 0n;
-  let shaNs = 0n;
-  try {
-    // The primary's and the secondary's own calls: compressPayload, decompressPayload, chunkDigest.
-    const lz = Buffer.allocUnsafe(piece);
-    const back = Buffer.allocUnsafe(piece);
-    const digest = Buffer.allocUnsafe(DIGEST_BYTES);
-    for (const r of await v.allocated(65536)) {
-      for (let o = r.offset; o < r.offset + r.length; o += piece) {
-        const raw = await v.read(o, Math.min(piece, r.offset + r.length - o));
-        let t = process.hrtime.bigint();
-        const { codec, payload, crc32c } = await compressPayload(raw, lz);
-        compressNs += process.hrtime.bigint() - t;
-        t = process.hrtime.bigint();
-        const out = decompressPayload({ type: 'extent', seq: 1, kind: 'data', offset: o, length: raw.length, codec, crc32c, payload }, back);
-        decompressNs += process.hrtime.bigint() - t;
-        if (!out.equals(raw)) throw new Error(`lz4 round trip at ${o} gave other bytes`);
-        t = process.hrtime.bigint();
-        for (let c = 0; c < raw.length; c += 65536) chunkDigest(raw.subarray(c, c + 65536), digest, 0);
-        shaNs += process.hrtime.bigint() - t;
-        bytes += raw.length;
-        wire += payload.length;
-      }
-    }
-  } finally {
-    await v.close();
-  }
-  const compressSeconds = Number(compressNs) / 1e9;
-  const decompressSeconds = Number(decompressNs) / 1e9;
-  const cpus = os.cpus().length;
-  // Meeting the wire target needs at least this share of the data compressed (the rest may travel raw).
-  const wireRatio = wire / bytes;
-  const mustCompress = Math.min(1, (1 - TARGETS.wireRatio) / (1 - wireRatio));
-  const ceilingMBps = bytes / 1e6 / ((mustCompress * (compressSeconds + decompressSeconds)) / cpus);
-  return { bytes, compressSeconds, decompressSeconds, sha256Seconds: Number(shaNs) / 1e9, wireRatio, mustCompress, cpus, ceilingMBps };
 }
 
 /**
@@ -175,7 +119,7 @@ async function main(): Promise<void> {
     const cpAlloc = statSync(cpTarget).blocks * 512;
     await fsp.rm(cpTarget);
     execFileSync('sync');
-    const floor = await codecFloor(source);
+    const floor = await codecFloor(source, TARGETS.wireRatio);
 
     const port = await freePort();
     const extra = process.env.TM_BENCH_PRIMARY_EXTRA ? (JSON.parse(process.env.TM_BENCH_PRIMARY_EXTRA) as Record<string, unknown>) : undefined;
@@ -276,13 +220,18 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency|mac|eventloop runs one case; all by default. */
+/** TM_BENCH_ONLY=link|initial|incremental|bandwidth|consistency|mac|eventloop runs one case; all but initial by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop'].includes(only)) {
-    throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth, consistency, mac or eventloop`);
+  if (only !== undefined && !['link', 'initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop'].includes(only)) {
+    throw new Error(`TM_BENCH_ONLY=${only}: expected link, initial, incremental, bandwidth, consistency, mac or eventloop`);
   }
-  if (!only || only === 'initial') await main();
+  if (!only || only === 'link') {
+    const { linkBench } = await import('./link.js');
+    await linkBench();
+  }
+  // The first-mirror issue's comparison with cp alone, superseded by the link case: on request only.
+  if (only === 'initial') await main();
   if (!only || only === 'incremental') {
     const { incrementalBench } = await import('./incremental.js');
     console.log('');
