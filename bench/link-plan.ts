@@ -225,3 +225,46 @@ export function linkVerdicts(
   }
   return out;
 }
+
+/** Byte ranges merged where they overlap or touch, in ascending order. */
+export function unionRanges(ranges: { offset: number; length: number }[]): { offset: number; length: number }[] {
+  const out: { offset: number; length: number }[] = [];
+  for (const r of [...ranges].filter((x) => x.length > 0).sort((a, b) => a.offset - b.offset)) {
+    const last = out.at(-1);
+    if (last && r.offset <= last.offset + last.length) last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    else out.push({ offset: r.offset, length: r.length });
+  }
+  return out;
+}
+
+/**
+ * The children's user + system CPU seconds from bash's `times` output (its
+ * second line, e.g. `0m1.250s 0m0.500s`); NaN when absent.
+ */
+export function childCpuSeconds(timesOutput: string): number {
+  const ls = timesOutput.trim().split('\n').filter((l) => /^\d+m[\d.]+s \d+m[\d.]+s$/.test(l.trim()));
+  const last = ls.at(-1);
+  if (!last || ls.length < 2) return NaN;
+  return last
+    .trim()
+    .split(' ')
+    .map((t) => {
+      const m = /^(\d+)m([\d.]+)s$/.exec(t)!;
+      return Number(m[1]) * 60 + Number(m[2]);
+    })
+    .reduce((a, b) => a + b, 0);
+}
+
+/** TCP payload per byte the tbf counts: a 1448-byte segment (MSS with timestamps) in a 1514-byte Ethernet frame. */
+export const TCP_PAYLOAD_SHARE = 1448 / 1514;
+
+/**
+ * Whether the raw TCP rate measured across the link shows the shaping at work:
+ * within 85%..105% of the payload rate the tbf allows (`rateBits` counts
+ * Ethernet frames, headers included).
+ */
+export function shapingVerified(measuredBytesPerSecond: number, rateBits: number): { expectedBytesPerSecond: number; ratio: number; ok: boolean } {
+  const expectedBytesPerSecond = (rateBits / 8) * TCP_PAYLOAD_SHARE;
+  const ratio = measuredBytesPerSecond / expectedBytesPerSecond;
+  return { expectedBytesPerSecond, ratio, ok: ratio >= 0.85 && ratio <= 1.05 };
+}
