@@ -1,8 +1,8 @@
 /**
  * The link case of `npm run bench` (TM_BENCH_ONLY=link; issue 13 §2): the
  * initial sync of two data sets, each a 4 GiB sparse file with 1 GiB
- * allocated in 512 scattered extents, text-like (lz4 keeps about a third or
- * less) and random (incompressible), compared in the same run on the same data
+ * allocated in 512 scattered extents, text-like (lz4 keeps about a quarter)
+ * and random (incompressible), compared in the same run on the same data
  * with the peers that do the same job:
  *
  * a. Loopback, no shaping, default config: thinmirror (two daemon processes)

@@ -1,8 +1,23 @@
 /**
- * `npm run bench`: initial sync of a 4 GiB sparse file holding 1 GiB of
- * text-like data in scattered extents, primary and secondary as separate
- * processes on loopback, compared in the same run with `cp --sparse=always` of
- * the same file. Prints the figures and writes them as JSON to bench/results/.
+ * `npm run bench`: first the link case (bench/link.ts, issue 13 §2): the
+ * initial sync of two 4 GiB sparse files with 1 GiB allocated in scattered
+ * extents, text-like and random, compared in the same run on the same data
+ * with `nbdcopy --flush` between two `nbdkit file` servers, `cp
+ * --sparse=always` and `rsync --sparse` (each then fsync) and the stripped ws
+ * pipeline (bench/stripped.ts, the transport's ceiling) on loopback; then
+ * across a veth pair between two network namespaces, shaped to 1 Gbit/s by a
+ * tbf on the primary's side (root), with nbdcopy across the same link. It
+ * prints thinmirror / stripped and thinmirror / nbdcopy per data set, the
+ * shaped rate against the measured link rate, each daemon's peak RSS and CPU
+ * seconds per GiB, and checks every copy identical. Its own variables:
+ * TM_BENCH_LINK_DATA (text,random), TM_BENCH_LINK_CASE (loopback,shaped),
+ * TM_BENCH_LINK_RUNS (thinmirror,stripped,nbdcopy,cp,rsync), TM_BENCH_LINK_MBIT,
+ * TM_BENCH_COMPRESSION (auto|lz4|off, the primary's `compression:`).
+ *
+ * TM_BENCH_ONLY=initial (not in the default run, superseded by the link
+ * case): the first-mirror issue's initial sync of the text-like file against
+ * `cp --sparse=always` alone, with the payload codec's own cost and the
+ * allocation map of a 1 TiB file against filefrag.
  *
  * Then the incremental case (bench/incremental.ts): one scan cycle and one
  * reflink cycle on the same change, on a loop-mounted XFS; and the bandwidth
@@ -16,7 +31,7 @@
  * Then the event-loop case (bench/eventloop.ts): the secondary's event-loop delay p99 during the
  * initial sync of a volume with a million allocated extents.
  *
- * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency | mac | eventloop), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Environment: TM_BENCH_ONLY (link | initial | incremental | bandwidth | consistency | mac | eventloop), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
