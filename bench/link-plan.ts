@@ -164,6 +164,8 @@ export interface RunFigures {
   allocatedBytes: number;
   identical: boolean;
   targetAllocatedBytes: number;
+  /** thinmirror: the generation alone (detection to commit, the primary's clock), without process start and handshake. */
+  generationSeconds?: number | null;
 }
 
 /** Allocated bytes per second of a run, in MB/s (10^6). */
@@ -205,19 +207,24 @@ export function linkVerdicts(
     loopback?: Partial<Record<LinkRun, RunFigures>>;
     shaped?: Partial<Record<LinkRun, RunFigures>>;
     linkBytesPerSecond?: number;
-    peakRss?: number[];
+    /** Each daemon's peak RSS in bytes, by a name of the daemon (e.g. `loopback primary`). */
+    peakRss?: Record<string, number>;
   },
 ): Verdict[] {
   const out: Verdict[] = [];
   const tm = r.loopback?.thinmirror;
-  if (tm && r.loopback?.stripped) out.push(verdict(`${kind}: thinmirror / stripped (loopback)`, mbps(tm) / mbps(r.loopback.stripped), LINK_TARGETS.vsStripped));
+  if (tm && r.loopback?.stripped) {
+    out.push(verdict(`${kind}: thinmirror / stripped (loopback)`, mbps(tm) / mbps(r.loopback.stripped), LINK_TARGETS.vsStripped));
+    // The stripped pipeline's clock starts at its connect: compared with thinmirror's generation alone too.
+    if (tm.generationSeconds) out.push(verdict(`${kind}: thinmirror generation alone / stripped (loopback)`, r.loopback.stripped.seconds / tm.generationSeconds, LINK_TARGETS.vsStripped));
+  }
   if (tm && r.loopback?.nbdcopy) out.push(verdict(`${kind}: thinmirror / nbdcopy (loopback)`, mbps(tm) / mbps(r.loopback.nbdcopy), LINK_TARGETS.vsNbdcopy));
   const stm = r.shaped?.thinmirror;
   if (stm && r.linkBytesPerSecond) {
     const target = kind === 'text' ? LINK_TARGETS.shapedText : LINK_TARGETS.shapedRandom;
     out.push(verdict(`${kind}: thinmirror / link rate (shaped)`, (stm.allocatedBytes / stm.seconds) / r.linkBytesPerSecond, target));
   }
-  for (const rss of r.peakRss ?? []) out.push(verdict(`${kind}: daemon peak RSS (MiB)`, rss / 1024 / 1024, LINK_TARGETS.peakRssBytes / 1024 / 1024, 'max'));
+  for (const [who, rss] of Object.entries(r.peakRss ?? {})) out.push(verdict(`${kind}: peak RSS of the ${who} (MiB)`, rss / 1024 / 1024, LINK_TARGETS.peakRssBytes / 1024 / 1024, 'max'));
   for (const runs of [r.loopback, r.shaped]) {
     for (const [name, f] of Object.entries(runs ?? {})) {
       if (f && !f.identical) out.push(verdict(`${kind}: ${name} image identical`, 0, 1));

@@ -34,7 +34,7 @@
  */
 import { createHash } from 'node:crypto';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, promises as fsp, readFileSync, statSync } from 'node:fs';
+import { existsSync, promises as fsp, readFileSync, rmSync, statSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -276,6 +276,8 @@ class LinkBench {
         peakRssSecondaryBytes: peakRssBytes(secondary.pid),
         cpuSecondsPrimary: cpuSeconds(primary.pid),
         cpuSecondsSecondary: cpuSeconds(secondary.pid),
+        // The generation alone, from its detection to its commit (the primary's own clock): without process start and handshake.
+        generationSeconds: m.lastCycle?.durationSeconds ?? null,
         payloadBytes: m.sentBytes,
         wireBytes: m.wireBytes,
         wireRatio: m.wireBytes / ds.allocatedBytes,
@@ -440,7 +442,9 @@ export async function linkBench(): Promise<void> {
     bench.children.killAll();
     for (const d of bench.daemons) d.kill();
     if (plan.shaped) teardownLink();
-    process.kill(process.pid, sig);
+    if (!process.env.TM_BENCH_KEEP) rmSync(dir, { recursive: true, force: true });
+    // Exit here: re-raising the signal would not end the process while tsx listens for it too.
+    process.exit(sig === 'SIGINT' ? 130 : 143);
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
@@ -480,7 +484,12 @@ export async function linkBench(): Promise<void> {
       if (plan.loopback) for (const name of plan.runs) loopback[name] = await one(name, LOOPBACK);
       if (plan.shaped) for (const name of plan.runs.filter((r) => SHAPED_RUNS.includes(r))) shaped[name] = await one(name, SHAPED);
       await fsp.rm(ds.source);
-      const rss = [loopback.thinmirror, shaped.thinmirror].flatMap((r) => (r ? [r.peakRssPrimaryBytes as number, r.peakRssSecondaryBytes as number] : []));
+      const rss: Record<string, number> = {};
+      for (const [where, r] of [['loopback', loopback.thinmirror], ['shaped', shaped.thinmirror]] as const) {
+        if (!r) continue;
+        rss[`${where} primary`] = r.peakRssPrimaryBytes as number;
+        rss[`${where} secondary`] = r.peakRssSecondaryBytes as number;
+      }
       const v = linkVerdicts(kind, { loopback, shaped, linkBytesPerSecond: link?.bytesPerSecond, peakRss: rss });
       verdicts.push(...v);
       sets.push({ kind, allocatedBytes: ds.allocatedBytes, lz4Ratio: codec.wireRatio, codec, loopback, shaped, verdicts: v });
@@ -528,7 +537,7 @@ function printSet(
     if (!r) return;
     const cpu =
       r.cpuSecondsPrimary !== undefined
-        ? `  CPU primary ${((r.cpuSecondsPrimary as number) / gib).toFixed(2)} s/GiB, secondary ${((r.cpuSecondsSecondary as number) / gib).toFixed(2)} s/GiB; peak RSS ${formatBytes(r.peakRssPrimaryBytes as number)} / ${formatBytes(r.peakRssSecondaryBytes as number)}; wire/allocated ${(r.wireRatio as number).toFixed(3)}`
+        ? `  (generation alone ${(r.generationSeconds as number | null)?.toFixed(2) ?? '?'} s)  CPU primary ${((r.cpuSecondsPrimary as number) / gib).toFixed(2)} s/GiB, secondary ${((r.cpuSecondsSecondary as number) / gib).toFixed(2)} s/GiB; peak RSS ${formatBytes(r.peakRssPrimaryBytes as number)} / ${formatBytes(r.peakRssSecondaryBytes as number)}; wire/allocated ${(r.wireRatio as number).toFixed(3)}`
         : r.cpuSecondsSender !== undefined
           ? `  CPU sender ${((r.cpuSecondsSender as number) / gib).toFixed(2)} s/GiB, receiver ${((r.cpuSecondsReceiver as number) / gib).toFixed(2)} s/GiB`
           : r.cpuSecondsTargetServer !== undefined
