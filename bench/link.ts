@@ -115,15 +115,15 @@ function teardownLink(): void {
 class Children {
   private readonly live = new Set<ChildProcess>();
 
-  spawn(cmd: string[], o: { log?: string } = {}): ChildProcess {
-    const c = spawn(cmd[0]!, cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+  /** `cmd` with its stderr appended to `log` (or dropped), its stdout piped only when `stdout` (to read it with {@link lines}). */
+  spawn(cmd: string[], o: { log?: string; stdout?: boolean } = {}): ChildProcess {
+    const c = spawn(cmd[0]!, cmd.slice(1), { stdio: ['ignore', o.stdout ? 'pipe' : 'ignore', 'pipe'] });
+    closed.set(c, new Promise((resolve) => c.once('close', (code) => resolve(code))));
     this.live.add(c);
     c.once('exit', () => this.live.delete(c));
-    if (o.log) {
-      const out = o.log;
-      const write = (d: Buffer) => void fsp.appendFile(out, d).catch(() => {});
-      c.stderr!.on('data', write);
-    }
+    const out = o.log;
+    if (out) c.stderr!.on('data', (d: Buffer) => void fsp.appendFile(out, d).catch(() => {}));
+    else c.stderr!.resume();
     return c;
   }
 
@@ -178,9 +178,11 @@ async function expectLine(it: AsyncIterableIterator<string>, what: string, c: Ch
   return r.value;
 }
 
+/** Each child's exit code, once its output is closed too (its last line read). */
+const closed = new WeakMap<ChildProcess, Promise<number | null>>();
+
 function exited(c: ChildProcess): Promise<number | null> {
-  if (c.exitCode !== null || c.signalCode !== null) return Promise.resolve(c.exitCode);
-  return new Promise((resolve) => c.once('exit', (code) => resolve(code)));
+  return closed.get(c)!;
 }
 
 async function waitFile(file: string, timeoutMs: number, what: string, c: ChildProcess): Promise<void> {
@@ -296,12 +298,12 @@ class LinkBench {
     const port = await freePort();
     const script = path.join(HERE, 'stripped.ts');
     const size = statSync(ds.source).size;
-    const recv = this.children.spawn([process.execPath, '--import', 'tsx', script, 'receive', '127.0.0.1', String(port), target, String(size)], { log: path.join(dir, 'receiver.log') });
+    const recv = this.children.spawn([process.execPath, '--import', 'tsx', script, 'receive', '127.0.0.1', String(port), target, String(size)], { log: path.join(dir, 'receiver.log'), stdout: true });
     const recvOut = lines(recv);
     if ((await expectLine(recvOut, 'the stripped receiver', recv)) !== 'listening') throw new Error(`the stripped receiver: ${recvOut.all.join('\n')}`);
     execFileSync('sync');
     const t0 = performance.now();
-    const send = this.children.spawn([process.execPath, '--import', 'tsx', script, 'send', `ws://127.0.0.1:${port}`, ds.source], { log: path.join(dir, 'sender.log') });
+    const send = this.children.spawn([process.execPath, '--import', 'tsx', script, 'send', `ws://127.0.0.1:${port}`, ds.source], { log: path.join(dir, 'sender.log'), stdout: true });
     const sendOut = lines(send);
     const [sc, rc] = await Promise.all([exited(send), exited(recv)]);
     const wall = (performance.now() - t0) / 1000;
@@ -344,7 +346,7 @@ class LinkBench {
     try {
       execFileSync('sync');
       const t0 = performance.now();
-      const cp = this.children.spawn([...inNetns(where.nsPrimary), ...withTimes(['nbdcopy', '--flush', `nbd://${srcHost}:${srcPort}`, `nbd://${where.host}:${dstPort}`])], { log: path.join(dir, 'nbdcopy.log') });
+      const cp = this.children.spawn([...inNetns(where.nsPrimary), ...withTimes(['nbdcopy', '--flush', `nbd://${srcHost}:${srcPort}`, `nbd://${where.host}:${dstPort}`])], { log: path.join(dir, 'nbdcopy.log'), stdout: true });
       const out = lines(cp);
       const code = await exited(cp);
       const seconds = (performance.now() - t0) / 1000;
@@ -384,7 +386,7 @@ class LinkBench {
   async blast(): Promise<{ bytes: number; seconds: number; bytesPerSecond: number }> {
     const script = path.join(HERE, 'blast.ts');
     const port = 7299;
-    const sink = this.children.spawn([...inNetns(SHAPED.nsSecondary), process.execPath, '--import', 'tsx', script, 'sink', SHAPED.host, String(port)]);
+    const sink = this.children.spawn([...inNetns(SHAPED.nsSecondary), process.execPath, '--import', 'tsx', script, 'sink', SHAPED.host, String(port)], { stdout: true });
     const out = lines(sink);
     if ((await expectLine(out, 'the blast sink', sink)) !== 'listening') throw new Error(`the blast sink: ${out.all.join('\n')}`);
     const source = this.children.spawn([...inNetns(SHAPED.nsPrimary), process.execPath, '--import', 'tsx', script, 'source', SHAPED.host, String(port), String(BLAST_BYTES)]);
