@@ -1,8 +1,23 @@
 /**
- * `npm run bench`: initial sync of a 4 GiB sparse file holding 1 GiB of
- * text-like data in scattered extents, primary and secondary as separate
- * processes on loopback, compared in the same run with `cp --sparse=always` of
- * the same file. Prints the figures and writes them as JSON to bench/results/.
+ * `npm run bench`: first the link case (bench/link.ts, issue 13 §2): the
+ * initial sync of two 4 GiB sparse files with 1 GiB allocated in scattered
+ * extents, text-like and random, compared in the same run on the same data
+ * with `nbdcopy --flush` between two `nbdkit file` servers, `cp
+ * --sparse=always` and `rsync --sparse` (each then fsync) and the stripped ws
+ * pipeline (bench/stripped.ts, the transport's ceiling) on loopback; then
+ * across a veth pair between two network namespaces, shaped to 1 Gbit/s by a
+ * tbf on the primary's side (root), with nbdcopy across the same link. It
+ * prints thinmirror / stripped and thinmirror / nbdcopy per data set, the
+ * shaped rate against the measured link rate, each daemon's peak RSS and CPU
+ * seconds per GiB, and checks every copy identical. Its own variables:
+ * TM_BENCH_LINK_DATA (text,random), TM_BENCH_LINK_CASE (loopback,shaped),
+ * TM_BENCH_LINK_RUNS (thinmirror,stripped,nbdcopy,cp,rsync), TM_BENCH_LINK_MBIT,
+ * TM_BENCH_COMPRESSION (auto|lz4|off, the primary's `compression:`).
+ *
+ * TM_BENCH_ONLY=initial (not in the default run, superseded by the link
+ * case): the first-mirror issue's initial sync of the text-like file against
+ * `cp --sparse=always` alone, with the payload codec's own cost and the
+ * allocation map of a 1 TiB file against filefrag.
  *
  * Then the incremental case (bench/incremental.ts): one scan cycle and one
  * reflink cycle on the same change, on a loop-mounted XFS; and the bandwidth
@@ -16,7 +31,7 @@
  * Then the event-loop case (bench/eventloop.ts): the secondary's event-loop delay p99 during the
  * initial sync of a volume with a million allocated extents.
  *
- * Environment: TM_BENCH_ONLY (initial | incremental | bandwidth | consistency | mac | eventloop), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Environment: TM_BENCH_ONLY (link | initial | incremental | bandwidth | consistency | mac | eventloop), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -26,11 +41,9 @@ import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
 import { createSampleVolume, prng } from '../src/util/sample.js';
 import { describeMap } from '../src/volume/map.js';
-import { SparseFileVolume } from '../src/volume/sparse-file.js';
-import { chunkDigest, DIGEST_BYTES } from '../src/volume/digest.js';
-import { compressPayload, decompressPayload } from '../src/wire/payload.js';
 import { formatBytes } from '../src/util/units.js';
 import { freePort, sha256File, startPair, writePairConfigs } from '../test/helpers/pair-config.js';
+import { codecFloor } from './codec-floor.js';
 import { writeResult } from './results.js';
 
 const GiB = 1024 ** 3;
@@ -55,60 +68,6 @@ function timeCommand(cmd: string, args: string[]): number {
   const r = spawnSync(cmd, args, { stdio: 'inherit' });
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed with status ${r.status}`);
   return Number(process.hrtime.bigint() - t) / 1e9;
-}
-
-/**
- * What the payload codec alone costs on this machine, one piece at a time on
- * one CPU: lz4 compression with CRC-32C (the primary's work per byte, without
- * reading, hashing or sending), lz4 decompression with CRC-32C (the
- * secondary's), and SHA-256 scan digests, over the allocated data of `source`
- * in 1 MiB pieces, read first so that no I/O is timed. A pipeline that meets
- * the wire target (<= 0.4 of allocated) must compress at least the share
- * `mustCompress` of the data and cannot finish sooner than that share of
- * (compress + decompress) / CPUs, which bounds its throughput whatever else
- * it does (reading, writing, hashing, the network all come on top).
- */
-async function codecFloor(source: string): Promise<{ bytes: number; compressSeconds: number; decompressSeconds: number; sha256Seconds: number; wireRatio: number; mustCompress: number; cpus: number; ceilingMBps: number }> {
-  const v = await SparseFileVolume.open(source, { readOnly: true });
-  const piece = 1 << 20;
-  let bytes = 0;
-  let wire = 0;
-  let compressNs = 0n;
-  let decompressNs = 0n;
-  let shaNs = 0n;
-  try {
-    // The primary's and the secondary's own calls: compressPayload, decompressPayload, chunkDigest.
-    const lz = Buffer.allocUnsafe(piece);
-    const back = Buffer.allocUnsafe(piece);
-    const digest = Buffer.allocUnsafe(DIGEST_BYTES);
-    for (const r of await v.allocated(65536)) {
-      for (let o = r.offset; o < r.offset + r.length; o += piece) {
-        const raw = await v.read(o, Math.min(piece, r.offset + r.length - o));
-        let t = process.hrtime.bigint();
-        const { codec, payload, crc32c } = await compressPayload(raw, lz);
-        compressNs += process.hrtime.bigint() - t;
-        t = process.hrtime.bigint();
-        const out = decompressPayload({ type: 'extent', seq: 1, kind: 'data', offset: o, length: raw.length, codec, crc32c, payload }, back);
-        decompressNs += process.hrtime.bigint() - t;
-        if (!out.equals(raw)) throw new Error(`lz4 round trip at ${o} gave other bytes`);
-        t = process.hrtime.bigint();
-        for (let c = 0; c < raw.length; c += 65536) chunkDigest(raw.subarray(c, c + 65536), digest, 0);
-        shaNs += process.hrtime.bigint() - t;
-        bytes += raw.length;
-        wire += payload.length;
-      }
-    }
-  } finally {
-    await v.close();
-  }
-  const compressSeconds = Number(compressNs) / 1e9;
-  const decompressSeconds = Number(decompressNs) / 1e9;
-  const cpus = os.cpus().length;
-  // Meeting the wire target needs at least this share of the data compressed (the rest may travel raw).
-  const wireRatio = wire / bytes;
-  const mustCompress = Math.min(1, (1 - TARGETS.wireRatio) / (1 - wireRatio));
-  const ceilingMBps = bytes / 1e6 / ((mustCompress * (compressSeconds + decompressSeconds)) / cpus);
-  return { bytes, compressSeconds, decompressSeconds, sha256Seconds: Number(shaNs) / 1e9, wireRatio, mustCompress, cpus, ceilingMBps };
 }
 
 /**
@@ -175,7 +134,7 @@ async function main(): Promise<void> {
     const cpAlloc = statSync(cpTarget).blocks * 512;
     await fsp.rm(cpTarget);
     execFileSync('sync');
-    const floor = await codecFloor(source);
+    const floor = await codecFloor(source, TARGETS.wireRatio);
 
     const port = await freePort();
     const extra = process.env.TM_BENCH_PRIMARY_EXTRA ? (JSON.parse(process.env.TM_BENCH_PRIMARY_EXTRA) as Record<string, unknown>) : undefined;
@@ -276,13 +235,18 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=initial|incremental|bandwidth|consistency|mac|eventloop runs one case; all by default. */
+/** TM_BENCH_ONLY=link|initial|incremental|bandwidth|consistency|mac|eventloop runs one case; all but initial by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop'].includes(only)) {
-    throw new Error(`TM_BENCH_ONLY=${only}: expected initial, incremental, bandwidth, consistency, mac or eventloop`);
+  if (only !== undefined && !['link', 'initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop'].includes(only)) {
+    throw new Error(`TM_BENCH_ONLY=${only}: expected link, initial, incremental, bandwidth, consistency, mac or eventloop`);
   }
-  if (!only || only === 'initial') await main();
+  if (!only || only === 'link') {
+    const { linkBench } = await import('./link.js');
+    await linkBench();
+  }
+  // The first-mirror issue's comparison with cp alone, superseded by the link case: on request only.
+  if (only === 'initial') await main();
   if (!only || only === 'incremental') {
     const { incrementalBench } = await import('./incremental.js');
     console.log('');

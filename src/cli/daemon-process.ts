@@ -28,12 +28,15 @@ export class DaemonProcess {
     extraArgs: string[] = [],
     /** Variables added to the child's environment (e.g. test-only switches). */
     env: Record<string, string> = {},
+    /** A command the daemon runs under, which execs it (e.g. `ip netns exec NS`; the bench's shaped link). */
+    wrap: string[] = [],
   ) {
     const fd = openSync(logFile, 'a');
     try {
       // TM_DAEMON_NODE_ARGS: extra node options for the child (e.g. --cpu-prof when profiling).
       const nodeArgs = (process.env.TM_DAEMON_NODE_ARGS ?? '').split(' ').filter(Boolean);
-      this.child = spawn(process.execPath, [...nodeArgs, cliPath(), 'run', '--config', configPath, ...extraArgs], {
+      const [cmd, ...args] = [...wrap, process.execPath, ...nodeArgs, cliPath(), 'run', '--config', configPath, ...extraArgs];
+      this.child = spawn(cmd!, args, {
         stdio: ['ignore', fd, fd],
         env: { ...process.env, ...env },
       });
