@@ -26,8 +26,9 @@
  * Then the consistency case (bench/consistency.ts): the apply time of a generation overwriting every
  * allocated chunk with consistency off, reflink and journal.
  *
- * Then the frame MAC case (bench/frame-mac.ts): HMAC-SHA256 throughput and 1 MiB
- * data extents between two Sessions with and without the per-frame MAC.
+ * Then the frame MAC case (bench/frame-mac.ts): the per-frame MAC's throughput
+ * (GMAC as sessions compute it, beside createCipheriv and HMAC-SHA256) and
+ * 1 MiB data extents between two Sessions with and without it.
  * Then the event-loop case (bench/eventloop.ts): the secondary's event-loop delay p99 during the
  * initial sync of a volume with a million allocated extents.
  *
