@@ -63,7 +63,7 @@ function fio(args: string[]): Promise<{ bytes: number; seconds: number }> {
   });
 }
 
-interface LoggedCycle extends CycleReport {
+interface LoggedCycle extends Omit<CycleReport, 'steps'> {
   /** Unix ms of the commit. */
   at: number;
   /** Seconds per step of the cycle (absent before issue 15). */
