@@ -156,15 +156,17 @@ export async function rpoBench(): Promise<void> {
     stopSecondary = true;
     await secLoop;
     const extentsAfter = extentCount(source);
-    // Let the mirror catch up, then compare the replica with the source.
-    await new Promise((r) => setTimeout(r, 1500));
-    // Caught up: nothing pending, and no new generation over 2.5 s (more than two detection passes).
-    for (let prev = -1, i = 0; i < 120; i++) {
-      const m = await primary.mirror('rpo');
-      if (m.committedGeneration === m.generation && m.generation === prev) break;
-      prev = m.committedGeneration === m.generation ? m.generation : -1;
-      await new Promise((r) => setTimeout(r, 2500));
-    }
+    // Catch up: a last probe value, written after every other write, must reach the replica, and its generation be committed.
+    const marker = Date.now();
+    const mb = Buffer.alloc(8);
+    mb.writeDoubleLE(marker);
+    const fh = await fsp.open(source, 'r+');
+    await fh.write(mb, 0, 8, 0);
+    await fh.close();
+    const caughtUpBy = Date.now() + 300_000;
+    while (Date.now() < caughtUpBy && (await probe.readReplica()) !== marker) await new Promise((r) => setTimeout(r, 200));
+    const catchUpSeconds = (Date.now() - marker) / 1000;
+    await primary.waitFor((x) => x.mirrors[0]!.committedGeneration === x.mirrors[0]!.generation, 300_000, 'the last generation committed', 200);
     await primary.stop();
     await secondary.stop();
     let identical = true;
@@ -209,6 +211,7 @@ export async function rpoBench(): Promise<void> {
       },
       extents: { before: extentsBefore, after: extentsAfter },
       identicalAfterCatchUp: identical,
+      catchUpSeconds,
       probeErrors: probe.errors,
       targets: TARGETS,
     };
@@ -223,7 +226,7 @@ export async function rpoBench(): Promise<void> {
     console.log(`  cycles           ${cycles.length}, duration p50 ${f(result.cycles.duration.p50)} s  max ${f(result.cycles.duration.max)} s, first ten ${f(result.cycles.firstTenMeanSeconds)} s, last ten ${f(result.cycles.lastTenMeanSeconds)} s, slope ${f(trend)} s/min`);
     for (const k of stepNames) console.log(`    ${k.padEnd(10)} p50 ${f(steps[k]!.p50)} s  max ${f(steps[k]!.max)} s  slope ${f(stepTrend[k]!)} s/min`);
     console.log(`  extents          ${extentsBefore} before, ${extentsAfter} after (filefrag)`);
-    console.log(`  replica identical after catching up: ${identical}`);
+    console.log(`  replica identical after catching up (${catchUpSeconds.toFixed(1)} s): ${identical}`);
     console.log(`results: ${out}`);
     if (!identical) process.exitCode = 1;
   } finally {
