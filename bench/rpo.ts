@@ -15,7 +15,8 @@
  *
  * Root only (loop device, mount). Needs fio (Debian package fio) and filefrag
  * (e2fsprogs). Environment: TM_BENCH_RPO_SECONDS, TM_BENCH_RPO_RATE (fio
- * --rate, default 50m), TM_BENCH_RPO_SIZE (bytes, default 1 GiB), TM_BENCH_KEEP.
+ * --rate, default 50m), TM_BENCH_RPO_SIZE (bytes, default 1 GiB), TM_BENCH_RPO_CHUNK
+ * (the mirror's chunkSize, default 64KiB), TM_BENCH_KEEP.
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { promises as fsp, readFileSync } from 'node:fs';
@@ -107,7 +108,8 @@ export async function rpoBench(): Promise<void> {
     console.log(`bench rpo: ${formatBytes(size)} file on a loop-mounted XFS (${fs.mount}), tracking auto, interval 1s; fio random 4-64 KiB writes at ${rate}B/s for ${seconds} s`);
     // The whole file written once (random bytes), as a VM image in use would be.
     await fio(['--name=fill', `--filename=${source}`, '--rw=write', '--bs=1m', `--size=${size}`, '--end_fsync=1']);
-    const cfg = await writePairConfigs({ dir, mirror: 'rpo', source, target, port: await freePort(), interval: '1s', extraPrimary: { tracking: { mode: 'auto', interval: '1s' } } });
+    const chunkSize = process.env.TM_BENCH_RPO_CHUNK ?? '64KiB';
+    const cfg = await writePairConfigs({ dir, mirror: 'rpo', source, target, port: await freePort(), interval: '1s', chunkSize, extraPrimary: { tracking: { mode: 'auto', interval: '1s' } }, extraSecondary: { chunkSize } });
     const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
     daemons.push(secondary);
     await secondary.waitReady();
@@ -193,7 +195,7 @@ export async function rpoBench(): Promise<void> {
       date: new Date().toISOString(),
       commit: execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim(),
       host: { cpus: os.cpus().length, node: process.version, kernel: os.release(), fs: 'xfs (reflink=1) on a loop device', shared: 'taken on a shared 2-CPU machine while other work may have run' },
-      workload: { sizeBytes: size, seconds, rate, fioWrittenBytes: written.bytes, fioSeconds: written.seconds, fioMBps: written.bytes / 1e6 / written.seconds, probeWriteMs: probe.writeMs, sampleMs: probe.sampleMs },
+      workload: { sizeBytes: size, chunkSize, seconds, rate, fioWrittenBytes: written.bytes, fioSeconds: written.seconds, fioMBps: written.bytes / 1e6 / written.seconds, probeWriteMs: probe.writeMs, sampleMs: probe.sampleMs },
       staleness: { samples: stale.length, ...stats(stale) },
       understatement: { samples: under.length, max: under.length ? Math.max(...under) : NaN, p99: quantile(under, 0.99), overSampling: under.filter((u) => u > probe!.sampleMs / 1000).length },
       reportedLag: stats(samples.flatMap((s) => (s.reportedSeconds === null ? [] : [s.reportedSeconds]))),
