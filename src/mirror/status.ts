@@ -85,7 +85,12 @@ export interface MirrorStatus {
   dirtyBytes: number;
   generation: number;
   committedGeneration: number;
-  /** Age of the oldest change not yet committed on the secondary (RPO now); 0 when in sync; null when unknown. */
+  /**
+   * The replica's age (RPO now, issue 15): now minus when the view behind the
+   * last committed generation was taken, or a later pass that found nothing
+   * changed; the same on a secondary (from the primary's view times). Null
+   * when unknown (before the first commit).
+   */
   lagSeconds: number | null;
   /** Progress of the generation being sent or applied. */
   progress: Progress | null;
