@@ -718,7 +718,8 @@ export class PrimaryRole {
       dirtyBytes: s?.pending != null ? pendingBytes || (this.cycle?.changedBytes ?? 0) : 0,
       generation: s?.generation ?? 0,
       committedGeneration: s?.committedGeneration ?? 0,
-      lagSeconds: s ? gens.lagSeconds(s, Date.now(), this.seenAt) : null,
+      // While a comparison by digests is due, the replica may not hold what the last unchanged pass was compared with.
+      lagSeconds: s ? gens.lagSeconds(s, Date.now(), s.reconcile ? null : this.seenAt) : null,
       progress,
       lastCycle: this.lastCycle,
       reconcile: this.reconcileReport ? { ...this.reconcileReport } : null,
