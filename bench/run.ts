@@ -32,7 +32,10 @@
  * Then the event-loop case (bench/eventloop.ts): the secondary's event-loop delay p99 during the
  * initial sync of a volume with a million allocated extents.
  *
- * Environment: TM_BENCH_ONLY (link | initial | incremental | bandwidth | consistency | mac | eventloop), TM_BENCH_DIR (work directory, default os.tmpdir()),
+ * Then the RPO case (bench/rpo.ts): the replica's real staleness and the reported lag under 50 MB/s
+ * of random writes on a loop-mounted XFS with reflink tracking, with each cycle's step times.
+ *
+ * Environment: TM_BENCH_ONLY (link | initial | incremental | bandwidth | consistency | mac | eventloop | rpo), TM_BENCH_DIR (work directory, default os.tmpdir()),
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -236,11 +239,11 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=link|initial|incremental|bandwidth|consistency|mac|eventloop runs one case; all but initial by default. */
+/** TM_BENCH_ONLY=link|initial|incremental|bandwidth|consistency|mac|eventloop|rpo runs one case; all but initial by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['link', 'initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop'].includes(only)) {
-    throw new Error(`TM_BENCH_ONLY=${only}: expected link, initial, incremental, bandwidth, consistency, mac or eventloop`);
+  if (only !== undefined && !['link', 'initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop', 'rpo'].includes(only)) {
+    throw new Error(`TM_BENCH_ONLY=${only}: expected link, initial, incremental, bandwidth, consistency, mac, eventloop or rpo`);
   }
   if (!only || only === 'link') {
     const { linkBench } = await import('./link.js');
@@ -272,6 +275,11 @@ async function all(): Promise<void> {
     const { eventLoopBench } = await import('./eventloop.js');
     console.log('');
     await eventLoopBench();
+  }
+  if (!only || only === 'rpo') {
+    const { rpoBench } = await import('./rpo.js');
+    console.log('');
+    await rpoBench();
   }
 }
 

@@ -73,6 +73,7 @@ export class MirrorMetrics {
   private readonly lastCycleGeneration: Gauge;
   private readonly lastCycleChanged: Gauge;
   private readonly lastCycleWire: Gauge;
+  private readonly lastCycleStep: Gauge;
   private readonly errors: Counter;
   private readonly errorNow: Gauge;
   private readonly drillCount: Gauge;
@@ -95,7 +96,7 @@ export class MirrorMetrics {
 
     gauge('thinmirror_build_info', 'Always 1; the labels name the node and the thinmirror version.', ['node', 'version']).set({ node: opts.node, version: opts.version }, 1);
     this.state = gauge('thinmirror_mirror_state', 'Current state of the mirror: 1 for the state it is in, 0 for the others of its role.', [...ml, 'state']);
-    this.lag = gauge('thinmirror_mirror_lag_seconds', 'Age of the oldest change not yet committed on the secondary (RPO now); 0 when in sync; absent when unknown.');
+    this.lag = gauge('thinmirror_mirror_lag_seconds', 'Age of the replica: now minus when the view behind the last committed generation was taken (or a later pass found nothing changed); absent when unknown.');
     this.dirty = gauge('thinmirror_mirror_dirty_bytes', 'Bytes of chunks known to differ on the secondary (pending generation).');
     this.generation = gauge('thinmirror_mirror_generation', 'Latest generation created (primary) or being received (secondary).');
     this.committed = gauge('thinmirror_mirror_committed_generation', 'Latest generation committed (durable on the secondary).');
@@ -113,6 +114,7 @@ export class MirrorMetrics {
     this.lastCycleGeneration = gauge('thinmirror_mirror_last_cycle_generation', 'Generation of the last completed cycle.');
     this.lastCycleChanged = gauge('thinmirror_mirror_last_cycle_changed_bytes', 'Bytes of changed chunks in the last completed cycle.');
     this.lastCycleWire = gauge('thinmirror_mirror_last_cycle_wire_bytes', 'WebSocket bytes of the last completed cycle.');
+    this.lastCycleStep = gauge('thinmirror_mirror_last_cycle_step_seconds', 'Seconds of the last completed cycle spent in each step (status lastCycle.steps); absent when not measured.', [...ml, 'step']);
     this.errors = counter('thinmirror_errors_total', 'Errors by code: each time a mirror reports an error that differs (code or message) from what it reported at the previous observation.', [...ml, 'code']);
     this.errorNow = gauge('thinmirror_mirror_error', 'Present (value 1, labelled with the code) while the mirror reports an error.', [...ml, 'code']);
     this.drillCount = gauge('thinmirror_mirror_drills', 'Drills (writable clones of the replica) the secondary keeps; absent on a primary.');
@@ -229,6 +231,7 @@ export class MirrorMetrics {
       this.lastCycleGeneration.set(l, c.generation);
       this.lastCycleChanged.set(l, c.changedBytes);
       this.lastCycleWire.set(l, c.wireBytes);
+      for (const [step, v] of Object.entries(c.steps ?? {})) this.lastCycleStep.set({ ...l, step }, v);
     } else {
       this.cycles.inc(l, 0);
       this.cycleSeconds.inc(l, 0);

@@ -33,14 +33,17 @@ export function isFresh(s: MirrorState): boolean {
 /**
  * Make the next generation pending (its bitmap must already be on disk).
  * `detectedAt`: Unix ms of the start of the detection pass that found its
- * changes, the age the lag counts from. Returns its number.
+ * changes; `viewAt`: when the view it is read from was taken (at or after
+ * `detectedAt`), the moment the replica's image will be of once it is
+ * committed. Returns its number.
  */
-export function createGeneration(s: MirrorState, detectedAt: number): number {
+export function createGeneration(s: MirrorState, detectedAt: number, viewAt: number = detectedAt): number {
   const gen = s.generation + 1;
   s.generation = gen;
   s.pending = gen;
   s.cursor = 0;
   s.oldestUncommittedAt ??= detectedAt;
+  s.pendingViewAt = viewAt;
   s.reconcile = null;
   return gen;
 }
@@ -57,8 +60,11 @@ export function advanceCursor(s: MirrorState, durable: number): boolean {
 
 /** The secondary committed `gen`: nothing is pending any more (remove bitmap `gen` after saving). */
 export function commitGeneration(s: MirrorState, gen: number): void {
+  // The replica is now the view of `gen` (unknown when its state predates view times).
+  s.committedViewAt = s.pending === gen ? (s.pendingViewAt ?? null) : null;
   s.committedGeneration = gen;
   s.pending = null;
+  s.pendingViewAt = null;
   s.cursor = 0;
   s.oldestUncommittedAt = null;
 }
@@ -93,6 +99,8 @@ export function reconcileAfterHandshake(s: MirrorState, peerCommitted: number, a
     return true;
   }
   if (peerCommitted < s.committedGeneration && s.pending === null) {
+    // What the replica holds is not known any more: so is its age, until the comparison commits.
+    s.committedViewAt = null;
     requireReconcile(s, `the secondary reports generation ${peerCommitted} but acknowledged ${s.committedGeneration}: its state was lost`);
     return true;
   }
@@ -104,9 +112,19 @@ export function resumeCursor(s: MirrorState, applying: Applying | null): number 
   return applying && applying.generation === s.pending ? applying.cursor : 0;
 }
 
-/** Age in seconds of the oldest change not committed on the secondary (0 when none). */
-export function lagSeconds(s: MirrorState, now: number): number {
-  return s.oldestUncommittedAt === null ? 0 : (now - s.oldestUncommittedAt) / 1000;
+/**
+ * The replica's age in seconds (issue 15): `now` minus the moment the view
+ * behind the last committed generation was taken, or the later moment
+ * `seenAt` when a detection pass since found the volume unchanged from it
+ * (Unix ms, held in memory). Writes made after that moment are what a
+ * failover would lose; the volume may well have been written since, so this
+ * is never 0 and never counts from the detection of a change. Null while no
+ * committed generation has a known view time (before the first commit, or
+ * after a reconciliation until it commits).
+ */
+export function lagSeconds(s: Pick<MirrorState, 'committedViewAt'>, now: number, seenAt: number | null = null): number | null {
+  const at = Math.max(s.committedViewAt ?? -Infinity, seenAt ?? -Infinity);
+  return Number.isFinite(at) ? Math.max(0, now - at) / 1000 : null;
 }
 
 /** Bytes of the chunks of `bitmap` at or above `fromChunk`, the volume's short tail counted as it is. */

@@ -509,7 +509,7 @@ async function rollbackForPromote(c: MirrorConfig, file: StateFile, s: Readonly<
           `mirror ${c.name}: generation ${s.applying.generation} is partly applied and there is no base image or undo journal (consistency: ${c.consistency}) to bring back generation ${s.committedGeneration}: this replica is not a consistent image and cannot be promoted`,
         );
       }
-      await save({ ...structuredClone(s as MirrorState), applying: null, applyingGid: null, generation: s.committedGeneration });
+      await save({ ...structuredClone(s as MirrorState), applying: null, applyingGid: null, applyingViewAt: null, generation: s.committedGeneration });
     }
     const r = await rollbackTarget(c, file.dir, target, s.committedGeneration, log);
     if (r.generation !== null) log.warn({ undone: r.generation, mode: r.mode, bytes: r.bytes, dir: consistencyDir(c, file.dir, target.kind === 'file') }, 'rolled back to the last committed generation before promoting');

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { BitmapStore, RoaringBitmap32 } from '../track/bitmap-store.js';
 import { createSource } from '../track/index.js';
-import type { ChangeSource } from '../track/source.js';
+import type { ChangeSource, DetectSteps } from '../track/source.js';
 import { sleep } from '../util/sleep.js';
 import { allocatedBytesOf, type Volume } from '../volume/volume.js';
 import { HANDSHAKE_TIMEOUT_MS, primaryHandshake } from '../wire/handshake.js';
@@ -69,7 +69,18 @@ export class PrimaryRole {
   private sender: Sender | null = null;
   private lastCycle: CycleReport | null = null;
   /** The generation being sent: when its detection started, and the counters then. */
-  private cycle: { generation: number; started: number; readBefore: number; detectReadBytes: number; changedBytes: number; wireAtStart: number } | null = null;
+  private cycle: {
+    generation: number;
+    started: number;
+    readBefore: number;
+    detectReadBytes: number;
+    changedBytes: number;
+    wireAtStart: number;
+    /** Detection's steps (seconds), when this daemon's pass created the generation. */
+    detectSteps?: DetectSteps & { save: number };
+  } | null = null;
+  /** When the last detection pass that found nothing changed took its view (Unix ms): the replica's image is that recent (memory only). */
+  private seenAt: number | null = null;
   private lastDetectAt = 0;
   private reconcileReport: ReconcileReport | null = null;
   private sessions = 0;
@@ -258,7 +269,7 @@ export class PrimaryRole {
           await this.reconcile(session, step.reason);
           break;
         case 'initial-sync':
-          await this.detect(true);
+          await this.detect(true, session);
           break;
         case 'wait': {
           this.phase = 'in-sync';
@@ -271,29 +282,41 @@ export class PrimaryRole {
           await sleep(wait, this.signal, Promise.race([session.closed, this.wake.promise]));
           if (this.signal.aborted) return;
           if (!session.isOpen) throw (await session.closed) ?? new TmError(ErrorCodes.CONNECTION, 'session closed');
-          await this.detect(false);
+          await this.detect(false, session);
         }
       }
     }
   }
 
-  /** One detection pass (`all`: every chunk, e.g. the initial sync); a non-empty result becomes the next generation. */
-  private async detect(all: boolean): Promise<void> {
+  /**
+   * One detection pass (`all`: every chunk, e.g. the initial sync); a
+   * non-empty result becomes the next generation. An empty one says the
+   * replica is the volume as it was when the pass's view was taken: the lag
+   * counts from then (here and, by an `unchanged` frame, on the secondary).
+   */
+  private async detect(all: boolean, session: Session | null): Promise<void> {
     const started = Date.now();
     this.lastDetectAt = started;
-    const { bitmap, readBytes, baseLost } = await this.detectPass(this.state.generation + 1, { all, signal: this.signal });
+    const { bitmap, readBytes, baseLost, viewAt = started, steps } = await this.detectPass(this.state.generation + 1, { all, signal: this.signal });
     if (baseLost) {
       const why = `the ${this.source!.mode} change source lost its tracking state (no base to compare with)`;
       await this.r.store.update((s) => gens.requireReconcile(s, why));
       return;
     }
+    const t = performance.now();
     this.allocatedBytes = await allocatedBytesOf(this.volume!);
     await this.mergeDivergence(bitmap);
     if (bitmap.isEmpty) {
+      const s = this.state;
+      if (s.pending === null && !s.reconcile && s.committedGeneration > 0) {
+        this.seenAt = Math.max(this.seenAt ?? 0, viewAt);
+        if (session?.isOpen) session.send({ type: 'unchanged', generation: s.committedGeneration, viewAt });
+      }
       this.r.log.debug({ readBytes, ms: Date.now() - started }, 'no changes');
       return;
     }
-    await this.createGeneration(bitmap, started, readBytes);
+    await this.createGeneration(bitmap, started, readBytes, viewAt);
+    if (this.cycle) this.cycle.detectSteps = { ...steps, save: (performance.now() - t) / 1000 };
   }
 
   private detectPass(gen: number, o: { all?: boolean; signal?: AbortSignal }) {
@@ -315,11 +338,11 @@ export class PrimaryRole {
   }
 
   /** Bitmap first, then the state that names it pending. */
-  private async createGeneration(bitmap: RoaringBitmap32, detectedAt: number, readBytes: number): Promise<void> {
+  private async createGeneration(bitmap: RoaringBitmap32, detectedAt: number, readBytes: number, viewAt = detectedAt): Promise<void> {
     await this.bitmaps.save(this.state.generation + 1, bitmap);
     const node = this.r.ctx.nodeName;
     const gen = await this.r.store.update((s) => {
-      const g = gens.createGeneration(s, detectedAt);
+      const g = gens.createGeneration(s, detectedAt, viewAt);
       s.pendingGid = newGenId(node, g);
       if (s.divergence && !s.divergence.unknown) s.divergence.coveredBy = g;
       return g;
@@ -379,6 +402,7 @@ export class PrimaryRole {
         recordSent: (chunk, data, count) => source.recordSent(chunk, data, count),
         ...(s.pendingGid && s.pendingGid.generation === gen ? { gid: s.pendingGid } : {}),
         ...(this.peerChanges && this.peerChanges.coveredBy === gen ? { withPeerChanges: true } : {}),
+        ...(s.pendingViewAt != null && s.pending === gen ? { viewAt: s.pendingViewAt } : {}),
       },
       session,
       {
@@ -431,6 +455,17 @@ export class PrimaryRole {
         readBytes: cy.detectReadBytes + this.counters.readBytes - cy.readBefore,
         wireBytes: this.wireBytes() - cy.wireAtStart,
         durationSeconds: (Date.now() - cy.started) / 1000,
+        ...(cy.detectSteps && this.sender
+          ? {
+              steps: {
+                snapshot: cy.detectSteps.snapshot ?? 0,
+                fiemap: cy.detectSteps.fiemap ?? 0,
+                diff: cy.detectSteps.diff ?? 0,
+                save: cy.detectSteps.save,
+                ...this.sender.steps,
+              },
+            }
+          : {}),
       };
     }
     this.cycle = null;
@@ -636,7 +671,7 @@ export class PrimaryRole {
   private async switchoverStep(session: Session): Promise<boolean> {
     const s = this.state;
     const before = s.generation;
-    await this.detect(false);
+    await this.detect(false, session);
     if (s.generation !== before || s.reconcile) return false;
     session.send({ type: 'switchover', generation: s.committedGeneration });
     const m = await session.next(HANDSHAKE_TIMEOUT_MS);
@@ -683,7 +718,8 @@ export class PrimaryRole {
       dirtyBytes: s?.pending != null ? pendingBytes || (this.cycle?.changedBytes ?? 0) : 0,
       generation: s?.generation ?? 0,
       committedGeneration: s?.committedGeneration ?? 0,
-      lagSeconds: s ? gens.lagSeconds(s, Date.now()) : null,
+      // While a comparison by digests is due, the replica may not hold what the last unchanged pass was compared with.
+      lagSeconds: s ? gens.lagSeconds(s, Date.now(), s.reconcile ? null : this.seenAt) : null,
       progress,
       lastCycle: this.lastCycle,
       reconcile: this.reconcileReport ? { ...this.reconcileReport } : null,

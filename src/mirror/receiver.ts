@@ -33,6 +33,12 @@ export interface ReplicaRecord {
   saveApplying(a: Applying): Promise<void>;
   /** The target holds generation `gen` durably. */
   saveCommitted(gen: number): Promise<void>;
+  /**
+   * The primary found its volume unchanged from committed generation `gen` in
+   * a view taken at `viewAt` (Unix ms, its clock): the replica's image is that
+   * recent. Held in memory only (status); optional.
+   */
+  sawUnchanged?(gen: number, viewAt: number): void;
 }
 
 /** What a begin frame says of its generation besides its number (mirror/history.ts). */
@@ -40,6 +46,8 @@ export interface BeginInfo {
   gid?: { node: string; generation: number; id: string };
   /** The generation also overwrites the chunks this side reported as divergent. */
   withPeerChanges?: boolean;
+  /** Unix ms (the primary's clock) when the view this generation is read from was taken. */
+  viewAt?: number;
 }
 
 export interface ReceiverOptions {
@@ -209,7 +217,11 @@ export class Receiver {
             lastSeq = 0;
             nextOffset = applied = durable = msg.resumeFrom;
             // From here the target is between committed and `current`.
-            await rec.begin(current, msg.resumeFrom, { ...(msg.gid ? { gid: msg.gid } : {}), ...(msg.withPeerChanges ? { withPeerChanges: true } : {}) });
+            await rec.begin(current, msg.resumeFrom, {
+              ...(msg.gid ? { gid: msg.gid } : {}),
+              ...(msg.withPeerChanges ? { withPeerChanges: true } : {}),
+              ...(msg.viewAt !== undefined ? { viewAt: msg.viewAt } : {}),
+            });
             this.progress = { generation: current, doneBytes: msg.resumeFrom, totalBytes: target.size };
             lastCheckpointAt = Date.now();
             this.o.log.info({ generation: current, resumeFrom: msg.resumeFrom }, 'generation begins');
@@ -266,6 +278,12 @@ export class Receiver {
             this.switchoverAt = msg.generation;
             this.o.log.info({ generation: msg.generation }, 'switchover agreed: this side is promoted when the primary closes the session');
             session.send({ type: 'switched', generation: msg.generation });
+            break;
+          }
+          case 'unchanged': {
+            if (current !== null) throw new TmError(ErrorCodes.PROTOCOL, `unchanged(${msg.generation}) while generation ${current} is open`);
+            // Only about the image held here; an older number (a commit raced it) says nothing.
+            if (msg.generation === rec.committedGeneration && rec.applying === null) rec.sawUnchanged?.(msg.generation, msg.viewAt);
             break;
           }
           default:

@@ -31,9 +31,11 @@ export function changeRole(s: MirrorState, to: Role, file: string): void {
     s.generation = s.committedGeneration;
     s.pending = null;
     s.pendingGid = null;
+    s.pendingViewAt = null;
     s.cursor = 0;
     s.oldestUncommittedAt = null;
     s.applyingGid = null;
+    s.applyingViewAt = null;
     s.splitBrain = null;
     // Cleared once the change source has taken the volume as its base; a crash before that compares digests.
     s.reconcile = `${PROMOTED} ${s.committedGeneration}: the tracking base of this volume was not taken yet`;
@@ -43,9 +45,11 @@ export function changeRole(s: MirrorState, to: Role, file: string): void {
   s.role = 'secondary';
   s.applying = null;
   s.applyingGid = null;
+  s.applyingViewAt = null;
   s.generation = s.committedGeneration;
   s.pending = null;
   s.pendingGid = null;
+  s.pendingViewAt = null;
   s.cursor = 0;
   s.reconcile = null;
   s.oldestUncommittedAt = null;

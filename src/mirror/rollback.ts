@@ -49,6 +49,7 @@ export async function rollbackStopped(c: MirrorConfig, stateDir: string, log: Lo
         );
       }
       s.applying = null;
+      s.applyingViewAt = null;
       s.generation = s.committedGeneration;
       await file.save(s);
     }

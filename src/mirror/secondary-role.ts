@@ -8,6 +8,7 @@ import { Consistency, rollbackTarget } from './consistency.js';
 import { serializeBitmap } from '../track/bitmap-store.js';
 import { loadDivergent, removeDivergent } from './divergence.js';
 import { Drills } from './drill.js';
+import { lagSeconds } from './generations.js';
 import { appendHistory, compareHistories, describeGen, withPending } from './history.js';
 import { splitBrainError } from './primary-role.js';
 import { Receiver, type Applying, type ReplicaRecord } from './receiver.js';
@@ -45,6 +46,8 @@ export class SecondaryRole {
   private allocated: { at: number; bytes: number; ms: number } = { at: 0, bytes: 0, ms: 0 };
   /** The walk refreshing {@link allocated}, while one runs (never awaited by status). */
   private refreshing: Promise<void> | null = null;
+  /** The latest `unchanged` frame's view time for the committed generation it named (memory only: a restart counts from the state's older committedViewAt). */
+  private seenAt: { generation: number; at: number } | null = null;
   private stopped = false;
   private sessions = 0;
   private connectedSince: Date | null = null;
@@ -298,10 +301,18 @@ export class SecondaryRole {
               s.divergence.coveredBy = gen;
               changed = true;
             }
+            const viewAt = info?.viewAt ?? null;
+            if ((s.applyingViewAt ?? null) !== viewAt) {
+              s.applyingViewAt = viewAt;
+              changed = true;
+            }
             return changed;
           });
         }),
       saveApplying,
+      sawUnchanged: (gen, viewAt) => {
+        if (state().committedGeneration === gen) this.seenAt = { generation: gen, at: Math.max(this.seenAt?.generation === gen ? this.seenAt.at : 0, viewAt) };
+      },
       saveCommitted: (gen) =>
         this.exclusive(async () => {
           // Announced (status, the next session's ready) only once durable: a failed save leaves generation gen uncommitted.
@@ -309,6 +320,9 @@ export class SecondaryRole {
             s.committedGeneration = gen;
             s.applying = null;
             s.committedAt = Date.now();
+            // The replica is now the primary's view of gen (unknown when its begin did not say when that was).
+            s.committedViewAt = s.applyingViewAt ?? null;
+            s.applyingViewAt = null;
             if (s.applyingGid && s.applyingGid.generation === gen) s.history = appendHistory(s.history, s.applyingGid, gen === 1);
             s.applyingGid = null;
             // The chunks this side had changed as a primary are overwritten now.
@@ -435,7 +449,8 @@ export class SecondaryRole {
       dirtyBytes: 0,
       generation: s?.applying?.generation ?? s?.committedGeneration ?? 0,
       committedGeneration: s?.committedGeneration ?? 0,
-      lagSeconds: null,
+      // The replica's age as the primary's clock counts (docs/metrics.md): a skew between the two hosts' clocks adds to it.
+      lagSeconds: s ? lagSeconds(s, Date.now(), this.seenAt?.generation === s.committedGeneration ? this.seenAt.at : null) : null,
       progress,
       lastCycle: null,
       consistency: {

@@ -36,6 +36,8 @@ export interface GenerationChanges {
   gid?: { node: string; generation: number; id: string };
   /** The generation also overwrites the chunks the secondary reported as divergent (begin.withPeerChanges). */
   withPeerChanges?: boolean;
+  /** When the generation's view was taken (Unix ms), told to the secondary in the begin (its lag). */
+  viewAt?: number;
 }
 
 export interface SenderOptions {
@@ -56,6 +58,14 @@ export interface SenderOptions {
   persist(): Promise<void>;
   /** Seconds the secondary may stay silent while extents or the commit await its answer (TM_ERR_TIMEOUT after); absent or 0: no limit. */
   peerTimeout?: number;
+}
+
+/** Seconds per step of sending one generation ({@link Sender.steps}). */
+export interface SendSteps {
+  read: number;
+  send: number;
+  apply: number;
+  commit: number;
 }
 
 /** Bytes counted over the life of a role (shared by its senders). */
@@ -80,6 +90,15 @@ export interface SendCounters {
  */
 export class Sender {
   readonly progress: Progress;
+  /**
+   * Where the sending loop's wall time went, in seconds (they add up to the
+   * time of {@link run}, less the begin): `read` waiting for the next extent
+   * (reading the view and compressing), `send` encoding and writing frames
+   * (and the bandwidth cap), `apply` waiting for the secondary's acks (flow
+   * control: it applies what it got), `commit` from the commit frame to the
+   * secondary's committed (its last writes, flush and state save).
+   */
+  readonly steps: SendSteps = { read: 0, send: 0, apply: 0, commit: 0 };
   private readonly cs: number;
 
   constructor(
@@ -168,9 +187,19 @@ export class Sender {
         resumeFrom,
         ...(this.changes.gid ? { gid: this.changes.gid } : {}),
         ...(this.changes.withPeerChanges ? { withPeerChanges: true } : {}),
+        ...(this.changes.viewAt !== undefined ? { viewAt: this.changes.viewAt } : {}),
       });
+      const steps = this.steps;
+      let t = performance.now();
+      const lap = (k: keyof SendSteps) => {
+        const now = performance.now();
+        steps[k] += (now - t) / 1000;
+        t = now;
+      };
       for await (const ext of this.extents(Math.ceil(resumeFrom / this.cs))) {
+        lap('read');
         await flow.ready();
+        lap('apply');
         if (this.o.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
         const msg = { ...ext, seq: ++seq } as ExtentMsg;
         if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
@@ -179,7 +208,9 @@ export class Sender {
         const n = session.send(msg);
         flow.sent(seq, n, msg.offset + msg.length);
         if (msg.kind === 'data') this.counters.sentBytes += msg.length;
+        lap('send');
       }
+      lap('read');
       // Checked by the reader: a `committed` before this point is a lie.
       if (flow.bytesInFlight === 0) lastHeard = Date.now();
       session.send({ type: 'commit', generation: gen });
@@ -190,6 +221,7 @@ export class Sender {
         await checkpoint.settled().catch(() => {});
       }
       await checkpoint.settled();
+      lap('commit');
     } finally {
       if (watchdog) clearInterval(watchdog);
     }

@@ -62,6 +62,19 @@ export interface MirrorState {
   divergence?: Divergence | null;
   /** A split brain found on the last meeting with the peer (issue 12 §5), until it is resolved. */
   splitBrain?: SplitBrain | null;
+  /**
+   * Unix ms when the view behind `committedGeneration` was taken on the
+   * primary (snapshot time for reflink and lvm-thin, start of the pass for
+   * scan): the replica's image is the source as it was then (issue 15). Null
+   * or absent when not known (no commit yet, or a file written before).
+   * Detection passes that find nothing changed move it on in memory only
+   * (the roles' `viewAt`); after a restart the lag counts from this, older, moment.
+   */
+  committedViewAt?: number | null;
+  /** Sending: when the view of `pending` was taken (becomes `committedViewAt` at its commit). */
+  pendingViewAt?: number | null;
+  /** Receiving: when the view of `applying` was taken on the primary (its begin's `viewAt`). */
+  applyingViewAt?: number | null;
 }
 
 /**
@@ -131,6 +144,9 @@ const format2 = z.strictObject({
   applyingGid: genId.nullable().optional(),
   divergence: divergence.optional(),
   splitBrain: splitBrain.optional(),
+  committedViewAt: count.nullable().optional(),
+  pendingViewAt: count.nullable().optional(),
+  applyingViewAt: count.nullable().optional(),
 });
 
 /** Format 1 as the 0.1.0 release wrote it, one shape per role. */

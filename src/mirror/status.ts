@@ -22,13 +22,38 @@ export interface Progress {
 }
 export type SecondaryPhase = 'waiting' | 'receiving' | 'idle' | 'error' | 'stopped';
 
+/**
+ * Seconds per step of a cycle (issue 15), in the order they run. Detection:
+ * `snapshot` (freezing the view: FICLONE + fsync, a thin snapshot), `fiemap`
+ * (the maps of both views), `diff` (comparing them), `save` (bitmap and
+ * state on disk). Sending, as wall time of the send loop: `read` (waiting for
+ * the view's reads and compression), `send` (framing and writing to the
+ * socket), `apply` (waiting for the secondary's acks: it applies), `commit`
+ * (from the commit frame to the secondary's committed). A step the change
+ * source does not have is 0. They add up to about `durationSeconds`, less the
+ * bookkeeping after the commit.
+ */
+export interface CycleSteps {
+  snapshot: number;
+  fiemap: number;
+  diff: number;
+  save: number;
+  read: number;
+  send: number;
+  apply: number;
+  commit: number;
+}
+
 /** Cost of the last completed cycle (primary). */
 export interface CycleReport {
   generation: number;
   changedBytes: number;
   readBytes: number;
   wireBytes: number;
+  /** From the start of the detection pass to the secondary's commit recorded here. */
   durationSeconds: number;
+  /** Where that time went (absent for a generation resumed after a restart, whose detection happened before). */
+  steps?: CycleSteps;
 }
 
 /** A drill in a secondary's status: its name, the clone's path, the committed generation it holds, seconds since it was taken. */
@@ -60,7 +85,12 @@ export interface MirrorStatus {
   dirtyBytes: number;
   generation: number;
   committedGeneration: number;
-  /** Age of the oldest change not yet committed on the secondary (RPO now); 0 when in sync; null when unknown. */
+  /**
+   * The replica's age (RPO now, issue 15): now minus when the view behind the
+   * last committed generation was taken, or a later pass that found nothing
+   * changed; the same on a secondary (from the primary's view times). Null
+   * when unknown (before the first commit).
+   */
   lagSeconds: number | null;
   /** Progress of the generation being sent or applied. */
   progress: Progress | null;

@@ -7,7 +7,7 @@ import { ReflinkBase } from '../volume/reflink-base.js';
 import { SparseFileVolume } from '../volume/sparse-file.js';
 import type { Volume } from '../volume/volume.js';
 import { RoaringBitmap32 } from './bitmap-store.js';
-import type { ChangeSource, DetectOptions, Detection } from './source.js';
+import type { ChangeSource, DetectOptions, Detection, DetectSteps } from './source.js';
 
 /** Flags after which an extent's physical address says nothing reliable about its content. */
 const OPAQUE =
@@ -138,23 +138,31 @@ export class ReflinkSource implements ChangeSource {
   async detect(generation: number, opts: DetectOptions = {}): Promise<Detection> {
     const snap = this.snapshotPath(generation);
     await this.closeView(generation);
+    // The clone holds every write that completed before the call (XFS and btrfs flush the source's dirty pages first).
+    const viewAt = Date.now();
+    let t = performance.now();
     await this.clone(snap);
+    const steps: DetectSteps = { snapshot: (performance.now() - t) / 1000 };
     opts.signal?.throwIfAborted();
     const all = () => {
       const b = new RoaringBitmap32();
       b.addRange(0, this.chunkCount);
       return b;
     };
-    if (opts.all) return { bitmap: all(), readBytes: 0 };
+    if (opts.all) return { bitmap: all(), readBytes: 0, viewAt, steps };
     const basePath = this.snapshotPath(this.base);
+    t = performance.now();
     const [before, after] = await Promise.all([this.map(basePath), this.map(snap)]);
-    if (before === null) return { bitmap: all(), readBytes: 0, baseLost: true };
+    steps.fiemap = (performance.now() - t) / 1000;
+    if (before === null) return { bitmap: all(), readBytes: 0, baseLost: true, viewAt, steps };
+    t = performance.now();
     const bitmap = diffMaps(before, after!, this.volumeSize, this.chunkSize);
+    steps.diff = (performance.now() - t) / 1000;
     if (bitmap.isEmpty) {
       // Nothing to send: this snapshot would only be a second copy of the base.
       await fsp.rm(snap, { force: true });
     }
-    return { bitmap, readBytes: 0 };
+    return { bitmap, readBytes: 0, viewAt, steps };
   }
 
   /** FIEMAP of a snapshot; null when it does not exist. */

@@ -28,6 +28,23 @@ export interface Detection {
    * differs by comparing digests with the secondary instead of sending it all.
    */
   baseLost?: boolean;
+  /**
+   * Unix ms when the view was frozen (reflink: just before FICLONE; absent:
+   * the caller takes the start of the pass, which is never later).
+   */
+  viewAt?: number;
+  /** Where the pass's time went, in seconds (absent steps: not done or not measured). */
+  steps?: DetectSteps;
+}
+
+/** Seconds per step of one detection pass. */
+export interface DetectSteps {
+  /** Freezing the view: FICLONE + fsync + rename (reflink), the thin snapshot (lvm-thin). */
+  snapshot?: number;
+  /** The translation maps of both views (FIEMAP). */
+  fiemap?: number;
+  /** Comparing the maps into a bitmap. */
+  diff?: number;
 }
 
 export interface DetectOptions {

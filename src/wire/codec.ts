@@ -196,14 +196,15 @@ function validate(v: unknown, mode: Mode): Message {
       return { type: t, committedGeneration, applying };
     }
     case 'begin': {
-      checkKeys(v, t, ['type', 'generation', 'resumeFrom'], ['gid', 'withPeerChanges']);
+      checkKeys(v, t, ['type', 'generation', 'resumeFrom'], ['gid', 'withPeerChanges', 'viewAt']);
       const generation = uint(v, t, 'generation', 1);
       const resumeFrom = uint(v, t, 'resumeFrom');
       checkCursor(t, 'resumeFrom', resumeFrom, volumeOf(mode.ctx));
       const gid = Object.hasOwn(v, 'gid') ? genId(v.gid, 'begin.gid') : undefined;
       if (gid && gid.generation !== generation) fail(`begin.gid.generation ${gid.generation} is not begin.generation ${generation}`);
       if (Object.hasOwn(v, 'withPeerChanges') && typeof v.withPeerChanges !== 'boolean') fail(`begin.withPeerChanges must be a boolean, got ${describe(v.withPeerChanges)}`);
-      return { type: t, generation, resumeFrom, ...(gid ? { gid } : {}), ...(v.withPeerChanges === true ? { withPeerChanges: true } : {}) };
+      const viewAt = Object.hasOwn(v, 'viewAt') ? uint(v, t, 'viewAt') : undefined;
+      return { type: t, generation, resumeFrom, ...(gid ? { gid } : {}), ...(v.withPeerChanges === true ? { withPeerChanges: true } : {}), ...(viewAt !== undefined ? { viewAt } : {}) };
     }
     case 'history': {
       checkKeys(v, t, ['type', 'role', 'ids', 'pending', 'changedBytes', 'divergent', 'unknown']);
@@ -225,6 +226,9 @@ function validate(v: unknown, mode: Mode): Message {
     case 'switched':
       checkKeys(v, t, ['type', 'generation']);
       return { type: t, generation: uint(v, t, 'generation', 1) };
+    case 'unchanged':
+      checkKeys(v, t, ['type', 'generation', 'viewAt']);
+      return { type: t, generation: uint(v, t, 'generation', 1), viewAt: uint(v, t, 'viewAt') };
     case 'extent':
       return validateExtent(v, mode);
     case 'commit':

@@ -11,9 +11,12 @@
  * 2: data extents carry `crc32c` (CRC-32C) instead of version 1's `crc32`
  * (zlib CRC-32). 3: the proofs cover the node names and the auth frame's volume
  * identity, and every frame after the handshake carries a MAC under a session key
- * (auth.ts). A peer of another version is refused with TM_ERR_VERSION_MISMATCH.
+ * (auth.ts). 4: `begin` may carry `viewAt`, and the primary sends `unchanged`
+ * after a detection pass that found nothing changed (issue 15: the replica's
+ * age on the secondary); a version-3 peer would refuse both, so the version
+ * moved. A peer of another version is refused with TM_ERR_VERSION_MISMATCH.
  */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 
 /** Nonces and HMAC-SHA256 proofs are exactly this many bytes. */
 export const NONCE_BYTES = 32;
@@ -85,6 +88,20 @@ export interface BeginMsg {
   gid?: WireGenId;
   /** This generation also overwrites the chunks the secondary reported as divergent in this session's history. */
   withPeerChanges?: boolean;
+  /** Unix ms (the primary's clock) when the view this generation is read from was taken; absent when not known. */
+  viewAt?: number;
+}
+
+/**
+ * Primary -> secondary, between generations (protocol 4): a detection pass on
+ * a view taken at `viewAt` (Unix ms, the primary's clock) found the volume
+ * unchanged from committed generation `generation`, so the replica is the
+ * source as it was then.
+ */
+export interface UnchangedMsg {
+  type: 'unchanged';
+  generation: number;
+  viewAt: number;
 }
 
 /** A generation's identity on the wire (mirror/history.ts GenId). */
@@ -217,6 +234,7 @@ export type Message =
   | HistoryMsg
   | SwitchoverMsg
   | SwitchedMsg
+  | UnchangedMsg
   | ErrorMsg;
 
 export type MessageType = Message['type'];

@@ -72,6 +72,8 @@ const samples: Message[] = [
   { type: 'auth', proof, volumeSize: 10 * CS + 1000, chunkSize: CS, volumeId: 'ff', fresh: true },
   { type: 'digest-req', offset: 2 * CS, length: 8 * CS + 1000 },
   { type: 'digests', offset: 0, length: 2 * CS, digests: Buffer.alloc(32, 7) },
+  { type: 'begin', generation: 5, resumeFrom: 0, viewAt: 1_795_000_000_123 },
+  { type: 'unchanged', generation: 5, viewAt: 1_795_000_001_000 },
 ];
 
 describe('codec: msgpack frames, validated before anything acts on them', () => {
@@ -82,7 +84,7 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       expect(back, m.type).to.deep.equal(m);
       seen.add(m.type);
     }
-    expect([...seen].sort()).to.deep.equal(['ack', 'auth', 'begin', 'challenge', 'commit', 'committed', 'digest-req', 'digests', 'error', 'extent', 'hello', 'ready']);
+    expect([...seen].sort()).to.deep.equal(['ack', 'auth', 'begin', 'challenge', 'commit', 'committed', 'digest-req', 'digests', 'error', 'extent', 'hello', 'ready', 'unchanged']);
   });
 
   it('digest requests and replies: ranges inside the volume, one digest per chunk; auth.fresh is a boolean', () => {
@@ -253,6 +255,16 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       // The end of the volume is a valid cursor (after the tail extent); without a volume only the shape counts.
       expect(accepted({ type: 'ready', committedGeneration: 0, applying: { generation: 1, cursor: 10 * CS + 1000 } })).to.have.property('applying');
       expect(accepted({ type: 'ready', committedGeneration: 0, applying: { generation: 1, cursor: 100 } }, {})).to.have.property('applying');
+    });
+
+    it('issue 15: begin.viewAt and unchanged {generation >= 1, viewAt}: non-negative integers (Unix ms)', () => {
+      refused({ type: 'begin', generation: 1, resumeFrom: 0, viewAt: -1 }, 'begin.viewAt');
+      refused({ type: 'begin', generation: 1, resumeFrom: 0, viewAt: 1.5 }, 'begin.viewAt');
+      refused({ type: 'begin', generation: 1, resumeFrom: 0, viewAt: '1' }, 'begin.viewAt');
+      refused({ type: 'unchanged', generation: 0, viewAt: 1 }, 'unchanged.generation');
+      refused({ type: 'unchanged', generation: 1 }, 'unchanged.viewAt is missing');
+      refused({ type: 'unchanged', generation: 1, viewAt: 1, x: 1 }, 'unknown field');
+      expect(accepted({ type: 'begin', generation: 1, resumeFrom: 0 })).not.to.have.property('viewAt');
     });
 
     it('begin: generation >= 1, resumeFrom on a chunk boundary (or the end) inside the volume', () => {

@@ -39,15 +39,33 @@ describe('generation bookkeeping (mirror/generations)', () => {
     expect(s.cursor).to.equal(8192);
   });
 
-  it('commit clears pending, cursor and lag', () => {
-    const s = primary({ generation: 2, committedGeneration: 1, pending: 2, cursor: 4096, oldestUncommittedAt: 5 });
+  it('commit clears pending and cursor; the replica is then as old as the committed generation\'s view', () => {
+    const s = primary({ generation: 1, committedGeneration: 1, committedViewAt: 100 });
+    gens.createGeneration(s, 1000, 1200);
+    expect(s).to.include({ pending: 2, pendingViewAt: 1200 });
+    expect(gens.lagSeconds(s, 5000), 'generation 1 is still what the secondary holds').to.equal(4.9);
     gens.commitGeneration(s, 2);
-    expect(s).to.include({ committedGeneration: 2, pending: null, cursor: 0, oldestUncommittedAt: null });
-    expect(gens.lagSeconds(s, 10_000)).to.equal(0);
+    expect(s).to.include({ committedGeneration: 2, pending: null, pendingViewAt: null, cursor: 0, oldestUncommittedAt: null, committedViewAt: 1200 });
+    expect(gens.lagSeconds(s, 10_000), 'never 0 while the volume may have been written since').to.equal(8.8);
   });
 
-  it('lag counts from the oldest uncommitted change', () => {
-    expect(gens.lagSeconds(primary({ oldestUncommittedAt: 1000 }), 3500)).to.equal(2.5);
+  it('issue 15: lag is now minus the committed view, or a later pass that found nothing changed; null when unknown', () => {
+    expect(gens.lagSeconds(primary({ committedViewAt: 1000 }), 3500)).to.equal(2.5);
+    expect(gens.lagSeconds(primary({ committedViewAt: 1000 }), 3500, 3000), 'an idle volume is not stale').to.equal(0.5);
+    expect(gens.lagSeconds(primary({ committedViewAt: 3000 }), 3500, 1000)).to.equal(0.5);
+    expect(gens.lagSeconds(primary(), 3500), 'no committed view time: unknown, never 0').to.equal(null);
+    expect(gens.lagSeconds(primary({ oldestUncommittedAt: 1000 }), 3500), 'an uncommitted change says nothing of the replica').to.equal(null);
+    expect(gens.lagSeconds(primary(), 3500, 2500)).to.equal(1);
+    // A state from before view times commits a generation without one: unknown, not the commit's time.
+    const s = primary({ generation: 2, committedGeneration: 1, pending: 2, committedViewAt: 500 });
+    gens.commitGeneration(s, 2);
+    expect(s.committedViewAt).to.equal(null);
+  });
+
+  it('a secondary that lost what it acknowledged makes the replica\'s age unknown', () => {
+    const s = primary({ generation: 5, committedGeneration: 5, committedViewAt: 1000 });
+    expect(gens.reconcileAfterHandshake(s, 3, null)).to.equal(true);
+    expect(gens.lagSeconds(s, 2000)).to.equal(null);
   });
 
   it('a pending generation the secondary committed already is recognised (lost acknowledgement)', () => {

@@ -139,6 +139,11 @@ describe('metrics: Prometheus exposition of mirror status (fake mirrors)', () =>
     expect(m.get(key('thinmirror_mirror_last_cycle_generation', pa))).to.equal(2);
     expect(m.get(key('thinmirror_mirror_last_cycle_changed_bytes', pa))).to.equal(8192);
     expect(m.get(key('thinmirror_mirror_last_cycle_wire_bytes', pa))).to.equal(1200);
+    expect(m.has(key('thinmirror_mirror_last_cycle_step_seconds', { ...pa, step: 'snapshot' })), 'no steps reported: no series').to.equal(false);
+    const steps = { snapshot: 0.25, fiemap: 0.5, diff: 0.125, save: 0.0625, read: 1, send: 2, apply: 0.75, commit: 0.375 };
+    a.set({ lastCycle: { generation: 3, changedBytes: 8192, readBytes: 8192, wireBytes: 1200, durationSeconds: 5, steps } });
+    m = await scrape();
+    for (const [step, v] of Object.entries(steps)) expect(m.get(key('thinmirror_mirror_last_cycle_step_seconds', { ...pa, step })), step).to.equal(v);
   });
 
   it('errors_total counts each new error (code or message) by code; the error gauge shows the current one', async () => {

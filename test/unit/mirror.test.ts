@@ -75,9 +75,40 @@ describe('mirror engine over MemoryVolumes and in-memory sessions (no processes)
     expect((await pair.primary!.status()).generation).to.equal(2);
   });
 
+  it('issue 15: both sides count the lag from the committed generation\'s view, kept in both state files; passes that find nothing move it on', async () => {
+    pair = await MemoryMirrorPair.create(2 * MiB);
+    await fill(pair.source, 4);
+    await pair.startSecondary();
+    await pair.startPrimary();
+    await pair.waitCommitted(1);
+    const a1 = await pair.stateOnDisk('a');
+    const b1 = await pair.stateOnDisk('b');
+    expect(a1.committedViewAt).to.be.a('number');
+    expect(b1.committedViewAt, 'the secondary has it from begin.viewAt').to.equal(a1.committedViewAt);
+    expect(a1.pendingViewAt ?? null).to.equal(null);
+    expect(b1.applyingViewAt ?? null).to.equal(null);
+    const before = Date.now();
+    await pair.source.write(100 * KiB, textLike(8 * KiB, prng(5)));
+    await pair.waitCommitted(2);
+    const a2 = await pair.stateOnDisk('a');
+    expect(a2.committedViewAt, 'the view of generation 2 was taken after the write').to.be.at.least(before);
+    expect((await pair.stateOnDisk('b')).committedViewAt).to.equal(a2.committedViewAt);
+    // Idle: detection passes (every 20 ms) find nothing; each moves the view time on, on both sides, without a save.
+    await new Promise((r) => setTimeout(r, 200));
+    const now = Date.now();
+    const p = await pair.primary!.status();
+    const q = await pair.secondary!.status();
+    expect(p.generation).to.equal(2);
+    expect(now - p.lagSeconds! * 1000).to.be.greaterThan(a2.committedViewAt!);
+    expect(now - q.lagSeconds! * 1000).to.be.greaterThan(a2.committedViewAt!);
+    expect((await pair.stateOnDisk('a')).committedViewAt).to.equal(a2.committedViewAt);
+  });
+
   it('resumes at every cursor: the link cut at each frame index of an initial sync converges', async () => {
-    // How many frames does a clean initial sync take?
-    pair = await MemoryMirrorPair.create(1 * MiB + 5000, { secondary: { checkpointBytes: 64 * KiB } });
+    // How many frames does a clean initial sync take? No detection pass after it (the
+    // interval is long): an idle pass would send `unchanged` frames, counted here too.
+    const sides = { secondary: { checkpointBytes: 64 * KiB }, primary: { tracking: { mode: 'scan' as const, interval: 3600 } } };
+    pair = await MemoryMirrorPair.create(1 * MiB + 5000, sides);
     await fill(pair.source, 4, 6);
     await pair.startSecondary();
     await pair.startPrimary();
@@ -86,7 +117,7 @@ describe('mirror engine over MemoryVolumes and in-memory sessions (no processes)
     await pair.cleanup();
     expect(frames).to.be.greaterThan(20);
     for (let k = 0; k < frames; k++) {
-      pair = await MemoryMirrorPair.create(1 * MiB + 5000, { secondary: { checkpointBytes: 64 * KiB } });
+      pair = await MemoryMirrorPair.create(1 * MiB + 5000, sides);
       await fill(pair.source, 4, 6);
       let cut = false;
       pair.onFrame = (i) => (i === k && !cut ? ((cut = true), 'cut') : 'pass');
