@@ -14,7 +14,7 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** Debian packages the build and the tests need, in the order README.md lists them. */
-export const APT_PACKAGES = ['python3', 'make', 'g++', 'coreutils', 'util-linux', 'mount', 'e2fsprogs', 'xfsprogs', 'btrfs-progs', 'thin-provisioning-tools', 'openssl', 'systemd'];
+export const APT_PACKAGES = ['python3', 'make', 'g++', 'coreutils', 'util-linux', 'mount', 'e2fsprogs', 'xfsprogs', 'btrfs-progs', 'thin-provisioning-tools', 'openssl', 'systemd', 'fio'];
 
 /** Programs the tests run, each with the package that has it. */
 export const TOOLS = [
@@ -34,6 +34,7 @@ export const TOOLS = [
   ['python3', 'python3'], // NOTIFY_SOCKET receiver (sd_notify)
   ['truncate', 'coreutils'],
   ['sync', 'coreutils'],
+  ['fio', 'fio'], // the RPO test's writer (sustained random writes)
 ];
 
 export const APT_LINE = `apt-get install -y ${APT_PACKAGES.join(' ')}`;
