@@ -28,10 +28,14 @@ import type { CompressionMode } from './settings.js';
  *
  * **Data that does not compress.** A piece is sent lz4 only when its lz4 form
  * is at most `goodRatio` (7/8) of it; else raw (decompressing it would cost the
- * secondary more than the bytes saved). Under auto, `failStreak` such pieces
- * in a row stop the attempts for `skipMin` pieces, then one piece probes; each
- * probe that fails again doubles the pause (up to `skipMax`), one that succeeds
- * ends it.
+ * secondary more than the bytes saved). Under auto, the ratio of the pieces
+ * tried is averaged, weighted by their bytes (a piece of `ratioBytes` moves
+ * it a quarter of the way); once that average is above `goodRatio` the
+ * attempts stop for `skipMin` pieces, then one piece probes; each probe that
+ * leaves the average above doubles the pause (up to `skipMax`), one that
+ * brings it back ends it. Weighting by bytes keeps a small piece that happens
+ * to compress (a chunk half zeros at the edge of an extent) from restarting
+ * the attempts on a stream of incompressible data.
  *
  * Deterministic: every measurement carries its time (ms, any monotonic clock),
  * so tests feed rates instead of waiting.
@@ -49,8 +53,8 @@ export interface CompressionTuning {
   probeEveryMax: number;
   /** lz4 is kept for a piece only when its payload is at most this share of the raw bytes. */
   goodRatio: number;
-  /** Pieces in a row that fail to compress before auto stops trying ... */
-  failStreak: number;
+  /** Bytes of tried pieces that move the average ratio a quarter of the way (from 0, about 7 of them above goodRatio stop auto trying) ... */
+  ratioBytes: number;
   /** ... for this many pieces, doubled after each failed probe up to skipMax. */
   skipMin: number;
   skipMax: number;
@@ -62,7 +66,7 @@ export const DEFAULT_TUNING: CompressionTuning = {
   probeEvery: 4,
   probeEveryMax: 16,
   goodRatio: 7 / 8,
-  failStreak: 4,
+  ratioBytes: 1024 * 1024,
   skipMin: 8,
   skipMax: 512,
 };
@@ -116,9 +120,11 @@ export class CompressionPolicy {
   private sinceProbe = 0;
   private probeEvery: number;
   private reason: string;
-  /** Pieces in a row that did not compress, pieces still to skip, and the next pause. */
-  private fails = 0;
+  /** Average ratio of the pieces tried (weighted by bytes), pieces still to skip, and the next pause. */
+  private avgRatio = 0;
   private skip = 0;
+  /** Paused on data that does not compress: from a streak of failures until a piece compresses. */
+  private paused = false;
   private skipLen: number;
   private payload = 0;
   private wirePayload = 0;
@@ -145,7 +151,7 @@ export class CompressionPolicy {
   get codec(): Codec {
     if (this.mode !== 'auto') return this.incumbent;
     const c = this.current?.codec ?? this.incumbent;
-    return c === 'lz4' && this.skip > 0 ? 'raw' : c;
+    return c === 'lz4' && this.paused ? 'raw' : c;
   }
 
   /**
@@ -178,14 +184,17 @@ export class CompressionPolicy {
     this.triedRaw += rawBytes;
     this.triedLz4 += Math.min(lz4Bytes, rawBytes);
     const good = lz4Bytes > 0 && lz4Bytes <= rawBytes * this.t.goodRatio;
-    if (good) {
-      this.fails = 0;
+    const ratio = good ? lz4Bytes / rawBytes : 1;
+    this.avgRatio += Math.min(1, rawBytes / (4 * this.t.ratioBytes)) * (ratio - this.avgRatio);
+    if (this.mode !== 'auto') return good;
+    if (this.avgRatio <= this.t.goodRatio) {
+      this.paused = false;
       this.skipLen = this.t.skipMin;
-    } else if (this.mode === 'auto' && ++this.fails >= this.t.failStreak) {
-      // The first pause after a streak; every failed probe after it doubles.
+    } else {
+      // A pause; every probe after it that leaves the average above doubles the next.
       this.skip = this.skipLen;
+      this.paused = true;
       this.skipLen = Math.min(this.skipLen * 2, this.t.skipMax);
-      this.fails = this.t.failStreak - 1;
     }
     return good;
   }
@@ -228,7 +237,7 @@ export class CompressionPolicy {
     return {
       mode: this.mode,
       codec: this.codec,
-      reason: this.mode !== 'auto' ? null : this.skip > 0 && this.current?.codec === 'lz4' ? 'the data does not compress (lz4 paused, probing now and then)' : this.reason,
+      reason: this.mode !== 'auto' ? null : this.codec === 'raw' && this.paused ? 'the data does not compress (lz4 paused, probing now and then)' : this.reason,
       ratio: this.payload > 0 ? this.wirePayload / this.payload : null,
       lz4Ratio: this.triedRaw > 0 ? this.triedLz4 / this.triedRaw : null,
       rates: { ...this.rates },
@@ -244,7 +253,9 @@ export class CompressionPolicy {
     const pending = (c: Codec) => [...this.windows.values()].some((w) => w.codec === c);
     let codec = this.incumbent;
     let probe = false;
-    if (this.rates[other] === null) {
+    if (this.rates[codec] === null && !pending(codec)) {
+      // The first window (or one never finished): measure the codec in use first.
+    } else if (this.rates[other] === null) {
       // Not measured yet: try it once (again after a window that was never finished).
       if (!pending(other)) {
         codec = other;

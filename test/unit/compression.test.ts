@@ -100,6 +100,21 @@ describe('compression policy (issue 13 §1)', () => {
       expect(r.tried.filter((i) => i >= 1024).length).to.be.at.least(1);
       expect(p.status().codec).to.equal('raw');
       expect(p.status().ratio).to.equal(1);
+      expect(p.status().reason).to.contain('does not compress');
+    });
+
+    it('a small piece that compresses (zeros at the edge of an extent) does not restart the attempts on incompressible data', () => {
+      const p = new CompressionPolicy('auto');
+      let tried = 0;
+      for (let i = 0; i < 400; i++) {
+        const small = i % 3 === 0;
+        const bytes = small ? 64 * 1024 : MiB;
+        if (!p.take(bytes).compress) continue;
+        tried++;
+        p.compressed(bytes, small ? 8 * 1024 : bytes);
+      }
+      expect(tried).to.be.below(40);
+      expect(p.status().codec).to.equal('raw');
     });
 
     it('compresses again when the data starts to compress', () => {
