@@ -21,8 +21,10 @@ import type { CompressionMode } from './settings.js';
  * side: the bytes acknowledged after its first quarter (the pipeline filling
  * after a switch) over the time they took. Like zstd's `--adapt`, the choice
  * keeps to the better codec and looks at the other one now and then: both are
- * measured at the start (lz4 first, the safe choice on a slow link), then the
- * one measured faster (by `margin`) runs, and every `probeEvery` windows one
+ * measured at the start (lz4 first, the safe choice on a slow link), then lz4
+ * runs only while it delivers more (by `margin` to take over from raw, by
+ * `holdMargin` to stay; a tie is raw: compression must pay for itself), and
+ * every `probeEvery` windows one
  * window tries the other; a probe that loses doubles the interval (up to
  * `probeEveryMax`), one that wins takes over and resets it.
  *
@@ -46,8 +48,10 @@ export type Codec = 'raw' | 'lz4';
 export interface CompressionTuning {
   /** Allocated bytes of data pieces per measurement window. */
   windowBytes: number;
-  /** A codec replaces the one in use when measured faster by this factor. */
+  /** lz4 replaces raw when measured faster by this factor ... */
   margin: number;
+  /** ... and stays while faster by this one (below: a tie, which is raw). */
+  holdMargin: number;
   /** Windows between two probes of the codec not in use, at first and at most. */
   probeEvery: number;
   probeEveryMax: number;
@@ -63,6 +67,7 @@ export interface CompressionTuning {
 export const DEFAULT_TUNING: CompressionTuning = {
   windowBytes: 32 * 1024 * 1024,
   margin: 1.1,
+  holdMargin: 1.03,
   probeEvery: 4,
   probeEveryMax: 16,
   goodRatio: 7 / 8,
@@ -266,6 +271,8 @@ export class CompressionPolicy {
       probe = true;
       this.sinceProbe = 0;
     }
+    // A window that probes lz4 tries it at once, even while paused on data that did not compress.
+    if (probe && codec === 'lz4') this.skip = 0;
     const w: Window = { id: this.nextId++, codec, taken: 0, acked: 0, closed: false, t0: null, t1: 0, measured: 0, probe };
     this.windows.set(w.id, w);
     this.current = w;
@@ -284,12 +291,17 @@ export class CompressionPolicy {
     if (raw === null || lz4 === null) return;
     const mb = (x: number) => `${(x / 1e6).toFixed(0)} MB/s`;
     const before = this.incumbent;
-    if (lz4 > raw * this.t.margin) this.incumbent = 'lz4';
-    else if (raw > lz4 * this.t.margin) this.incumbent = 'raw';
+    // Compression must pay for itself: lz4 takes over only when measured faster
+    // by the margin, and keeps going only while it stays faster (a tie is raw:
+    // the same rate for less CPU on both sides).
+    this.incumbent = lz4 > raw * (this.incumbent === 'lz4' ? this.t.holdMargin : this.t.margin) ? 'lz4' : 'raw';
     if (w.probe) {
       if (this.incumbent === w.codec && before !== w.codec) this.probeEvery = this.t.probeEvery;
       else if (this.incumbent !== w.codec) this.probeEvery = Math.min(this.probeEvery * 2, this.t.probeEveryMax);
     }
-    this.reason = `${this.incumbent} delivers more: lz4 ${mb(lz4)}, raw ${mb(raw)} of allocated data measured`;
+    this.reason =
+      this.incumbent === 'lz4'
+        ? `lz4 delivers more: lz4 ${mb(lz4)}, raw ${mb(raw)} of allocated data measured`
+        : `raw delivers as much or more: lz4 ${mb(lz4)}, raw ${mb(raw)} of allocated data measured`;
   }
 }

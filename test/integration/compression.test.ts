@@ -69,7 +69,7 @@ describe('integration: compression off | lz4 | auto (two daemons on loopback)', 
     expect(z.codec).to.be.oneOf(['raw', 'lz4']);
     expect(z.rates.lz4, 'lz4 measured').to.be.a('number').and.above(0);
     expect(z.rates.raw, 'raw measured').to.be.a('number').and.above(0);
-    expect(z.reason).to.contain(`${z.codec} delivers more`);
+    expect(z.reason).to.match(z.codec === 'lz4' ? /^lz4 delivers more/ : /^raw delivers as much or more/);
     // Both codecs were used: the ratio lies between lz4's and raw's.
     expect(z.lz4Ratio).to.be.below(0.5);
     expect(z.ratio).to.be.above(z.lz4Ratio!).and.below(1);

@@ -73,7 +73,14 @@ describe('compression policy (issue 13 §1)', () => {
       expect(st.codec).to.equal('raw');
       expect(st.rates.raw! / MB).to.be.closeTo(450, 10);
       expect(st.rates.lz4! / MB).to.be.closeTo(190, 10);
-      expect(st.reason).to.match(/raw delivers more/);
+      expect(st.reason).to.match(/raw delivers as much or more/);
+    });
+
+    it('sends raw when lz4 delivers no more than raw (compression must pay for itself)', () => {
+      const p = new CompressionPolicy('auto');
+      const r = simulate(p, { raw: () => 300 * MB, lz4: () => 305 * MB, ratio: () => 0.25 }, 1024);
+      expect(share(r.lz4, 256, 1024)).to.be.below(0.15);
+      expect(p.status().codec).to.equal('raw');
     });
 
     it('on a 1 Gbit/s link with 4:1 data compresses', () => {
