@@ -20,12 +20,9 @@ export interface FrameChannel {
   /**
    * Send one binary frame: `frame`, followed by `tail` when given (a MAC tag,
    * so that the frame need not be copied to append it). Ignored once the
-   * channel is closing or closed (as ws does). `written`, when given, is
-   * called once the channel no longer needs `frame` (a socket: written to the
-   * kernel or failed), after which the sender may reuse its memory; a channel
-   * may also never call it (the buffer is then left to the GC).
+   * channel is closing or closed (as ws does).
    */
-  send(frame: Buffer, tail?: Buffer, written?: () => void): void;
+  send(frame: Buffer, tail?: Buffer): void;
   /** Bytes sent and not yet handed on (to the kernel for a socket, to the peer for memory). */
   readonly bufferedAmount: number;
   /** Open: neither side has started to close it. */

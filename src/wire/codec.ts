@@ -341,12 +341,9 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
  * @throws TmError TM_ERR_INTERNAL when the message is invalid.
  */
 export function encode(msg: Message, ctx: DecodeContext = {}): Buffer {
-  return packr.pack(checkOutgoing(msg, ctx));
-}
-
-function checkOutgoing(msg: Message, ctx: DecodeContext): Message {
+  let checked: Message;
   try {
-    return validate(msg, { ctx, needVolume: false });
+    checked = validate(msg, { ctx, needVolume: false });
   } catch (e) {
     if (e instanceof Invalid) {
       const type = isPlain(msg) && typeof msg.type === 'string' ? msg.type.slice(0, 40) : 'untyped';
@@ -354,45 +351,7 @@ function checkOutgoing(msg: Message, ctx: DecodeContext): Message {
     }
     throw e;
   }
-}
-
-/** msgpack: a map of 7 entries (fixmap), of 8, the key "payload" (fixstr), and the header of a bin 32. */
-const FIXMAP_7 = 0x87;
-const FIXMAP_8 = 0x88;
-const PAYLOAD_KEY = Buffer.from([0xa7, ...Buffer.from('payload', 'latin1'), 0xc6]);
-
-/**
- * {@link encode} into a Buffer from `alloc` (`buffer`, at least as long as
- * asked) whose start, `frame`, is the frame followed by `tailRoom` bytes: room for the frame's MAC, so that it need not be copied
- * again to append it. A data extent's payload is copied once, straight from
- * the caller's buffer: its other fields are packed by msgpackr as a map of 7,
- * which becomes a map of 8 whose last entry, `payload`, is a bin 32 written
- * here. The same message as {@link encode} makes (bin 32 also for a payload
- * that msgpackr would have put in a bin 8 or 16: valid msgpack either way).
- *
- * @throws TmError TM_ERR_INTERNAL when the message is invalid.
- */
-export function encodeWithRoom(msg: Message, tailRoom: number, alloc: (length: number) => Buffer = Buffer.allocUnsafe): { frame: Buffer; buffer: Buffer } {
-  const checked = checkOutgoing(msg, {});
-  if (checked.type === 'extent' && checked.kind === 'data' && checked.payload) {
-    const { payload, ...fields } = checked;
-    const head = packr.pack(fields);
-    if (head[0] === FIXMAP_7) {
-      const at = head.length + PAYLOAD_KEY.length;
-      const length = at + 4 + payload.length + tailRoom;
-      const buffer = alloc(length);
-      head.copy(buffer, 0);
-      buffer[0] = FIXMAP_8;
-      PAYLOAD_KEY.copy(buffer, head.length);
-      buffer.writeUInt32BE(payload.length, at);
-      payload.copy(buffer, at + 4);
-      return { frame: buffer.subarray(0, length), buffer };
-    }
-  }
-  const packed = packr.pack(checked);
-  const buffer = alloc(packed.length + tailRoom);
-  packed.copy(buffer, 0);
-  return { frame: buffer.subarray(0, packed.length + tailRoom), buffer };
+  return packr.pack(checked);
 }
 
 /**

@@ -2,8 +2,7 @@ import { EventEmitter } from 'node:events';
 import { ErrorCodes, TmError, type ErrorCode } from '../errors.js';
 import { frameTag, TAG_BYTES, verifyTag } from './auth.js';
 import { FRAME_TOO_LARGE, type FrameChannel } from './channel.js';
-import { decode, encode, encodeWithRoom } from './codec.js';
-import { FramePool } from './frame-pool.js';
+import { decode, encode } from './codec.js';
 import { CloseCodes, MAX_HANDSHAKE_FRAME_BYTES, type DecodeContext, type Message } from './messages.js';
 
 const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
@@ -68,8 +67,6 @@ export class Session extends EventEmitter {
   private held: Buffer[] = [];
   /** Set by protect(): the session key and the frame counters of both directions (auth.ts). */
   private mac: { key: Buffer; self: SessionRole; peer: SessionRole; sendSeq: number; recvSeq: number } | null = null;
-  /** Buffers of outgoing frames, reused once the channel has written them. */
-  private readonly pool = new FramePool();
 
   constructor(
     readonly channel: FrameChannel,
@@ -98,17 +95,6 @@ export class Session extends EventEmitter {
   /** Encode and send (with its MAC once {@link protect} has run); returns the frame size in bytes. */
   send(msg: Message): number {
     if (this.ended) throw this.failure ?? new TmError(ErrorCodes.CONNECTION, `session with ${this.peerName} is closed`);
-    const m = this.mac;
-    if (m) {
-      // The frame and its MAC in one buffer: a data payload is copied once, into it (codec.encodeWithRoom).
-      const { frame: whole, buffer } = encodeWithRoom(msg, TAG_BYTES, this.pool.take.bind(this.pool));
-      const body = whole.subarray(0, whole.length - TAG_BYTES);
-      frameTag(m.key, m.self, m.sendSeq++, body).copy(whole, body.length);
-      this.channel.send(whole, undefined, () => this.pool.give(buffer));
-      this.counters.framesOut++;
-      this.counters.bytesOut += whole.length;
-      return whole.length;
-    }
     const n = this.sendFrame(encode(msg));
     this.counters.framesOut++;
     this.counters.bytesOut += n;

@@ -56,7 +56,7 @@ export function wsChannel(ws: WebSocket): FrameChannel {
   ws.binaryType = 'nodebuffer';
   return {
     // One WebSocket message: a copy joins the MAC tag to the frame (fragments would cost the receiver the same copy).
-    send: (frame, tail, written) => ws.send(tail ? Buffer.concat([frame, tail]) : frame, { binary: true }, written && (() => written())),
+    send: (frame, tail) => ws.send(tail ? Buffer.concat([frame, tail]) : frame, { binary: true }),
     liftFrameLimit: () => setMaxPayload(ws, MAX_FRAME_BYTES),
     get bufferedAmount() {
       return ws.bufferedAmount;

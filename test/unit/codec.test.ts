@@ -4,7 +4,7 @@ import { Packr } from 'msgpackr';
 import { randomBytes } from 'node:crypto';
 import { TmError } from '../../src/errors.js';
 import { compressSync } from 'lz4-napi';
-import { decode, encode, encodeWithRoom } from '../../src/wire/codec.js';
+import { decode, encode } from '../../src/wire/codec.js';
 import { crc32c, decompressPayload } from '../../src/wire/payload.js';
 import { MAX_EXTENT_BYTES, type DecodeContext, type ExtentMsg, type Message } from '../../src/wire/messages.js';
 
@@ -83,23 +83,6 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       seen.add(m.type);
     }
     expect([...seen].sort()).to.deep.equal(['ack', 'auth', 'begin', 'challenge', 'commit', 'committed', 'digest-req', 'digests', 'error', 'extent', 'hello', 'ready']);
-  });
-
-  it('encodeWithRoom: the same messages as encode, with room for a MAC after the frame; a data payload travels as a bin 32', () => {
-    const big = randomBytes(MAX_EXTENT_BYTES);
-    const bigMsg: Message = { type: 'extent', seq: 9, kind: 'data', offset: 0, length: 2 * CS, codec: 'raw', crc32c: crc32c(big.subarray(0, 2 * CS)), payload: big.subarray(0, 2 * CS) };
-    for (const m of [...samples, bigMsg]) {
-      // A buffer larger than asked (a pool's size class): the frame is its start.
-      const { frame: whole, buffer } = encodeWithRoom(m, 32, (n) => Buffer.alloc(n + 1000, 0xee));
-      expect(buffer.length).to.be.above(whole.length);
-      expect(whole.buffer).to.equal(buffer.buffer);
-      const frame = whole.subarray(0, whole.length - 32);
-      expect(decode(frame, ctx), m.type).to.deep.equal(m);
-      if (m === bigMsg) expect(frame.equals(encode(m)), 'msgpackr also writes a bin 32 above 64 KiB').to.equal(true);
-      else if (m.type !== 'extent' || m.kind !== 'data') expect(frame.equals(encode(m)), m.type).to.equal(true);
-    }
-    // Validated like encode: nothing invalid reaches the wire.
-    expect(() => encodeWithRoom({ type: 'extent', seq: 1, kind: 'data', offset: 0, length: 10, codec: 'raw', crc32c: 0, payload: Buffer.alloc(9) } as Message, 32)).to.throw(TmError, 'extent.payload');
   });
 
   it('digest requests and replies: ranges inside the volume, one digest per chunk; auth.fresh is a boolean', () => {
