@@ -55,6 +55,19 @@ export function lagCell(m: Pick<MirrorStatusEntry, 'lagSeconds'>): string {
 }
 
 /**
+ * A primary's compression: the mode, the codec in use, the ratio achieved
+ * (payload bytes as sent / before compression) and, under auto, why. Empty
+ * for a secondary (and a daemon older than the setting).
+ */
+export function compressionLine(m: Pick<MirrorStatusEntry, 'compression'>): string {
+  const z = m.compression;
+  if (!z) return '';
+  const ratio = z.ratio === null ? 'no data sent yet' : `wire/payload ${z.ratio.toFixed(3)}`;
+  const tried = z.lz4Ratio === null ? '' : `, lz4 ${z.lz4Ratio.toFixed(3)} where tried`;
+  return `compression ${z.mode}, sending ${z.codec} (${ratio}${tried})${z.reason ? `: ${z.reason}` : ''}`;
+}
+
+/**
  * The readable form of `status`: one row per mirror, errors below the table.
  * PAYLOAD is what a primary sent or a secondary applied (see payloadCell).
  * PROGRESS (last column) is filled while a generation is in flight (the
@@ -92,6 +105,10 @@ export function formatStatus(st: DaemonStatus): string {
     }
     const d = m.divergence;
     if (d) out.push(`${m.name}: ${d.unknown ? 'changed chunks not known' : `${d.bytes} bytes`} changed here that the peer never committed (${d.reason}): overwritten by the peer at the next resync`);
+  }
+  for (const m of st.mirrors) {
+    const line = compressionLine(m);
+    if (line) out.push(`${m.name}: ${line}`);
   }
   for (const m of st.mirrors) for (const d of m.drills ?? []) out.push(`${m.name}: drill ${d.name}, generation ${d.generation}, ${formatEta(d.ageSeconds)} old: ${d.path}`);
   // (st.config is absent when asking a daemon older than config reload.)

@@ -21,10 +21,11 @@ export const DEFAULTS = {
   trackingMode: 'auto',
   trackingInterval: 30,
   consistency: 'auto',
+  compression: 'auto',
 } as const;
 
 export type { MirrorConfig } from '../mirror/settings.js';
-import { CONSISTENCY_MODES, type MirrorConfig } from '../mirror/settings.js';
+import { COMPRESSION_MODES, CONSISTENCY_MODES, type MirrorConfig } from '../mirror/settings.js';
 
 /** The key mirrors to one peer share a bandwidth bucket under: the URL's host:port. */
 export function peerKey(url: string): string {
@@ -120,6 +121,7 @@ const mirrorSchema = z.strictObject({
   maxExtent: size.optional(),
   checkpoint: z.strictObject({ bytes: size.optional(), interval: duration.optional() }).optional(),
   consistency: z.enum(CONSISTENCY_MODES).optional(),
+  compression: z.enum(COMPRESSION_MODES).optional(),
   consistencyDir: pathString.optional(),
   reconnect: z.strictObject({ min: duration.optional(), max: duration.optional() }).optional(),
   tracking: z.strictObject({ mode: z.enum(TRACKING_MODES).optional(), interval: duration.optional() }).optional(),
@@ -224,6 +226,7 @@ export function parseConfig(text: string, sourcePath: string): DaemonConfig {
       checkpointBytes: m.checkpoint?.bytes ?? DEFAULTS.checkpointBytes,
       checkpointInterval: m.checkpoint?.interval ?? DEFAULTS.checkpointInterval,
       consistency: m.consistency ?? DEFAULTS.consistency,
+      compression: m.compression ?? DEFAULTS.compression,
       ...(m.consistencyDir !== undefined ? { consistencyDir: abs(m.consistencyDir) } : {}),
       reconnectMin: m.reconnect?.min ?? DEFAULTS.reconnectMin,
       reconnectMax: m.reconnect?.max ?? DEFAULTS.reconnectMax,

@@ -81,6 +81,9 @@ export class MirrorMetrics {
   private readonly drillGeneration: Gauge;
   private readonly splitBrain: Gauge;
   private readonly divergent: Gauge;
+  private readonly codec: Gauge;
+  private readonly ratio: Gauge;
+  private readonly compressedPayload: Counter;
   /** Every metric labelled by mirror. */
   private readonly perMirror: (Gauge | Counter)[] = [];
 
@@ -122,6 +125,9 @@ export class MirrorMetrics {
     this.drillGeneration = gauge('thinmirror_drill_generation', 'Committed generation whose image the drill was cloned from.', [...ml, 'drill']);
     this.splitBrain = gauge('thinmirror_mirror_split_brain', '1 while a split brain with the peer is recorded (both sides refuse until thinmirror resolve, docs/runbook.md), else 0.');
     this.divergent = gauge('thinmirror_mirror_divergent_bytes', 'Bytes this side changed that the peer never committed, kept for the reverse resync (a demoted primary); 0 when none.');
+    this.codec = gauge('thinmirror_mirror_compression_codec', 'Primary: 1 for the codec data extents are prepared with now (compression auto: its choice), 0 for the other; absent on a secondary.', [...ml, 'codec']);
+    this.ratio = gauge('thinmirror_mirror_compression_ratio', 'Primary: data payload bytes as sent / before compression since the daemon started (1: all raw); absent before any data.');
+    this.compressedPayload = counter('thinmirror_mirror_compressed_payload_bytes_total', 'Primary: data payload bytes as sent (after compression) since the daemon started; with thinmirror_mirror_payload_bytes_total, the compression ratio over any interval.');
     if (opts.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry });
   }
 
@@ -236,6 +242,11 @@ export class MirrorMetrics {
       this.cycles.inc(l, 0);
       this.cycleSeconds.inc(l, 0);
     }
+
+    const z = s.compression;
+    for (const codec of ['raw', 'lz4'] as const) setOrRemove(this.codec, { ...l, codec }, z ? (z.codec === codec ? 1 : 0) : null);
+    setOrRemove(this.ratio, l, z?.ratio ?? null);
+    if (z) this.total(seen, this.compressedPayload, l, 'compressedPayload', z.compressedPayloadBytes);
 
     this.splitBrain.set(l, s.splitBrain ? 1 : 0);
     this.divergent.set(l, s.divergence?.bytes ?? 0);

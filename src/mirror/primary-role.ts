@@ -13,6 +13,7 @@ import { loadDivergent, removeDivergent } from './divergence.js';
 import * as gens from './generations.js';
 import { appendHistory, compareHistories, describeGen, newGenId, sameGen, withPending, type GenId } from './history.js';
 import { reconcileByDigests } from './reconcile.js';
+import { CompressionPolicy } from './compression.js';
 import { Sender, type SendCounters } from './sender.js';
 import { DEFAULT_PEER_TIMEOUT } from './settings.js';
 import { newState, type MirrorState, type SplitBrain } from './state.js';
@@ -64,6 +65,8 @@ export class PrimaryRole {
   private readonly abort = new AbortController();
   private loopDone: Promise<void> = Promise.resolve();
   private readonly counters: SendCounters = { sentBytes: 0, readBytes: 0 };
+  /** Whether data is compressed: one policy for the role's life, so that auto learns across generations and sessions. */
+  private readonly compression: CompressionPolicy;
   private wireBytesBase = 0;
   private allocatedBytes = 0;
   private sender: Sender | null = null;
@@ -101,6 +104,7 @@ export class PrimaryRole {
 
   constructor(private readonly r: RoleContext) {
     this.bitmaps = new BitmapStore(r.store.dir);
+    this.compression = new CompressionPolicy(r.config.compression ?? 'auto');
   }
 
   /** The state as last saved; a new object after each update (never keep it across one). */
@@ -411,6 +415,7 @@ export class PrimaryRole {
         maxInFlight: c.maxInFlight,
         signal: this.signal,
         peerTimeout: c.peerTimeout ?? DEFAULT_PEER_TIMEOUT,
+        compression: this.compression,
         ...(this.r.ctx.throttle ? { throttle: this.r.ctx.throttle } : {}),
         onDurable: (d) => void (durable = Math.max(durable, d)),
         // Digests first, then the cursor (the furthest the secondary reported when this checkpoint starts).
@@ -723,6 +728,7 @@ export class PrimaryRole {
       progress,
       lastCycle: this.lastCycle,
       reconcile: this.reconcileReport ? { ...this.reconcileReport } : null,
+      compression: this.compression.status(),
       ...roleStatus(s, c.name),
       error: this.lastError ? this.lastError.toJSON() : null,
       sessions: this.sessions,

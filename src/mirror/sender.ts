@@ -5,8 +5,9 @@ import type { Volume } from '../volume/volume.js';
 import { segments, type Segment } from '../volume/walk.js';
 import { isAllZero } from '../volume/zero.js';
 import type { ExtentMsg } from '../wire/messages.js';
-import { compressPayload } from '../wire/payload.js';
+import { compressPayload, crc32c } from '../wire/payload.js';
 import type { Session } from '../wire/session.js';
+import { CompressionPolicy } from './compression.js';
 import { FlowControl } from './flow.js';
 import { bitmapBytes } from './generations.js';
 import { ReadRing } from './read-ring.js';
@@ -19,7 +20,11 @@ const READ_AHEAD_BYTES = 4 * 1024 * 1024;
 /** Frame bytes besides the payload, counted against a bandwidth cap (an estimate: msgpack keys and ws header). */
 export const FRAME_OVERHEAD = 96;
 
-type Prepared = Omit<ExtentMsg, 'seq'>;
+/** An extent ready to send, and the compression window its data counts in (null: none, or not data). */
+interface Prepared {
+  ext: Omit<ExtentMsg, 'seq'>;
+  window: number | null;
+}
 
 /** One generation to send: its number, its changed chunks and where the secondary's durable cursor stands. */
 export interface GenerationChanges {
@@ -58,6 +63,12 @@ export interface SenderOptions {
   persist(): Promise<void>;
   /** Seconds the secondary may stay silent while extents or the commit await its answer (TM_ERR_TIMEOUT after); absent or 0: no limit. */
   peerTimeout?: number;
+  /**
+   * Whether data pieces are compressed, told what goes out and what the
+   * secondary acknowledges (shared by the senders of one role so that it
+   * learns across generations); absent: lz4 on every piece.
+   */
+  compression?: CompressionPolicy;
 }
 
 /** Seconds per step of sending one generation ({@link Sender.steps}). */
@@ -100,6 +111,7 @@ export class Sender {
    */
   readonly steps: SendSteps = { read: 0, send: 0, apply: 0, commit: 0 };
   private readonly cs: number;
+  private readonly policy: CompressionPolicy;
 
   constructor(
     private readonly view: Volume,
@@ -109,6 +121,7 @@ export class Sender {
     private readonly counters: SendCounters = { sentBytes: 0, readBytes: 0 },
   ) {
     this.cs = o.chunkSize;
+    this.policy = o.compression ?? new CompressionPolicy('lz4');
     const total = this.bytesFrom(0);
     this.progress = { generation: changes.generation, doneBytes: total - this.bytesFrom(Math.ceil(changes.resumeFrom / this.cs)), totalBytes: total };
   }
@@ -120,6 +133,11 @@ export class Sender {
   async run(): Promise<void> {
     const { generation: gen, resumeFrom } = this.changes;
     const session = this.session;
+    const policy = this.policy;
+    policy.restart();
+    /** Data extents sent and not yet acknowledged, in seq order: their window and allocated bytes. */
+    const measured: { seq: number; window: number; bytes: number }[] = [];
+    let measuredHead = 0;
     const flow = new FlowControl(this.o.maxInFlight);
     const checkpoint = new Coalesced(this.o.persist, (e) => flow.fail(asTmError(e, ErrorCodes.STATE, `checkpoint of generation ${gen}`)));
     let durable = resumeFrom;
@@ -141,6 +159,17 @@ export class Sender {
           if (m.seq <= ackedSeq) throw violation(`acknowledged extent ${m.seq} after ${ackedSeq}: acknowledgements must go forward`);
           ackedSeq = m.seq;
           flow.acked(m.seq);
+          if (measuredHead < measured.length) {
+            const now = performance.now();
+            while (measuredHead < measured.length && measured[measuredHead]!.seq <= m.seq) {
+              const e = measured[measuredHead++]!;
+              policy.acked(e.window, e.bytes, now);
+            }
+            if (measuredHead > 1024) {
+              measured.splice(0, measuredHead);
+              measuredHead = 0;
+            }
+          }
           this.progress.doneBytes = this.progress.totalBytes - this.bytesFrom(Math.ceil(flow.ackedEnd / this.cs));
           if (m.durable > Math.max(resumeFrom, flow.ackedEnd)) {
             throw violation(`reported ${m.durable} bytes durable, beyond the end of what it acknowledged (${Math.max(resumeFrom, flow.ackedEnd)})`);
@@ -196,18 +225,22 @@ export class Sender {
         steps[k] += (now - t) / 1000;
         t = now;
       };
-      for await (const ext of this.extents(Math.ceil(resumeFrom / this.cs))) {
+      for await (const { ext, window } of this.extents(Math.ceil(resumeFrom / this.cs))) {
         lap('read');
         await flow.ready();
         lap('apply');
         if (this.o.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
         const msg = { ...ext, seq: ++seq } as ExtentMsg;
+        if (window !== null) measured.push({ seq, window, bytes: msg.length });
         if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
         // The secondary's silence is counted from the moment it has something to answer.
         if (flow.bytesInFlight === 0) lastHeard = Date.now();
         const n = session.send(msg);
         flow.sent(seq, n, msg.offset + msg.length);
-        if (msg.kind === 'data') this.counters.sentBytes += msg.length;
+        if (msg.kind === 'data') {
+          this.counters.sentBytes += msg.length;
+          policy.sent(msg.length, msg.payload!.length);
+        }
         lap('send');
       }
       lap('read');
@@ -220,6 +253,7 @@ export class Sender {
       } finally {
         await checkpoint.settled().catch(() => {});
       }
+      policy.end();
       await checkpoint.settled();
       lap('commit');
     } finally {
@@ -269,13 +303,13 @@ export class Sender {
 
   private hole(seg: Segment): Prepared[] {
     this.changes.recordSent(seg.offset / this.cs, null, Math.ceil(seg.length / this.cs));
-    return [{ type: 'extent', kind: 'trim', offset: seg.offset, length: seg.length }];
+    return [{ ext: { type: 'extent', kind: 'trim', offset: seg.offset, length: seg.length }, window: null }];
   }
 
   /**
    * Read one allocated piece into the first half of `into` (2 × its length);
    * all-zero chunks become zero extents, the rest data, lz4-compressed into
-   * the second half.
+   * the second half when the compression policy says so and lz4 saves enough.
    */
   private async prepare(seg: Segment, into: Buffer): Promise<Prepared[]> {
     const cs = this.cs;
@@ -296,10 +330,19 @@ export class Sender {
       const offset = seg.offset + r.start;
       const length = r.end - r.start;
       if (r.zero) {
-        out.push({ type: 'extent', kind: 'zero', offset, length });
+        out.push({ ext: { type: 'extent', kind: 'zero', offset, length }, window: null });
       } else {
-        const { codec, payload, crc32c } = await compressPayload(buf.subarray(r.start, r.end), lz4Room.subarray(r.start, r.end));
-        out.push({ type: 'extent', kind: 'data', offset, length, codec, crc32c, payload });
+        const raw = buf.subarray(r.start, r.end);
+        const ticket = this.policy.take(length);
+        let ext: Omit<ExtentMsg, 'seq'>;
+        if (ticket.compress) {
+          const p = await compressPayload(raw, lz4Room.subarray(r.start, r.end), this.policy.goodRatio);
+          this.policy.compressed(length, p.codec === 'lz4' ? p.payload.length : length);
+          ext = { type: 'extent', kind: 'data', offset, length, codec: p.codec, crc32c: p.crc32c, payload: p.payload };
+        } else {
+          ext = { type: 'extent', kind: 'data', offset, length, codec: 'raw', crc32c: crc32c(raw), payload: raw };
+        }
+        out.push({ ext, window: ticket.window });
       }
     }
     return out;

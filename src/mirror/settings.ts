@@ -15,6 +15,14 @@ export const CONSISTENCY_MODES = ['auto', 'reflink', 'journal', 'off'] as const;
  */
 export type ConsistencyMode = (typeof CONSISTENCY_MODES)[number];
 
+export const COMPRESSION_MODES = ['auto', 'lz4', 'off'] as const;
+/**
+ * Whether a primary compresses its data extents: `lz4` always tries (a piece
+ * that does not shrink enough goes raw), `off` never, `auto` only while that
+ * raises the rate at which allocated data reaches the secondary (compression.ts).
+ */
+export type CompressionMode = (typeof COMPRESSION_MODES)[number];
+
 /** Default of {@link MirrorConfig.peerTimeout}, seconds: far above a commit's fdatasync or a 64 MiB digest window on a slow disk. */
 export const DEFAULT_PEER_TIMEOUT = 120;
 
@@ -44,6 +52,8 @@ export interface MirrorConfig {
   consistencyDir?: string;
   /** LVM thin pool of the volume (`tracking.mode: lvm-thin`): volume group and pool name. */
   lvm?: { vg: string; pool: string };
+  /** Primary: how data extents are compressed; absent: auto (the config always sets it). */
+  compression?: CompressionMode;
   /** Cap of this mirror's sends in bytes per second (primary only); absent: unlimited. */
   bandwidth?: number;
   /**

@@ -1,4 +1,5 @@
 import type { ErrorCode } from '../errors.js';
+import type { CompressionStatus } from './compression.js';
 import type { GenId, SplitBrain } from './history.js';
 
 export type PrimaryPhase = 'connecting' | 'reconciling' | 'initial-sync' | 'syncing' | 'in-sync' | 'error' | 'stopped';
@@ -97,6 +98,8 @@ export interface MirrorStatus {
   lastCycle: CycleReport | null;
   /** Primary only: the last reconciliation by digests, null when there was none in this daemon's life. */
   reconcile?: ReconcileReport | null;
+  /** Primary only: the compression mode, the codec in use (auto's choice), the ratio achieved and the rates auto measured. */
+  compression?: CompressionStatus;
   /**
    * Secondary only: how the replica stays consistent. `mode` null until the
    * first session resolves it; `consistentGeneration` is the generation the

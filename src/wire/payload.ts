@@ -29,16 +29,18 @@ export interface PreparedPayload {
 /**
  * Compress a data payload with lz4 (uint32 LE length prepended, then one LZ4
  * block) and take its CRC-32C, both in one pass on the threadpool (native
- * addon, upstream liblz4). lz4 is kept only when strictly smaller than `raw`;
+ * addon, upstream liblz4). lz4 is kept only when strictly smaller than `raw`
+ * and at most `keepRatio` of it (default 1: any saving);
  * otherwise the payload is `raw` itself (no copy). The lz4 bytes go to the
  * start of `into` when given (it must not overlap `raw`, and must stay
  * untouched while the payload is in use), else to a new buffer; a compressed
  * payload never needs more than `raw.length` bytes.
  */
-export async function compressPayload(raw: Buffer, into?: Buffer): Promise<PreparedPayload> {
+export async function compressPayload(raw: Buffer, into?: Buffer, keepRatio = 1): Promise<PreparedPayload> {
   const dst = into && into.length >= raw.length ? into : Buffer.allocUnsafe(raw.length);
   const [n, crc] = await native().lz4CompressCrc(raw, dst);
-  return n > 0 ? { codec: 'lz4', payload: dst.subarray(0, n), crc32c: crc } : { codec: 'raw', payload: raw, crc32c: crc };
+  const keep = n > 0 && (keepRatio >= 1 || n <= raw.length * keepRatio);
+  return keep ? { codec: 'lz4', payload: dst.subarray(0, n), crc32c: crc } : { codec: 'raw', payload: raw, crc32c: crc };
 }
 
 /**
