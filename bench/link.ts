@@ -34,7 +34,7 @@
  */
 import { createHash } from 'node:crypto';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, promises as fsp, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, promises as fsp, rmSync, statSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -67,7 +67,7 @@ import {
   type RunFigures,
   type Verdict,
 } from './link-plan.js';
-import { writeResult } from './results.js';
+import { cpuSeconds, peakRssBytes, writeResult } from './results.js';
 
 const GiB = 1024 ** 3;
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -76,18 +76,6 @@ const BLAST_BYTES = 256 * 1024 * 1024;
 
 /** Figures of one run: the common ones plus whatever the tool adds (daemons' RSS and CPU...). */
 type Run = RunFigures & Record<string, unknown>;
-
-function peakRssBytes(pid: number): number {
-  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) * 1024 : NaN;
-}
-
-/** User + system CPU seconds a live process has used (its threads included). */
-function cpuSeconds(pid: number): number {
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
-}
 
 function run(cmd: string[], what = cmd.join(' ')): void {
   const r = spawnSync(cmd[0]!, cmd.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });

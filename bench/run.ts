@@ -39,7 +39,7 @@
  * TM_BENCH_SIZE / TM_BENCH_ALLOCATED (bytes, defaults 4 GiB / 1 GiB).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { promises as fsp, readFileSync, statSync } from 'node:fs';
+import { promises as fsp, statSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess } from '../src/cli/daemon-process.js';
@@ -48,24 +48,11 @@ import { describeMap } from '../src/volume/map.js';
 import { formatBytes } from '../src/util/units.js';
 import { freePort, sha256File, startPair, writePairConfigs } from '../test/helpers/pair-config.js';
 import { codecFloor } from './codec-floor.js';
-import { writeResult } from './results.js';
+import { cpuSeconds, peakRssBytes, writeResult } from './results.js';
 
 const GiB = 1024 ** 3;
 /** Issue 2's targets for the initial sync. */
 const TARGETS = { throughputVsCp: 0.8, wireRatio: 0.4, peakRssBytes: 200 * 1024 * 1024 };
-
-function peakRssBytes(pid: number): number {
-  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) * 1024 : NaN;
-}
-
-/** User + system CPU seconds a live process has used (its threads included). */
-function cpuSeconds(pid: number): number {
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
-  if (process.env.TM_BENCH_DEBUG) console.log(`pid ${pid} utime ${Number(fields[11]) / 100} s, stime ${Number(fields[12]) / 100} s`);
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
-}
 
 function timeCommand(cmd: string, args: string[]): number {
   const t = process.hrtime.bigint();

@@ -83,46 +83,44 @@ static int compute(gmac_key *k, uint8_t dir, int64_t seq, const uint8_t *data, s
   return EVP_CIPHER_CTX_ctrl(k->ctx, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, tag) == 1;
 }
 
-napi_value GmacTag(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+/*
+ * The tag of (handle, dir, seq, frame) in argv[0..3] of a call with at least
+ * `want` arguments (argv holds `want`); 0 with an exception pending when the
+ * arguments are wrong or OpenSSL fails.
+ */
+static int tag_of_call(napi_env env, napi_callback_info info, size_t want, napi_value *argv, const char *usage, uint8_t tag[TAG_BYTES]) {
+  size_t argc = want;
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 4) return type_error(env, "gmacTag(handle, dir, seq, frame)");
+  if (argc < want) return type_error(env, usage), 0;
   gmac_key *k;
   uint8_t dir;
   int64_t seq;
   const uint8_t *data;
   size_t len;
-  if (!args(env, argv, &k, &dir, &seq, &data, &len)) return NULL;
-  void *out;
-  napi_value r;
-  if (napi_create_buffer(env, TAG_BYTES, &out, &r) != napi_ok) return NULL;
-  if (!compute(k, dir, seq, data, len, out)) {
-    napi_throw_error(env, "ERR_TM_GMAC", "gmacTag: OpenSSL failed");
-    return NULL;
+  if (!args(env, argv, &k, &dir, &seq, &data, &len)) return 0;
+  if (!compute(k, dir, seq, data, len, tag)) {
+    napi_throw_error(env, "ERR_TM_GMAC", "gmac: OpenSSL failed");
+    return 0;
   }
+  return 1;
+}
+
+napi_value GmacTag(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  uint8_t tag[TAG_BYTES];
+  if (!tag_of_call(env, info, 4, argv, "gmacTag(handle, dir, seq, frame)", tag)) return NULL;
+  napi_value r;
+  if (napi_create_buffer_copy(env, TAG_BYTES, tag, NULL, &r) != napi_ok) return NULL;
   return r;
 }
 
 napi_value GmacVerify(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
   napi_value argv[5];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 5) return type_error(env, "gmacVerify(handle, dir, seq, frame, tag)");
-  gmac_key *k;
-  uint8_t dir;
-  int64_t seq;
-  const uint8_t *data;
-  size_t len;
-  if (!args(env, argv, &k, &dir, &seq, &data, &len)) return NULL;
+  uint8_t tag[TAG_BYTES];
+  if (!tag_of_call(env, info, 5, argv, "gmacVerify(handle, dir, seq, frame, tag)", tag)) return NULL;
   void *got;
   size_t glen;
   if (napi_get_buffer_info(env, argv[4], &got, &glen) != napi_ok) return type_error(env, "gmacVerify: the tag must be a Buffer");
-  uint8_t tag[TAG_BYTES];
-  if (!compute(k, dir, seq, data, len, tag)) {
-    napi_throw_error(env, "ERR_TM_GMAC", "gmacVerify: OpenSSL failed");
-    return NULL;
-  }
   napi_value r;
   napi_get_boolean(env, glen == TAG_BYTES && CRYPTO_memcmp(tag, got, TAG_BYTES) == 0, &r);
   return r;
