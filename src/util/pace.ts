@@ -8,7 +8,7 @@ export const SLICE_MS = 4;
  * loop back every `sliceMs`: call {@link Pacer.pace} between steps; it yields
  * one turn (setImmediate: timers, I/O and other callbacks run) once the slice
  * is used up, and costs one clock read otherwise. Keeps the event-loop delay
- * of a walk over a million-extent map at a few ms instead of seconds.
+ * of hashing many small chunks (digestRange) at a few ms.
  */
 export class Pacer {
   private sliceStart = performance.now();
@@ -20,10 +20,5 @@ export class Pacer {
     if (performance.now() - this.sliceStart < this.sliceMs) return;
     await nextTurn();
     this.sliceStart = performance.now();
-  }
-
-  /** True when the slice is used up (for a caller that wants to yield in its own way). */
-  get due(): boolean {
-    return performance.now() - this.sliceStart >= this.sliceMs;
   }
 }

@@ -140,8 +140,3 @@ export function frameHmacForBench(key: Buffer, from: keyof typeof DIRECTION, seq
   head.writeBigUInt64BE(BigInt(seq), 1);
   return createHmac('sha256', key).update(head).update(frame).digest();
 }
-
-/** Constant-time check of a received tag. */
-export function verifyTag(expected: Buffer, got: Buffer): boolean {
-  return got.length === TAG_BYTES && timingSafeEqual(expected, got);
-}
