@@ -226,47 +226,34 @@ async function main(): Promise<void> {
   }
 }
 
-/** TM_BENCH_ONLY=link|initial|incremental|bandwidth|consistency|mac|eventloop|rpo runs one case; all but initial by default. */
+/**
+ * The cases in the order of the default run, each loaded only when it runs.
+ * `initial` (the first-mirror issue's comparison with cp alone, superseded by
+ * the link case) runs on request only.
+ */
+const CASES: { name: string; byDefault: boolean; run: () => Promise<void> }[] = [
+  { name: 'link', byDefault: true, run: async () => (await import('./link.js')).linkBench() },
+  { name: 'initial', byDefault: false, run: main },
+  { name: 'incremental', byDefault: true, run: async () => (await import('./incremental.js')).incrementalBench() },
+  { name: 'bandwidth', byDefault: true, run: async () => (await import('./bandwidth.js')).bandwidthBench() },
+  { name: 'consistency', byDefault: true, run: async () => (await import('./consistency.js')).consistencyBench() },
+  { name: 'mac', byDefault: true, run: async () => (await import('./frame-mac.js')).frameMacBench() },
+  { name: 'eventloop', byDefault: true, run: async () => (await import('./eventloop.js')).eventLoopBench() },
+  { name: 'rpo', byDefault: true, run: async () => (await import('./rpo.js')).rpoBench() },
+];
+
+/** TM_BENCH_ONLY=<case> runs one case; all but initial by default. */
 async function all(): Promise<void> {
   const only = process.env.TM_BENCH_ONLY;
-  if (only !== undefined && !['link', 'initial', 'incremental', 'bandwidth', 'consistency', 'mac', 'eventloop', 'rpo'].includes(only)) {
-    throw new Error(`TM_BENCH_ONLY=${only}: expected link, initial, incremental, bandwidth, consistency, mac, eventloop or rpo`);
+  if (only !== undefined && !CASES.some((c) => c.name === only)) {
+    throw new Error(`TM_BENCH_ONLY=${only}: expected one of ${CASES.map((c) => c.name).join(', ')}`);
   }
-  if (!only || only === 'link') {
-    const { linkBench } = await import('./link.js');
-    await linkBench();
-  }
-  // The first-mirror issue's comparison with cp alone, superseded by the link case: on request only.
-  if (only === 'initial') await main();
-  if (!only || only === 'incremental') {
-    const { incrementalBench } = await import('./incremental.js');
-    console.log('');
-    await incrementalBench();
-  }
-  if (!only || only === 'bandwidth') {
-    const { bandwidthBench } = await import('./bandwidth.js');
-    console.log('');
-    await bandwidthBench();
-  }
-  if (!only || only === 'consistency') {
-    const { consistencyBench } = await import('./consistency.js');
-    console.log('');
-    await consistencyBench();
-  }
-  if (!only || only === 'mac') {
-    const { frameMacBench } = await import('./frame-mac.js');
-    console.log('');
-    await frameMacBench();
-  }
-  if (!only || only === 'eventloop') {
-    const { eventLoopBench } = await import('./eventloop.js');
-    console.log('');
-    await eventLoopBench();
-  }
-  if (!only || only === 'rpo') {
-    const { rpoBench } = await import('./rpo.js');
-    console.log('');
-    await rpoBench();
+  let first = true;
+  for (const c of CASES) {
+    if (only ? c.name !== only : !c.byDefault) continue;
+    if (!first) console.log('');
+    first = false;
+    await c.run();
   }
 }
 
