@@ -58,22 +58,104 @@ static uint32_t crc32c_sw(uint32_t c, const uint8_t *p, size_t n) {
   return c;
 }
 
+/*
+ * Shifting a CRC register over runs of zero bytes (GF(2) matrices, after
+ * Mark Adler's crc32c.c): crc32c_shift(zeros_long, c) is c advanced over
+ * LONG zero bytes. It joins CRCs computed side by side over consecutive
+ * blocks: crc(A || B) = shift_len(B)(crc(A)) ^ crc_from_0(B).
+ */
+#define LONG 8192
+#define SHORT 256
+static uint32_t zeros_long[4][256];
+static uint32_t zeros_short[4][256];
+
+static uint32_t gf2_times(const uint32_t *mat, uint32_t vec) {
+  uint32_t sum = 0;
+  for (; vec; vec >>= 1, mat++)
+    if (vec & 1) sum ^= *mat;
+  return sum;
+}
+
+static void gf2_square(uint32_t *square, const uint32_t *mat) {
+  for (int n = 0; n < 32; n++) square[n] = gf2_times(mat, mat[n]);
+}
+
+/* The operator that advances a register over `len` zero bytes (len a power of two). */
+static void zeros_op(uint32_t *even, size_t len) {
+  uint32_t odd[32];
+  odd[0] = 0x82F63B78u; /* one zero bit */
+  uint32_t row = 1;
+  for (int n = 1; n < 32; n++, row <<= 1) odd[n] = row;
+  gf2_square(even, odd); /* two zero bits */
+  gf2_square(odd, even); /* four: one zero byte has eight */
+  do {
+    gf2_square(even, odd);
+    len >>= 1;
+    if (len == 0) return;
+    gf2_square(odd, even);
+    len >>= 1;
+  } while (len);
+  memcpy(even, odd, sizeof odd);
+}
+
+static void zeros_table(uint32_t zeros[4][256], size_t len) {
+  uint32_t op[32];
+  zeros_op(op, len);
+  for (uint32_t n = 0; n < 256; n++) {
+    zeros[0][n] = gf2_times(op, n);
+    zeros[1][n] = gf2_times(op, n << 8);
+    zeros[2][n] = gf2_times(op, n << 16);
+    zeros[3][n] = gf2_times(op, n << 24);
+  }
+}
+
+static inline uint64_t shift(uint32_t zeros[4][256], uint64_t c) {
+  return zeros[0][c & 0xff] ^ zeros[1][(c >> 8) & 0xff] ^ zeros[2][(c >> 16) & 0xff] ^ zeros[3][(c >> 24) & 0xff];
+}
+
 #if defined(__x86_64__)
+/*
+ * The SSE4.2 crc32 instruction has a latency of three cycles and a throughput
+ * of one per cycle: three independent streams over three consecutive blocks
+ * (LONG, then SHORT bytes each), joined by shifting, run about three times as
+ * fast as one stream.
+ */
 __attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t c, const uint8_t *p, size_t n) {
-  uint64_t c64 = c;
+  uint64_t c0 = c, c1, c2;
   while (n && ((uintptr_t)p & 7)) {
-    c64 = __builtin_ia32_crc32qi((uint32_t)c64, *p++);
+    c0 = __builtin_ia32_crc32qi((uint32_t)c0, *p++);
     n--;
+  }
+  for (size_t block = LONG; block >= SHORT; block = block == LONG ? SHORT : 0) {
+    uint32_t(*zeros)[256] = block == LONG ? zeros_long : zeros_short;
+    while (n >= 3 * block) {
+      c1 = c2 = 0;
+      const uint8_t *end = p + block;
+      do {
+        uint64_t v0, v1, v2;
+        memcpy(&v0, p, 8);
+        memcpy(&v1, p + block, 8);
+        memcpy(&v2, p + 2 * block, 8);
+        c0 = __builtin_ia32_crc32di(c0, v0);
+        c1 = __builtin_ia32_crc32di(c1, v1);
+        c2 = __builtin_ia32_crc32di(c2, v2);
+        p += 8;
+      } while (p < end);
+      c0 = shift(zeros, c0) ^ c1;
+      c0 = shift(zeros, c0) ^ c2;
+      p += 2 * block;
+      n -= 3 * block;
+    }
   }
   while (n >= 8) {
     uint64_t v;
     memcpy(&v, p, 8);
-    c64 = __builtin_ia32_crc32di(c64, v);
+    c0 = __builtin_ia32_crc32di(c0, v);
     p += 8;
     n -= 8;
   }
-  while (n--) c64 = __builtin_ia32_crc32qi((uint32_t)c64, *p++);
-  return (uint32_t)c64;
+  while (n--) c0 = __builtin_ia32_crc32qi((uint32_t)c0, *p++);
+  return (uint32_t)c0;
 }
 #endif
 
@@ -86,6 +168,8 @@ uint32_t tm_crc32c(const uint8_t *p, size_t n) {
 
 static void payload_init_once(void) {
   crc32c_tables();
+  zeros_table(zeros_long, LONG);
+  zeros_table(zeros_short, SHORT);
 #if defined(__x86_64__)
   __builtin_cpu_init();
   have_sse42 = __builtin_cpu_supports("sse4.2");

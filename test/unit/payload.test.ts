@@ -39,6 +39,14 @@ describe('payload: lz4 when it saves space, CRC-32C of the uncompressed bytes (n
       }),
       { numRuns: 500 },
     );
+    // Around the three-stream blocks (3 x 256 and 3 x 8192 bytes) and well past them.
+    const big = randomBytes(1024 * 1024 + 64);
+    for (const len of [767, 768, 769, 3 * 256 * 2 + 5, 24575, 24576, 24577, 2 * 24576 + 800, 65536, 1024 * 1024 + 3]) {
+      for (const skip of [0, 1, 5, 8]) {
+        const view = big.subarray(skip, skip + len);
+        expect(crc32c(view), `${len} bytes from ${skip}`).to.equal(native().crc32cPortable(view));
+      }
+    }
     expect(() => crc32c('abc' as unknown as Buffer)).to.throw(TypeError);
   });
 
