@@ -24,6 +24,8 @@ export const FRAME_OVERHEAD = 96;
 interface Prepared {
   ext: Omit<ExtentMsg, 'seq'>;
   window: number | null;
+  /** Called once the frame has gone to the socket (the last extent of a piece: its read buffer goes back). */
+  written?: () => void;
 }
 
 /** One generation to send: its number, its changed chunks and where the secondary's durable cursor stands. */
@@ -225,7 +227,7 @@ export class Sender {
         steps[k] += (now - t) / 1000;
         t = now;
       };
-      for await (const { ext, window } of this.extents(Math.ceil(resumeFrom / this.cs))) {
+      for await (const { ext, window, written } of this.extents(Math.ceil(resumeFrom / this.cs))) {
         lap('read');
         await flow.ready();
         lap('apply');
@@ -235,7 +237,7 @@ export class Sender {
         if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
         // The secondary's silence is counted from the moment it has something to answer.
         if (flow.bytesInFlight === 0) lastHeard = Date.now();
-        const n = session.send(msg);
+        const n = session.send(msg, written);
         flow.sent(seq, n, msg.offset + msg.length);
         if (msg.kind === 'data') {
           this.counters.sentBytes += msg.length;
@@ -274,8 +276,8 @@ export class Sender {
   /**
    * Extents of the generation with up to READ_AHEAD pieces (READ_AHEAD_BYTES)
    * read and compressed ahead of the socket. Pieces are read into one ring of
-   * buffers: a piece's buffer goes back when the consumer asks for what
-   * follows its extents, i.e. after it has encoded (copied) and sent all of them.
+   * buffers: payloads go to the socket without a copy, so a piece's buffer
+   * goes back when the frame of its last extent has been written (`written`).
    */
   private async *extents(fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await this.view.allocated(this.cs);
@@ -286,8 +288,11 @@ export class Sender {
     const next = async function* () {
       const a = ahead.shift()!;
       aheadBytes -= a.bytes;
-      yield* await a.p;
-      if (a.buf) ring.release(a.buf);
+      const prepared = await a.p;
+      const buf = a.buf;
+      if (buf && prepared.length > 0) prepared[prepared.length - 1]!.written = () => ring.release(buf);
+      else if (buf) ring.release(buf);
+      yield* prepared;
     };
     for (const seg of this.pieces(alloc, fromChunk)) {
       const buf = seg.hole ? null : ring.take(2 * seg.length);

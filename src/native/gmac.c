@@ -68,37 +68,59 @@ static int args(napi_env env, napi_value *argv, gmac_key **k, uint8_t *dir, int6
   return 1;
 }
 
-static int compute(gmac_key *k, uint8_t dir, int64_t seq, const uint8_t *data, size_t len, uint8_t tag[TAG_BYTES]) {
+/* Feeds `len` bytes at `data` to the GCM context as additional data (OpenSSL takes AAD in several updates). */
+static int aad(gmac_key *k, const uint8_t *data, size_t len) {
+  int outl;
+  for (size_t at = 0; at < len; at += AAD_PIECE) {
+    size_t n = len - at < AAD_PIECE ? len - at : AAD_PIECE;
+    if (EVP_EncryptUpdate(k->ctx, NULL, &outl, data + at, (int)n) != 1) return 0;
+  }
+  return 1;
+}
+
+/* The tag of the frame data || data2 (data2 may be NULL: the frame is data alone). */
+static int compute(gmac_key *k, uint8_t dir, int64_t seq, const uint8_t *data, size_t len, const uint8_t *data2, size_t len2, uint8_t tag[TAG_BYTES]) {
   uint8_t iv[12] = {0};
   iv[0] = dir;
   for (int i = 0; i < 8; i++) iv[4 + i] = (uint8_t)((uint64_t)seq >> (56 - 8 * i));
   int outl;
   uint8_t none[16];
   if (EVP_EncryptInit_ex(k->ctx, NULL, NULL, NULL, iv) != 1) return 0;
-  for (size_t at = 0; at < len; at += AAD_PIECE) {
-    size_t n = len - at < AAD_PIECE ? len - at : AAD_PIECE;
-    if (EVP_EncryptUpdate(k->ctx, NULL, &outl, data + at, (int)n) != 1) return 0;
-  }
+  if (!aad(k, data, len) || (data2 && !aad(k, data2, len2))) return 0;
   if (EVP_EncryptFinal_ex(k->ctx, none, &outl) != 1) return 0;
   return EVP_CIPHER_CTX_ctrl(k->ctx, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, tag) == 1;
 }
 
 /*
  * The tag of (handle, dir, seq, frame) in argv[0..3] of a call with at least
- * `want` arguments (argv holds `want`); 0 with an exception pending when the
- * arguments are wrong or OpenSSL fails.
+ * `want` arguments (argv holds `want`; with `second`, the last one is optional
+ * and, when given, the frame's second part: N-API fills missing arguments
+ * with undefined); 0 with an exception pending when the arguments are wrong
+ * or OpenSSL fails.
  */
-static int tag_of_call(napi_env env, napi_callback_info info, size_t want, napi_value *argv, const char *usage, uint8_t tag[TAG_BYTES]) {
+static int tag_of_call(napi_env env, napi_callback_info info, size_t want, int second, napi_value *argv, const char *usage, uint8_t tag[TAG_BYTES]) {
   size_t argc = want;
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < want) return type_error(env, usage), 0;
+  if (argc < want - (second ? 1 : 0)) return type_error(env, usage), 0;
   gmac_key *k;
   uint8_t dir;
   int64_t seq;
   const uint8_t *data;
   size_t len;
   if (!args(env, argv, &k, &dir, &seq, &data, &len)) return 0;
-  if (!compute(k, dir, seq, data, len, tag)) {
+  const uint8_t *data2 = NULL;
+  size_t len2 = 0;
+  if (second) {
+    /* gmacTag's optional fifth argument: the frame's second part (its data payload, sent without a copy). */
+    napi_valuetype t;
+    napi_typeof(env, argv[4], &t);
+    if (t != napi_undefined) {
+      void *p;
+      if (napi_get_buffer_info(env, argv[4], &p, &len2) != napi_ok) return type_error(env, "gmacTag: the frame's second part must be a Buffer"), 0;
+      data2 = p;
+    }
+  }
+  if (!compute(k, dir, seq, data, len, data2, len2, tag)) {
     napi_throw_error(env, "ERR_TM_GMAC", "gmac: OpenSSL failed");
     return 0;
   }
@@ -106,9 +128,9 @@ static int tag_of_call(napi_env env, napi_callback_info info, size_t want, napi_
 }
 
 napi_value GmacTag(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
+  napi_value argv[5];
   uint8_t tag[TAG_BYTES];
-  if (!tag_of_call(env, info, 4, argv, "gmacTag(handle, dir, seq, frame)", tag)) return NULL;
+  if (!tag_of_call(env, info, 5, 1, argv, "gmacTag(handle, dir, seq, frame[, frame2])", tag)) return NULL;
   napi_value r;
   if (napi_create_buffer_copy(env, TAG_BYTES, tag, NULL, &r) != napi_ok) return NULL;
   return r;
@@ -117,7 +139,7 @@ napi_value GmacTag(napi_env env, napi_callback_info info) {
 napi_value GmacVerify(napi_env env, napi_callback_info info) {
   napi_value argv[5];
   uint8_t tag[TAG_BYTES];
-  if (!tag_of_call(env, info, 5, argv, "gmacVerify(handle, dir, seq, frame, tag)", tag)) return NULL;
+  if (!tag_of_call(env, info, 5, 0, argv, "gmacVerify(handle, dir, seq, frame, tag)", tag)) return NULL;
   void *got;
   size_t glen;
   if (napi_get_buffer_info(env, argv[4], &got, &glen) != napi_ok) return type_error(env, "gmacVerify: the tag must be a Buffer");

@@ -48,8 +48,8 @@ export interface NativeOps {
   crc32cPortable(buf: Uint8Array): number;
   /** An AES-256-GCM key schedule for {@link gmacTag} / {@link gmacVerify} (gmac.c), freed with its handle. */
   gmacKey(key: Buffer): GmacKeyHandle;
-  /** GMAC of `frame` under the handle's key with the nonce dir || 0 0 0 || u64be(seq): 16 bytes. */
-  gmacTag(key: GmacKeyHandle, dir: number, seq: number, frame: Uint8Array): Buffer;
+  /** GMAC of `frame` (followed by `frame2` when given) under the handle's key with the nonce dir || 0 0 0 || u64be(seq): 16 bytes. */
+  gmacTag(key: GmacKeyHandle, dir: number, seq: number, frame: Uint8Array, frame2?: Uint8Array): Buffer;
   /** Whether `tag` is that GMAC (constant-time comparison; false for another length). */
   gmacVerify(key: GmacKeyHandle, dir: number, seq: number, frame: Uint8Array, tag: Uint8Array): boolean;
 }

@@ -14,7 +14,7 @@
  *                                                false when socketPath is empty
  * Also exported here, implemented in payload.c (the payload codec):
  *   crc32c(buf), crc32cPortable(buf), lz4CompressCrc(src, dst), lz4DecompressInto(src, dst)
- * and in gmac.c (the frame MAC): gmacKey(key), gmacTag(handle, dir, seq, frame), gmacVerify(handle, dir, seq, frame, tag)
+ * and in gmac.c (the frame MAC): gmacKey(key), gmacTag(handle, dir, seq, frame[, frame2]), gmacVerify(handle, dir, seq, frame, tag)
  * Errors are Node-style: message "<syscall> failed: <strerror>", code "E...", errno, syscall.
  * Offsets and lengths are JS numbers (exact up to 2^53 bytes).
  */

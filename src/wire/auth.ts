@@ -112,8 +112,9 @@ export class FrameMac {
     this.handle = native().gmacKey(key);
   }
 
-  tag(from: keyof typeof DIRECTION, seq: number, frame: Buffer): Buffer {
-    return native().gmacTag(this.handle, DIRECTION[from], seq, frame);
+  /** The tag of a frame sent in one or two parts (head and data payload): that of their concatenation. */
+  tag(from: keyof typeof DIRECTION, seq: number, frame: Buffer, frame2?: Buffer): Buffer {
+    return native().gmacTag(this.handle, DIRECTION[from], seq, frame, frame2);
   }
 
   /** Constant-time check of a received tag; false for a tag of another length. */

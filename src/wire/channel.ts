@@ -18,11 +18,14 @@ export interface FrameHandlers {
 
 export interface FrameChannel {
   /**
-   * Send one binary frame: `frame`, followed by `tail` when given (a MAC tag,
-   * so that the frame need not be copied to append it). Ignored once the
-   * channel is closing or closed (as ws does).
+   * Send one binary frame: the concatenation of `parts` (a head, a data
+   * payload, a MAC tag), which need not be joined first. The parts may be
+   * handed to the socket without a copy: they must stay unchanged until
+   * `written` is called (the socket took them, or the frame was dropped).
+   * Ignored once the channel is closing or closed (as ws does; `written`
+   * is still called).
    */
-  send(frame: Buffer, tail?: Buffer): void;
+  send(parts: readonly Buffer[], written?: () => void): void;
   /** Bytes sent and not yet handed on (to the kernel for a socket, to the peer for memory). */
   readonly bufferedAmount: number;
   /** Open: neither side has started to close it. */

@@ -345,9 +345,13 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
  * @throws TmError TM_ERR_INTERNAL when the message is invalid.
  */
 export function encode(msg: Message, ctx: DecodeContext = {}): Buffer {
-  let checked: Message;
+  return packr.pack(check(msg, ctx));
+}
+
+/** `msg` validated for sending (TM_ERR_INTERNAL naming the type and field when it is not). */
+function check(msg: Message, ctx: DecodeContext): Message {
   try {
-    checked = validate(msg, { ctx, needVolume: false });
+    return validate(msg, { ctx, needVolume: false });
   } catch (e) {
     if (e instanceof Invalid) {
       const type = isPlain(msg) && typeof msg.type === 'string' ? msg.type.slice(0, 40) : 'untyped';
@@ -355,7 +359,45 @@ export function encode(msg: Message, ctx: DecodeContext = {}): Buffer {
     }
     throw e;
   }
-  return packr.pack(checked);
+}
+
+/** The bin header msgpack gives a payload of `n` bytes (the smallest form, as msgpackr writes it). */
+function binHeader(n: number): Buffer {
+  if (n < 0x100) return Buffer.from([0xc4, n]);
+  if (n < 0x10000) return Buffer.from([0xc5, n >> 8, n & 0xff]);
+  const h = Buffer.allocUnsafe(5);
+  h[0] = 0xc6;
+  h.writeUInt32BE(n, 1);
+  return h;
+}
+
+/** Payloads below this are copied into the frame ({@link encodeParts}): a second part costs more than the copy. */
+const GATHER_MIN_PAYLOAD = 16 * 1024;
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * {@link encode}, with a data extent's payload left out of the encoded bytes:
+ * `[head, payload]`, whose concatenation is byte for byte what encode gives
+ * (the payload is the map's last field, a msgpack bin). The payload is the
+ * caller's buffer, not a copy. Other messages, and payloads below 16 KiB:
+ * `[encode(msg)]`.
+ *
+ * @throws TmError TM_ERR_INTERNAL when the message is invalid.
+ */
+export function encodeParts(msg: Message): [Buffer] | [Buffer, Buffer] {
+  if (msg.type !== 'extent' || msg.kind !== 'data' || !msg.payload || msg.payload.length < GATHER_MIN_PAYLOAD) return [encode(msg)];
+  const checked = check(msg, {}) as ExtentMsg;
+  const payload = checked.payload!;
+  // msgpackr writes the empty bin last as c4 00; the payload's own bin header replaces it.
+  const empty = packr.pack({ ...checked, payload: EMPTY });
+  if (empty.length < 2 || empty[empty.length - 2] !== 0xc4 || empty[empty.length - 1] !== 0) {
+    throw new TmError(ErrorCodes.INTERNAL, 'msgpackr did not encode the extent payload as the last field');
+  }
+  const bin = binHeader(payload.length);
+  const head = Buffer.allocUnsafe(empty.length - 2 + bin.length);
+  empty.copy(head, 0, 0, empty.length - 2);
+  bin.copy(head, empty.length - 2);
+  return [head, payload];
 }
 
 /**

@@ -71,10 +71,17 @@ class MemoryEnd implements FrameChannel {
     this.handlers = handlers;
   }
 
-  send(body: Buffer, tail?: Buffer): void {
+  send(parts: readonly Buffer[], written?: () => void): void {
+    try {
+      this.transmit(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+    } finally {
+      written?.();
+    }
+  }
+
+  /** One frame on the wire, as a WebSocket message would be (its parts joined). */
+  private transmit(frame: Buffer): void {
     if (!this.isOpen) return;
-    // One frame on the wire, as a WebSocket message would be (body and MAC tag together).
-    const frame = tail ? Buffer.concat([body, tail]) : body;
     const index = this.sent++;
     const action = this.opts.onFrame?.(this.side, index, frame) ?? 'pass';
     if (action === 'drop') return;

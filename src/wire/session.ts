@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { ErrorCodes, TmError, type ErrorCode } from '../errors.js';
 import { FrameMac, TAG_BYTES } from './auth.js';
 import { FRAME_TOO_LARGE, type FrameChannel } from './channel.js';
-import { decode, encode } from './codec.js';
+import { decode, encode, encodeParts } from './codec.js';
 import { CloseCodes, MAX_HANDSHAKE_FRAME_BYTES, type DecodeContext, type Message } from './messages.js';
 
 const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
@@ -92,10 +92,15 @@ export class Session extends EventEmitter {
     });
   }
 
-  /** Encode and send (with its MAC once {@link protect} has run); returns the frame size in bytes. */
-  send(msg: Message): number {
+  /**
+   * Encode and send (with its MAC once {@link protect} has run); returns the
+   * frame size in bytes. A data extent's payload goes to the socket without a
+   * copy: it must stay unchanged until `written` is called (the socket has
+   * taken the frame, or dropped it because the connection is gone).
+   */
+  send(msg: Message, written?: () => void): number {
     if (this.ended) throw this.failure ?? new TmError(ErrorCodes.CONNECTION, `session with ${this.peerName} is closed`);
-    const n = this.sendFrame(encode(msg));
+    const n = this.sendFrame(encodeParts(msg), written);
     this.counters.framesOut++;
     this.counters.bytesOut += n;
     return n;
@@ -108,17 +113,19 @@ export class Session extends EventEmitter {
    */
   sendEncoded(body: Buffer): number {
     if (this.ended) throw this.failure ?? new TmError(ErrorCodes.CONNECTION, `session with ${this.peerName} is closed`);
-    return this.sendFrame(body);
+    return this.sendFrame([body]);
   }
 
-  private sendFrame(body: Buffer): number {
+  /** One frame of one or two parts (head, payload), its tag appended as a third. */
+  private sendFrame(parts: [Buffer] | [Buffer, Buffer], written?: () => void): number {
     const m = this.mac;
+    const length = parts.length === 1 ? parts[0].length : parts[0].length + parts[1].length;
     if (!m) {
-      this.channel.send(body);
-      return body.length;
+      this.channel.send(parts, written);
+      return length;
     }
-    this.channel.send(body, m.key.tag(m.self, m.sendSeq++, body));
-    return body.length + TAG_BYTES;
+    this.channel.send([...parts, m.key.tag(m.self, m.sendSeq++, parts[0], parts[1])], written);
+    return length + TAG_BYTES;
   }
 
   /**
@@ -212,7 +219,7 @@ export class Session extends EventEmitter {
     if (this.ended) return;
     try {
       if (this.channel.isOpen) {
-        this.sendFrame(encode({ type: 'error', code: err.code, message: err.message.slice(0, 1000) }));
+        this.sendFrame([encode({ type: 'error', code: err.code, message: err.message.slice(0, 1000) })]);
         this.channel.close(closeCode, err.code);
       }
     } catch {

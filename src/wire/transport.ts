@@ -51,12 +51,64 @@ function setMaxPayload(ws: WebSocket, bytes: number): void {
   receiver._maxPayload = bytes;
 }
 
+/** The parts of ws 8.x that {@link gatherWriter} writes through. */
+interface WsInternals {
+  _isServer?: unknown;
+  _sender?: { _state?: unknown } | null;
+  _socket?: Duplex | null;
+}
+
+/**
+ * A writer of one WebSocket message made of several parts without joining
+ * them: the frame header it builds itself, then every part, written to the
+ * socket under one cork (what ws's own Sender does with a header and one
+ * buffer). A client's frames carry the zero mask that connect() has ws use
+ * (RFC 6455 requires a mask; zero leaves the payload as it is, see
+ * connect()). Null when this ws does not look like ws 8.x (its Sender's
+ * `_state` and the WebSocket's `_socket`, pinned by test/unit/transport.test.ts):
+ * the caller then joins the parts and uses ws.send.
+ *
+ * Only used while the Sender is idle (`_state` 0: nothing queued behind a
+ * compression or a Blob, neither of which this channel uses), so frames
+ * keep their order with those ws sends itself (close, pong).
+ */
+export function gatherWriter(ws: WebSocket): ((parts: readonly Buffer[], written?: () => void) => boolean) | null {
+  const w = ws as unknown as WsInternals;
+  if (typeof w._isServer !== 'boolean' || !w._sender || typeof w._sender._state !== 'number' || !w._socket) return null;
+  const sender = w._sender;
+  const socket = w._socket;
+  const mask = !w._isServer;
+  return (parts, written) => {
+    if (sender._state !== 0 || ws.readyState !== ws.OPEN) return false;
+    let length = 0;
+    for (const p of parts) length += p.length;
+    const lenBytes = length >= 65536 ? 8 : length > 125 ? 2 : 0;
+    const header = Buffer.allocUnsafe(2 + lenBytes + (mask ? 4 : 0));
+    header[0] = 0x82; // FIN, binary
+    header[1] = (mask ? 0x80 : 0) | (lenBytes === 8 ? 127 : lenBytes === 2 ? 126 : length);
+    if (lenBytes === 8) header.writeBigUInt64BE(BigInt(length), 2);
+    else if (lenBytes === 2) header.writeUInt16BE(length, 2);
+    if (mask) header.writeUInt32BE(0, 2 + lenBytes);
+    socket.cork();
+    socket.write(header);
+    for (let i = 0; i < parts.length - 1; i++) socket.write(parts[i]!);
+    socket.write(parts[parts.length - 1]!, written ? () => written() : undefined);
+    socket.uncork();
+    return true;
+  };
+}
+
 /** A `ws` WebSocket as a {@link FrameChannel}. */
 export function wsChannel(ws: WebSocket): FrameChannel {
   ws.binaryType = 'nodebuffer';
+  const gather = gatherWriter(ws);
   return {
-    // One WebSocket message: a copy joins the MAC tag to the frame (fragments would cost the receiver the same copy).
-    send: (frame, tail) => ws.send(tail ? Buffer.concat([frame, tail]) : frame, { binary: true }),
+    // One WebSocket message, its parts written without joining them when ws
+    // allows (fragments instead would cost the receiver a copy to join them).
+    send: (parts, written) => {
+      if (parts.length > 1 && gather?.(parts, written)) return;
+      ws.send(parts.length === 1 ? parts[0]! : Buffer.concat(parts), { binary: true }, written ? () => written() : undefined);
+    },
     liftFrameLimit: () => setMaxPayload(ws, MAX_FRAME_BYTES),
     get bufferedAmount() {
       return ws.bufferedAmount;

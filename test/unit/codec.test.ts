@@ -4,7 +4,7 @@ import { Packr } from 'msgpackr';
 import { randomBytes } from 'node:crypto';
 import { TmError } from '../../src/errors.js';
 import { compressSync } from 'lz4-napi';
-import { decode, encode } from '../../src/wire/codec.js';
+import { decode, encode, encodeParts } from '../../src/wire/codec.js';
 import { crc32c, decompressPayload } from '../../src/wire/payload.js';
 import { MAX_EXTENT_BYTES, type DecodeContext, type ExtentMsg, type Message } from '../../src/wire/messages.js';
 
@@ -77,6 +77,26 @@ const samples: Message[] = [
 ];
 
 describe('codec: msgpack frames, validated before anything acts on them', () => {
+  it('encodeParts: a data extent as [head, payload] whose concatenation is exactly encode(); the payload is not copied; small payloads and other messages in one part', () => {
+    for (const n of [16 * 1024, 65535, 65536, 1024 * 1024, MAX_EXTENT_BYTES]) {
+      const payload = randomBytes(n);
+      const msg: ExtentMsg = { type: 'extent', seq: 7, kind: 'data', offset: CS * 3, length: n, codec: 'raw', crc32c: crc32c(payload), payload };
+      const parts = encodeParts(msg);
+      expect(parts, `${n}`).to.have.length(2);
+      expect(parts[1]).to.equal(payload);
+      const joined = Buffer.concat(parts);
+      expect(joined.equals(encode(msg)), `${n}: same bytes as encode`).to.equal(true);
+      const back = decode(joined, { volumeSize: CS * 3 + n, chunkSize: 4096 }) as ExtentMsg;
+      expect(back.payload!.equals(payload)).to.equal(true);
+    }
+    const small = Buffer.alloc(16 * 1024 - 1, 1);
+    const one = encodeParts({ type: 'extent', seq: 1, kind: 'data', offset: 0, length: small.length, codec: 'raw', crc32c: crc32c(small), payload: small });
+    expect(one).to.have.length(1);
+    expect(encodeParts({ type: 'commit', generation: 3 })).to.deep.equal([encode({ type: 'commit', generation: 3 })]);
+    // Sending validates the same way: an invalid extent is refused before anything is encoded.
+    expect(codeOf(() => encodeParts({ type: 'extent', seq: 1, kind: 'data', offset: 0, length: 1, codec: 'raw', crc32c: 0, payload: Buffer.alloc(20000) }))?.code).to.equal('TM_ERR_INTERNAL');
+  });
+
   it('round-trips every message type', () => {
     const seen = new Set<string>();
     for (const m of samples) {

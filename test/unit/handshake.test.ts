@@ -91,7 +91,7 @@ describe('handshake: version, mutual HMAC, coded refusals (real ws on loopback)'
     const p = await pair();
     try {
       const sec = secondaryHandshake(p.server, { node: 'site-b', psk: KEY }).catch((e: TmError) => e);
-      p.client.channel.send(Buffer.from([0xc1, 0xff, 0x00, 0x13]));
+      p.client.channel.send([Buffer.from([0xc1, 0xff, 0x00, 0x13])]);
       const err = (await sec) as TmError;
       expect(err.code).to.equal('TM_ERR_PROTOCOL');
       const seen = await p.client.next(5000).catch((e: TmError) => e);

@@ -131,7 +131,7 @@ describe('memory session pair: two Sessions joined in memory', () => {
   it('regression (issue 14 §1): an error frame from a peer that never closes still closes our side of the connection', async () => {
     const { a, b } = memorySessionPair();
     // b speaks raw: an error frame, and no close after it.
-    b.channel.send(encode({ type: 'error', code: ErrorCodes.AUTH_FAILED, message: 'go away' }));
+    b.channel.send([encode({ type: "error", code: ErrorCodes.AUTH_FAILED, message: "go away" })]);
     const err = await a.closed;
     expect(err?.code).to.equal(ErrorCodes.AUTH_FAILED);
     // a closed the connection: b sees the close (before the fix b stayed open for ever).
@@ -152,7 +152,7 @@ describe('memory session pair: two Sessions joined in memory', () => {
     const { a, b } = memorySessionPair();
     const frame = Buffer.from(encode({ type: 'error', code: 'TM_ERR_PEER', message: 'x'.repeat(100) }));
     const original = Buffer.from(frame);
-    a.channel.send(frame);
+    a.channel.send([frame]);
     frame.fill(0xc1); // msgpack "never used": undecodable if b saw this
     const err = await rejection(b.next());
     expect(err.code).to.equal(ErrorCodes.PEER);

@@ -5,7 +5,9 @@ import * as net from 'node:net';
 import { pino } from 'pino';
 import { ErrorCodes } from '../../src/errors.js';
 import type { Session } from '../../src/wire/session.js';
-import { connect, listen, type Listener } from '../../src/wire/transport.js';
+import { connect, gatherWriter, listen, type Listener } from '../../src/wire/transport.js';
+import { WebSocket, WebSocketServer } from 'ws';
+import { randomBytes } from 'node:crypto';
 import { rejection } from '../helpers/rejection.js';
 
 const log = pino({ level: 'silent' });
@@ -58,6 +60,45 @@ describe('transport: the WebSocket listener and client (loopback, no TLS)', () =
       expect(err?.message).to.equal(`${server.peerName} closed the session`);
     } finally {
       await listener.close();
+    }
+  });
+
+  it('gatherWriter: a message in parts goes to the socket unjoined and arrives whole, client to server and back (ws 8.x internals pinned)', async () => {
+    const wss = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false });
+    await once(wss, 'listening');
+    const serverSide = once(wss, 'connection');
+    const client = new WebSocket(`ws://127.0.0.1:${(wss.address() as net.AddressInfo).port}`, { perMessageDeflate: false, generateMask: (m: Buffer) => void m.fill(0) });
+    try {
+      await once(client, 'open');
+      const [server] = (await serverSide) as [WebSocket];
+      for (const [from, to] of [[client, server], [server, client]] as const) {
+        const gather = gatherWriter(from);
+        expect(gather, 'this ws has the internals gatherWriter needs').to.not.equal(null);
+        for (const size of [0, 100, 65536, 1024 * 1024 + 7]) {
+          const parts = [Buffer.from([1, 2, 3]), randomBytes(size), Buffer.from('a tag of 16 byte')];
+          const got = once(to, 'message') as Promise<[Buffer, boolean]>;
+          let written = 0;
+          expect(gather!(parts, () => written++), 'sent by the gather path').to.equal(true);
+          const [data, isBinary] = await got;
+          expect(isBinary).to.equal(true);
+          expect(data.equals(Buffer.concat(parts)), `${size} bytes`).to.equal(true);
+          expect(written).to.equal(1);
+        }
+      }
+      // ws's own sends interleave with gathered ones in order.
+      const order: string[] = [];
+      server.on('message', (d: Buffer) => order.push(d.toString()));
+      client.send('a');
+      gatherWriter(client)!([Buffer.from('b'), Buffer.from('c')]);
+      client.send('d');
+      while (order.length < 3) await new Promise((r) => setTimeout(r, 5));
+      expect(order).to.deep.equal(['a', 'bc', 'd']);
+      // Not open: refused, so that the caller falls back to ws.send (which reports the closed socket).
+      client.close();
+      expect(gatherWriter(client)!([Buffer.from('x'), Buffer.from('y')])).to.equal(false);
+    } finally {
+      client.terminate();
+      await new Promise((r) => wss.close(r));
     }
   });
 
