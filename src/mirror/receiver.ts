@@ -237,12 +237,18 @@ export class Receiver {
             lastSeq = msg.seq;
             await until(() => inFlight.length < maxApplies && inFlightBytes < MAX_APPLY_BYTES);
             const e: InFlightApply = { seq: msg.seq, end: msg.offset + msg.length, length: msg.length, done: false, settled: Promise.resolve() };
+            // The frame goes back to the session once written (it may be a view of the socket's reused memory).
+            // (In the handlers, not a finally() before them: a failed apply must fail the session before the next frame is handled.)
             e.settled = this.apply(msg).then(
               () => {
+                session.release(msg);
                 e.done = true;
                 retire();
               },
-              fail,
+              (err: unknown) => {
+                session.release(msg);
+                fail(err);
+              },
             );
             inFlight.push(e);
             inFlightBytes += msg.length;

@@ -10,7 +10,7 @@ import type { Session } from '../wire/session.js';
 import { CompressionPolicy } from './compression.js';
 import { FlowControl } from './flow.js';
 import { bitmapBytes } from './generations.js';
-import { ReadRing } from './read-ring.js';
+import { BufferRing } from '../util/buffer-ring.js';
 import type { Progress } from './status.js';
 
 /** Read requests prepared ahead of the socket (operations in flight on the read side). */
@@ -282,7 +282,7 @@ export class Sender {
   private async *extents(fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await this.view.allocated(this.cs);
     // A piece takes twice its length: the bytes read, then room for their lz4 form.
-    const ring = new ReadRing(2 * (READ_AHEAD_BYTES + 2 * this.o.maxExtent));
+    const ring = new BufferRing(2 * (READ_AHEAD_BYTES + 2 * this.o.maxExtent));
     const ahead: { p: Promise<Prepared[]>; bytes: number; buf: Buffer | null }[] = [];
     let aheadBytes = 0;
     const next = async function* () {

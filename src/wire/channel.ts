@@ -45,6 +45,14 @@ export interface FrameChannel {
    * MAX_HANDSHAKE_FRAME_BYTES until then, from their header, see transport.ts).
    */
   liftFrameLimit?(): void;
+  /**
+   * Whether `frame` (as handed to `FrameHandlers.frame`) lives in memory the
+   * channel reuses: it must then be given back with {@link release} once
+   * nothing uses it any more, and must not be used after that.
+   */
+  owns?(frame: Buffer): boolean;
+  /** Give back a frame {@link owns} said was the channel's (anything else is ignored). */
+  release?(frame: Buffer): void;
 }
 
 /**

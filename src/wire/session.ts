@@ -65,6 +65,8 @@ export class Session extends EventEmitter {
   private preAuth = false;
   /** Frames that arrived past the plain ones before the key was known: verified by protect(). */
   private held: Buffer[] = [];
+  /** Data extents handed out as views of the channel's reused memory, and the frame to give back ({@link release}). */
+  private readonly lent = new WeakMap<Message, Buffer>();
   /** Set by protect(): the session key and the frame counters of both directions (auth.ts). */
   private mac: { key: FrameMac; self: SessionRole; peer: SessionRole; sendSeq: number; recvSeq: number } | null = null;
 
@@ -250,23 +252,57 @@ export class Session extends EventEmitter {
     this.channel.terminate();
   }
 
+  /**
+   * Give back the frame behind a data extent this session handed out, once
+   * its payload is no longer used (the target write is done): the channel
+   * may receive frames into memory it reuses (transport.ts). Anything else is
+   * ignored; a message never given back only costs the channel its reuse.
+   */
+  release(msg: Message): void {
+    const frame = this.lent.get(msg);
+    if (!frame) return;
+    this.lent.delete(msg);
+    this.channel.release?.(frame);
+  }
+
   private onFrame(frame: Buffer, isBinary: boolean): void {
-    if (this.ended) return;
+    if (!this.channel.owns?.(frame)) {
+      this.receive(frame, isBinary);
+      return;
+    }
+    // In the channel's reused memory: given back as soon as nothing can use it,
+    // unless it became a data extent (the consumer gives it back through release()).
+    let lent = false;
+    try {
+      lent = this.receive(frame, isBinary, true);
+    } finally {
+      if (!lent) this.channel.release?.(frame);
+    }
+  }
+
+  /** Handles one frame; true when it was handed out as a data extent whose payload is a view of it (`lend`). */
+  private receive(frame: Buffer, isBinary: boolean, lend = false): boolean {
+    if (this.ended) return false;
     this.counters.framesIn++;
     this.counters.bytesIn += frame.length;
     if (!isBinary) {
       this.fail(new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent a text frame; the protocol uses binary frames only`));
-      return;
+      return false;
     }
     // Before the key is proven, nothing but a handshake-sized frame is even looked at.
-    if (this.preAuth && frame.length > MAX_HANDSHAKE_FRAME_BYTES) return this.fail(this.preAuthTooLarge(frame.length));
+    if (this.preAuth && frame.length > MAX_HANDSHAKE_FRAME_BYTES) {
+      this.fail(this.preAuthTooLarge(frame.length));
+      return false;
+    }
     const index = this.inIndex++;
-    if (index < this.plainInbound) return this.handle(frame);
-    if (this.mac) return this.receiveProtected(frame);
-    this.held.push(frame);
+    if (index < this.plainInbound) return this.handle(frame, lend ? frame : null);
+    if (this.mac) return this.receiveProtected(frame, lend);
+    // Before protect(): the channel's memory is never lent this early (frames are handshake-sized).
+    this.held.push(lend ? Buffer.from(frame) : frame);
     if (this.held.length > MAX_HELD_FRAMES) {
       this.fail(new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent ${this.held.length} frames past the handshake before proving the key`));
     }
+    return false;
   }
 
   private preAuthTooLarge(bytes: number | null, cause?: Error): TmError {
@@ -279,7 +315,7 @@ export class Session extends EventEmitter {
   }
 
   /** A frame after the handshake: its tag checked under the next sequence number, then handled without it. */
-  private receiveProtected(frame: Buffer): void {
+  private receiveProtected(frame: Buffer, lend = false): boolean {
     const m = this.mac!;
     const seq = m.recvSeq++;
     const body = frame.subarray(0, Math.max(0, frame.length - TAG_BYTES));
@@ -290,20 +326,33 @@ export class Session extends EventEmitter {
           `frame ${seq} from ${this.peerName} (${frame.length} bytes) failed its integrity check: it was modified, replayed, reordered or injected, or one before it was dropped; nothing of it was used`,
         ),
       );
-      return;
+      return false;
     }
-    this.handle(body);
+    return this.handle(body, lend ? frame : null);
   }
 
-  /** A frame that passed the checks above: decoded, validated, handed out. */
-  private handle(frame: Buffer): void {
+  /**
+   * A frame that passed the checks above: decoded, validated, handed out.
+   * `owner`: the channel's reused memory the frame is a view of (else null).
+   * Only a data extent is handed out as a view of it (true: lent until
+   * {@link release}); any other message is decoded again from a copy, so
+   * that nothing else ever holds a view of memory the channel reuses.
+   */
+  private handle(frame: Buffer, owner: Buffer | null): boolean {
     let msg: Message;
+    let lent = false;
     try {
       msg = decode(frame, this.ctx);
+      if (owner && msg.type === 'extent' && msg.kind === 'data') {
+        this.lent.set(msg, owner);
+        lent = true;
+      } else if (owner) {
+        msg = decode(Buffer.from(frame), this.ctx);
+      }
     } catch (e) {
       const err = e instanceof TmError ? e : new TmError(ErrorCodes.PROTOCOL, `bad frame from ${this.peerName}: ${(e as Error).message}`);
       this.fail(new TmError(err.code, `from ${this.peerName}: ${err.message}`));
-      return;
+      return false;
     }
     if (msg.type === 'error') {
       const code = (KNOWN_CODES.has(msg.code) ? msg.code : ErrorCodes.PEER) as ErrorCode;
@@ -311,19 +360,20 @@ export class Session extends EventEmitter {
       // The peer said it is done: our side of the connection goes too, whether
       // or not the peer closes it (one that never does must not hold a socket).
       this.closeChannel(CloseCodes.NORMAL, 'peer error');
-      return;
+      return false;
     }
     if (this.waiter) {
       const w = this.waiter;
       this.waiter = null;
       w.resolve(msg);
-      return;
+      return lent;
     }
     this.queue.push(msg);
     if (!this.paused && this.queue.length >= this.maxQueued) {
       this.paused = true;
       this.channel.pause();
     }
+    return lent;
   }
 
   private maybeResume(): void {

@@ -6,6 +6,7 @@ import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
+import { BufferRing } from '../util/buffer-ring.js';
 import { LogLimiter } from '../util/log-limit.js';
 import type { FrameChannel } from './channel.js';
 import { HANDSHAKE_TIMEOUT_MS } from './handshake.js';
@@ -98,10 +99,60 @@ export function gatherWriter(ws: WebSocket): ((parts: readonly Buffer[], written
   };
 }
 
+/** Bytes of the ring that received frames of a connection are joined into, once authenticated. */
+export const RECEIVE_RING_BYTES = 32 * 1024 * 1024;
+/** Frames from this size on are joined in the ring; smaller ones are not worth the bookkeeping. */
+const RECEIVE_RING_MIN = 64 * 1024;
+
+/** The parts of ws 8.x's Receiver that {@link receiveIntoRing} relies on. */
+interface WsReceiverInternals {
+  consume?: unknown;
+  _buffers?: unknown;
+  _bufferedBytes?: unknown;
+  _fin?: unknown;
+  _fragmented?: unknown;
+}
+
+/**
+ * Make ws join the socket reads of each large, unfragmented message into
+ * `ring` instead of a fresh Buffer: ws's Receiver.consume, with its one
+ * allocation replaced (the rest is ws 8.x's own loop; pinned by
+ * test/unit/transport.test.ts). A received 1 MiB frame otherwise costs 1 MiB
+ * of new external memory, and V8 a major GC every 64 of them. The message
+ * ws emits is then a view of the ring: the Session gives it back through
+ * the channel's `release` once nothing uses it. False when this ws does not
+ * look like 8.x (nothing is changed).
+ */
+export function receiveIntoRing(ws: WebSocket, ring: BufferRing): boolean {
+  const r = (ws as unknown as { _receiver?: WsReceiverInternals })._receiver;
+  if (!r || typeof r.consume !== 'function' || !Array.isArray(r._buffers) || typeof r._bufferedBytes !== 'number' || typeof r._fin !== 'boolean') return false;
+  const own = r.consume as (this: WsReceiverInternals, n: number) => Buffer;
+  r.consume = function (this: WsReceiverInternals & { _buffers: Buffer[]; _bufferedBytes: number }, n: number): Buffer {
+    const first = this._buffers[0];
+    // Headers, small or fragmented messages (ws joins fragments itself), or a
+    // payload inside one socket read (ws hands out a view of it): ws's own way.
+    if (n < RECEIVE_RING_MIN || !this._fin || this._fragmented || !first || n <= first.length) return own.call(this, n);
+    const dst = ring.take(n);
+    this._bufferedBytes -= n;
+    let at = 0;
+    while (at < n) {
+      const buf = this._buffers[0]!;
+      const take = Math.min(buf.length, n - at);
+      dst.set(take === buf.length ? buf : buf.subarray(0, take), at);
+      if (take === buf.length) this._buffers.shift();
+      else this._buffers[0] = buf.subarray(take);
+      at += take;
+    }
+    return dst;
+  };
+  return true;
+}
+
 /** A `ws` WebSocket as a {@link FrameChannel}. */
 export function wsChannel(ws: WebSocket): FrameChannel {
   ws.binaryType = 'nodebuffer';
   const gather = gatherWriter(ws);
+  let ring: BufferRing | null = null;
   return {
     // One WebSocket message, its parts written without joining them when ws
     // allows (fragments instead would cost the receiver a copy to join them).
@@ -109,7 +160,14 @@ export function wsChannel(ws: WebSocket): FrameChannel {
       if (parts.length > 1 && gather?.(parts, written)) return;
       ws.send(parts.length === 1 ? parts[0]! : Buffer.concat(parts), { binary: true }, written ? () => written() : undefined);
     },
-    liftFrameLimit: () => setMaxPayload(ws, MAX_FRAME_BYTES),
+    liftFrameLimit: () => {
+      setMaxPayload(ws, MAX_FRAME_BYTES);
+      // Data frames come only after authentication: only then is the ring worth its memory.
+      const r = new BufferRing(RECEIVE_RING_BYTES);
+      if (receiveIntoRing(ws, r)) ring = r;
+    },
+    owns: (frame) => ring?.owns(frame) ?? false,
+    release: (frame) => ring?.release(frame),
     get bufferedAmount() {
       return ws.bufferedAmount;
     },

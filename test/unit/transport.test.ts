@@ -8,6 +8,8 @@ import type { Session } from '../../src/wire/session.js';
 import { connect, gatherWriter, listen, type Listener } from '../../src/wire/transport.js';
 import { WebSocket, WebSocketServer } from 'ws';
 import { randomBytes } from 'node:crypto';
+import { crc32c } from '../../src/wire/payload.js';
+import type { ExtentMsg } from '../../src/wire/messages.js';
 import { rejection } from '../helpers/rejection.js';
 
 const log = pino({ level: 'silent' });
@@ -99,6 +101,59 @@ describe('transport: the WebSocket listener and client (loopback, no TLS)', () =
     } finally {
       client.terminate();
       await new Promise((r) => wss.close(r));
+    }
+  });
+
+  it('received data extents are joined into a reused ring and lent until released; a large message of another type is copied out (ws 8.x Receiver pinned)', async () => {
+    const { listener, url, accepted } = await loopback();
+    try {
+      const client = await connect(url, { tls: null, signal: new AbortController().signal });
+      const server = await accepted();
+      const key = randomBytes(32);
+      for (const [s, role] of [[client, 'primary'], [server, 'secondary']] as const) {
+        s.beginHandshake(0);
+        s.protect(key, role);
+      }
+      const MiB = 1024 * 1024;
+      Object.assign(server.ctx, { volumeSize: 64 * MiB, chunkSize: 4096 });
+      let seq = 0;
+      const send = (fill: number) => {
+        const payload = Buffer.alloc(MiB, fill);
+        client.send({ type: 'extent', seq: ++seq, kind: 'data', offset: (seq % 64) * MiB, length: MiB, codec: 'raw', crc32c: crc32c(payload), payload });
+      };
+      const receive = async (fill: number) => {
+        const m = (await server.next(5000)) as ExtentMsg;
+        expect(m.type).to.equal('extent');
+        expect(m.payload!.equals(Buffer.alloc(MiB, fill)), `payload of extent ${m.seq}`).to.equal(true);
+        return m;
+      };
+      // 256 KiB of digests: ring-sized, but not a data extent, so it must not stay a view of the ring.
+      const digests = randomBytes(256 * 1024);
+      client.send({ type: 'digests', offset: 0, length: 64 * MiB, digests });
+      const d = (await server.next(5000)) as { digests: Buffer };
+      expect(server.channel.owns!(d.digests), 'digests copied out of the ring').to.equal(false);
+      // The first extent is held, unreleased, while 47 more go through the 32 MiB ring and back.
+      send(1);
+      const held = await receive(1);
+      expect(server.channel.owns!(held.payload!), 'a data extent is a view of the ring').to.equal(true);
+      let owned = 0;
+      for (let i = 0; i < 47; i++) {
+        send(2 + i);
+        const m = await receive(2 + i);
+        if (server.channel.owns!(m.payload!)) owned++;
+        server.release(m);
+      }
+      expect(held.payload!.equals(Buffer.alloc(MiB, 1)), 'the held extent was not written over').to.equal(true);
+      expect(d.digests.equals(digests), 'the digests were not written over').to.equal(true);
+      // Behind the held frame the ring fills once, then frames fall back to fresh buffers.
+      expect(owned).to.be.within(25, 31);
+      server.release(held);
+      send(99);
+      const after = await receive(99);
+      expect(server.channel.owns!(after.payload!), 'ring reused once the held frame is back').to.equal(true);
+      client.close();
+    } finally {
+      await listener.close();
     }
   });
 

@@ -1,14 +1,17 @@
 /**
- * Read buffers for the send path, taken from one ring and given back in the
- * order they were taken (extents go out in ascending order, so the oldest
- * piece is always the first one done with). Reusing the same memory instead
- * of a fresh Buffer per piece spares the page faults of new memory and the
- * major GCs that churn of 1 MiB external buffers drives.
+ * Buffers taken from one ring and given back, mostly in the order they were
+ * taken: the sender's read buffers (extents go out in ascending order) and
+ * the frames a WebSocket receives (wire/transport.ts). Reusing the same
+ * memory instead of a fresh Buffer per piece spares the page faults of new
+ * memory and the major GCs that churn of 1 MiB external buffers drives (V8
+ * runs one per 64 MiB of external memory allocated).
  *
  * A piece that does not fit (the ring is full, or larger than the ring) gets a
  * fresh Buffer, so `take` never waits; `release` of such a buffer is a no-op.
+ * A buffer given back out of order frees its room once those taken before it
+ * are back too; one never given back leaves the ring to fresh Buffers.
  */
-export class ReadRing {
+export class BufferRing {
   private readonly buf: Buffer;
   /** Live regions, oldest first. */
   private readonly live: { start: number; buf: Buffer }[] = [];
@@ -26,6 +29,11 @@ export class ReadRing {
     this.live.push({ start, buf: b });
     this.tail = start + length;
     return b;
+  }
+
+  /** Whether `b` is (a view of) this ring's memory. */
+  owns(b: Uint8Array): boolean {
+    return b.buffer === this.buf.buffer;
   }
 
   /** Give back the oldest buffer taken (`b` is checked: a buffer not from the ring is ignored). */

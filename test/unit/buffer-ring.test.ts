@@ -1,12 +1,12 @@
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { ReadRing } from '../../src/mirror/read-ring.js';
+import { BufferRing } from '../../src/util/buffer-ring.js';
 
 describe('read ring', () => {
   it('hands out disjoint buffers, reuses memory in FIFO order, and falls back to fresh buffers when full', () => {
     fc.assert(
       fc.property(fc.array(fc.tuple(fc.integer({ min: 1, max: 300 }), fc.integer({ min: 0, max: 3 })), { maxLength: 200 }), (ops) => {
-        const ring = new ReadRing(1000);
+        const ring = new BufferRing(1000);
         const live: { b: Buffer; fill: number }[] = [];
         let n = 0;
         for (const [len, frees] of ops) {
@@ -28,7 +28,7 @@ describe('read ring', () => {
   });
 
   it('reuses the same memory once everything was given back', () => {
-    const ring = new ReadRing(1024);
+    const ring = new BufferRing(1024);
     const a = ring.take(600);
     ring.release(a);
     const b = ring.take(600);
