@@ -16,7 +16,9 @@
  * Root only (loop device, mount). Needs fio (Debian package fio) and filefrag
  * (e2fsprogs). Environment: TM_BENCH_RPO_SECONDS, TM_BENCH_RPO_RATE (fio
  * --rate, default 50m), TM_BENCH_RPO_SIZE (bytes, default 1 GiB), TM_BENCH_RPO_CHUNK
- * (the mirror's chunkSize, default 64KiB), TM_BENCH_KEEP.
+ * (the mirror's chunkSize, default 64KiB), TM_BENCH_RPO_FS (xfs, the
+ * default, or btrfs: the same run on a loop-mounted btrfs, whose FICLONE
+ * costs a fraction of XFS's per extent; needs btrfs-progs), TM_BENCH_KEEP.
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { promises as fsp, readFileSync } from 'node:fs';
@@ -97,7 +99,11 @@ export async function rpoBench(): Promise<void> {
   const seconds = Number(process.env.TM_BENCH_RPO_SECONDS ?? 90);
   const rate = process.env.TM_BENCH_RPO_RATE ?? '50m';
   const size = Number(process.env.TM_BENCH_RPO_SIZE ?? GiB);
-  const fs = await LoopFs.create('xfs', 4 * size + 2 * GiB);
+  const fsType = process.env.TM_BENCH_RPO_FS ?? 'xfs';
+  if (fsType !== 'xfs' && fsType !== 'btrfs') throw new Error(`TM_BENCH_RPO_FS=${fsType}: expected xfs or btrfs`);
+  const fsName = fsType === 'xfs' ? 'XFS' : 'btrfs';
+  // btrfs keeps a whole extent while any part of it is shared, so random rewrites under snapshots take more room than on XFS.
+  const fs = await LoopFs.create(fsType, (fsType === 'btrfs' ? 16 : 4) * size + 2 * GiB);
   const daemons: DaemonProcess[] = [];
   let probe: StalenessProbe | null = null;
   try {
@@ -105,7 +111,7 @@ export async function rpoBench(): Promise<void> {
     const dir = path.join(fs.mount, 'pair');
     await fsp.mkdir(dir);
     const target = path.join(dir, 'target.img');
-    console.log(`bench rpo: ${formatBytes(size)} file on a loop-mounted XFS (${fs.mount}), tracking auto, interval 1s; fio random 4-64 KiB writes at ${rate}B/s for ${seconds} s`);
+    console.log(`bench rpo: ${formatBytes(size)} file on a loop-mounted ${fsName} (${fs.mount}), tracking auto, interval 1s; fio random 4-64 KiB writes at ${rate}B/s for ${seconds} s`);
     // The whole file written once (random bytes), as a VM image in use would be.
     await fio(['--name=fill', `--filename=${source}`, '--rw=write', '--bs=1m', `--size=${size}`, '--end_fsync=1']);
     const chunkSize = process.env.TM_BENCH_RPO_CHUNK ?? '64KiB';
@@ -120,7 +126,7 @@ export async function rpoBench(): Promise<void> {
     const st = await primary.waitFor((x) => x.mirrors[0]!.committedGeneration >= 1 && x.mirrors[0]!.state === 'in-sync', 600_000, 'the initial sync', 200);
     const mode = st.mirrors[0]!.trackingMode;
     console.log(`  initial sync with ${mode}: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-    if (mode !== 'reflink') throw new Error(`expected tracking mode reflink (auto on XFS), the daemon uses ${mode}`);
+    if (mode !== 'reflink') throw new Error(`expected tracking mode reflink (auto on ${fsName}), the daemon uses ${mode}`);
     const extentsBefore = extentCount(source);
 
     probe = new StalenessProbe(source, target, async () => (await primary.mirror('rpo')).lagSeconds);
@@ -194,7 +200,7 @@ export async function rpoBench(): Promise<void> {
     const result = {
       date: new Date().toISOString(),
       commit: execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim(),
-      host: { cpus: os.cpus().length, node: process.version, kernel: os.release(), fs: 'xfs (reflink=1) on a loop device', shared: 'taken on a shared 2-CPU machine while other work may have run' },
+      host: { cpus: os.cpus().length, node: process.version, kernel: os.release(), fs: fsType === 'xfs' ? 'xfs (reflink=1) on a loop device' : 'btrfs on a loop device', shared: 'taken on a shared 2-CPU machine while other work may have run' },
       workload: { sizeBytes: size, chunkSize, seconds, rate, fioWrittenBytes: written.bytes, fioSeconds: written.seconds, fioMBps: written.bytes / 1e6 / written.seconds, probeWriteMs: probe.writeMs, sampleMs: probe.sampleMs },
       staleness: { samples: stale.length, ...stats(stale) },
       understatement: { samples: under.length, max: under.length ? Math.max(...under) : NaN, p99: quantile(under, 0.99), overSampling: under.filter((u) => u > probe!.sampleMs / 1000).length },
