@@ -3,10 +3,12 @@ import { TmError } from '../errors.js';
 /**
  * Flow control for one generation: frames sent and not yet acknowledged are
  * held as credit; the sender waits while `maxInFlight` bytes are out. Entries
- * are acknowledged in order by seq (the secondary applies in order).
+ * are acknowledged in order by seq (the secondary applies in order). A frame
+ * may carry a tag, handed back by the ack that covers it (the sender's
+ * compression measurements).
  */
-export class FlowControl {
-  private readonly entries: { seq: number; bytes: number; end: number }[] = [];
+export class FlowControl<T = never> {
+  private readonly entries: { seq: number; bytes: number; end: number; tag: T | undefined }[] = [];
   private head = 0;
   private inFlight = 0;
   private waiter: { resolve: () => void; reject: (e: TmError) => void } | null = null;
@@ -27,16 +29,19 @@ export class FlowControl {
     await new Promise<void>((resolve, reject) => (this.waiter = { resolve, reject }));
   }
 
-  sent(seq: number, bytes: number, end: number): void {
-    this.entries.push({ seq, bytes, end });
+  sent(seq: number, bytes: number, end: number, tag?: T): void {
+    this.entries.push({ seq, bytes, end, tag });
     this.inFlight += bytes;
   }
 
-  acked(seq: number): void {
+  /** Every frame up to `seq` is acknowledged; returns the tags they were sent with, in order. */
+  acked(seq: number): T[] {
+    const tags: T[] = [];
     while (this.head < this.entries.length && this.entries[this.head]!.seq <= seq) {
       const e = this.entries[this.head++]!;
       this.inFlight -= e.bytes;
       this.ackedEnd = e.end;
+      if (e.tag !== undefined) tags.push(e.tag);
     }
     if (this.head > 1024 && this.head * 2 > this.entries.length) {
       this.entries.splice(0, this.head);
@@ -47,6 +52,7 @@ export class FlowControl {
       this.waiter = null;
       w.resolve();
     }
+    return tags;
   }
 
   /** Everything sent has been acknowledged. */

@@ -137,10 +137,8 @@ export class Sender {
     const session = this.session;
     const policy = this.policy;
     policy.restart();
-    /** Data extents sent and not yet acknowledged, in seq order: their window and allocated bytes. */
-    const measured: { seq: number; window: number; bytes: number }[] = [];
-    let measuredHead = 0;
-    const flow = new FlowControl(this.o.maxInFlight);
+    /** Data extents carry their compression window and allocated bytes until acknowledged. */
+    const flow = new FlowControl<{ window: number; bytes: number }>(this.o.maxInFlight);
     const checkpoint = new Coalesced(this.o.persist, (e) => flow.fail(asTmError(e, ErrorCodes.STATE, `checkpoint of generation ${gen}`)));
     let durable = resumeFrom;
     /** Extents sent (the last seq), the last seq acknowledged, and whether `commit` went out. */
@@ -160,17 +158,10 @@ export class Sender {
           if (m.seq > seq) throw violation(`acknowledged extent ${m.seq}, but only ${seq} were sent`);
           if (m.seq <= ackedSeq) throw violation(`acknowledged extent ${m.seq} after ${ackedSeq}: acknowledgements must go forward`);
           ackedSeq = m.seq;
-          flow.acked(m.seq);
-          if (measuredHead < measured.length) {
+          const measured = flow.acked(m.seq);
+          if (measured.length > 0) {
             const now = performance.now();
-            while (measuredHead < measured.length && measured[measuredHead]!.seq <= m.seq) {
-              const e = measured[measuredHead++]!;
-              policy.acked(e.window, e.bytes, now);
-            }
-            if (measuredHead > 1024) {
-              measured.splice(0, measuredHead);
-              measuredHead = 0;
-            }
+            for (const e of measured) policy.acked(e.window, e.bytes, now);
           }
           this.progress.doneBytes = this.progress.totalBytes - this.bytesFrom(Math.ceil(flow.ackedEnd / this.cs));
           if (m.durable > Math.max(resumeFrom, flow.ackedEnd)) {
@@ -233,12 +224,11 @@ export class Sender {
         lap('apply');
         if (this.o.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
         const msg = { ...ext, seq: ++seq } as ExtentMsg;
-        if (window !== null) measured.push({ seq, window, bytes: msg.length });
         if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
         // The secondary's silence is counted from the moment it has something to answer.
         if (flow.bytesInFlight === 0) lastHeard = Date.now();
         const n = session.send(msg, written);
-        flow.sent(seq, n, msg.offset + msg.length);
+        flow.sent(seq, n, msg.offset + msg.length, window !== null ? { window, bytes: msg.length } : undefined);
         if (msg.kind === 'data') {
           this.counters.sentBytes += msg.length;
           policy.sent(msg.length, msg.payload!.length);
