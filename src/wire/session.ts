@@ -267,21 +267,25 @@ export class Session extends EventEmitter {
 
   private onFrame(frame: Buffer, isBinary: boolean): void {
     if (!this.channel.owns?.(frame)) {
-      this.receive(frame, isBinary);
+      this.receive(frame, isBinary, null);
       return;
     }
     // In the channel's reused memory: given back as soon as nothing can use it,
     // unless it became a data extent (the consumer gives it back through release()).
     let lent = false;
     try {
-      lent = this.receive(frame, isBinary, true);
+      lent = this.receive(frame, isBinary, frame);
     } finally {
       if (!lent) this.channel.release?.(frame);
     }
   }
 
-  /** Handles one frame; true when it was handed out as a data extent whose payload is a view of it (`lend`). */
-  private receive(frame: Buffer, isBinary: boolean, lend = false): boolean {
+  /**
+   * Handles one frame; `owner`: the frame itself when it lives in the
+   * channel's reused memory (else null). True when it was handed out as a
+   * data extent whose payload is a view of that memory.
+   */
+  private receive(frame: Buffer, isBinary: boolean, owner: Buffer | null): boolean {
     if (this.ended) return false;
     this.counters.framesIn++;
     this.counters.bytesIn += frame.length;
@@ -295,10 +299,10 @@ export class Session extends EventEmitter {
       return false;
     }
     const index = this.inIndex++;
-    if (index < this.plainInbound) return this.handle(frame, lend ? frame : null);
-    if (this.mac) return this.receiveProtected(frame, lend);
+    if (index < this.plainInbound) return this.handle(frame, owner);
+    if (this.mac) return this.receiveProtected(frame, owner);
     // Before protect(): the channel's memory is never lent this early (frames are handshake-sized).
-    this.held.push(lend ? Buffer.from(frame) : frame);
+    this.held.push(owner ? Buffer.from(frame) : frame);
     if (this.held.length > MAX_HELD_FRAMES) {
       this.fail(new TmError(ErrorCodes.PROTOCOL, `${this.peerName} sent ${this.held.length} frames past the handshake before proving the key`));
     }
@@ -315,7 +319,7 @@ export class Session extends EventEmitter {
   }
 
   /** A frame after the handshake: its tag checked under the next sequence number, then handled without it. */
-  private receiveProtected(frame: Buffer, lend = false): boolean {
+  private receiveProtected(frame: Buffer, owner: Buffer | null = null): boolean {
     const m = this.mac!;
     const seq = m.recvSeq++;
     const body = frame.subarray(0, Math.max(0, frame.length - TAG_BYTES));
@@ -328,7 +332,7 @@ export class Session extends EventEmitter {
       );
       return false;
     }
-    return this.handle(body, lend ? frame : null);
+    return this.handle(body, owner);
   }
 
   /**
