@@ -31,6 +31,26 @@ export interface NativeOps {
    * 4 numbers (logical, physical, length, flags). `sync` sets FIEMAP_FLAG_SYNC.
    */
   fiemap(fd: number, offset: number, length: number, sync: number): Promise<Float64Array>;
+  /**
+   * On the threadpool, one job for the whole list (pieces.c): for each i, read
+   * exactly `lengths[i]` bytes at file offset `positions[i]` into `into`, the
+   * pieces packed one after the other (piece i at the sum of the lengths before
+   * it). Short reads and EINTR are retried. The end of the file before a piece
+   * is complete rejects with code 'EOF_SHORT' (`position`: the offset it ended
+   * at); a failed pread with the system error (code 'EIO'…, errno, syscall
+   * 'pread', `position`). Throws a TypeError / RangeError for arguments that
+   * are not integers >= 0, lengths that differ, more than 2^20 pieces or
+   * lengths adding up to more than `into.byteLength`. Positions and lengths
+   * are copied at the call; `into` must not be used until it settles.
+   */
+  preadPieces(fd: number, positions: Float64Array, lengths: Float64Array, into: Uint8Array): Promise<void>;
+  /**
+   * The write of {@link preadPieces}: the consecutive bytes of `data` to each
+   * piece in turn, short writes and EINTR retried; a failed pwrite rejects
+   * with the system error (code 'ENOSPC', 'EBADF'…, syscall 'pwrite',
+   * `position`). The pieces written before it stay written.
+   */
+  pwritePieces(fd: number, positions: Float64Array, lengths: Float64Array, data: Uint8Array): Promise<void>;
   /** sd_notify: send `message` to the NOTIFY_SOCKET path; false when the path is empty. */
   sdNotify(socketPath: string, message: string): boolean;
   /** Decompress one LZ4 block (no size prefix) into `dst` (upstream LZ4_decompress_safe): bytes written, -1 when `src` is malformed or does not fit. */

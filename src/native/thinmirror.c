@@ -12,6 +12,8 @@
  *                                                Float64Array, 4 numbers per extent: logical, physical, length, flags
  *   sdNotify(socketPath, message)                sd_notify(3): one datagram to the NOTIFY_SOCKET path ("@" = abstract);
  *                                                false when socketPath is empty
+ * Also exported here, implemented in pieces.c (batched positional I/O, one threadpool job per list of pieces):
+ *   preadPieces(fd, positions, lengths, into), pwritePieces(fd, positions, lengths, data)
  * Also exported here, implemented in payload.c (the payload codec):
  *   crc32c(buf), crc32cPortable(buf), lz4CompressCrc(src, dst), lz4DecompressInto(src, dst)
  * and in gmac.c (the frame MAC): gmacKey(key), gmacTag(handle, dir, seq, frame[, frame2]), gmacVerify(handle, dir, seq, frame, tag)
@@ -36,6 +38,7 @@
 
 #include "gmac.h"
 #include "payload.h"
+#include "pieces.h"
 
 static const char *errno_name(int e) {
   switch (e) {
@@ -90,6 +93,9 @@ static napi_value make_error(napi_env env, const char *syscall, int err) {
   napi_set_named_property(env, error, "syscall", jsys);
   return error;
 }
+
+/* make_error for the other files of the addon (pieces.h). */
+napi_value tm_make_error(napi_env env, const char *syscall, int err) { return make_error(env, syscall, err); }
 
 static void throw_errno(napi_env env, const char *syscall, int err) {
   napi_throw(env, make_error(env, syscall, err));
@@ -409,6 +415,8 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"blkDiscard", NULL, BlkDiscard, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ficlone", NULL, Ficlone, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fiemap", NULL, Fiemap, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"preadPieces", NULL, PreadPieces, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pwritePieces", NULL, PwritePieces, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sdNotify", NULL, SdNotify, NULL, NULL, NULL, napi_enumerable, NULL},
       {"lz4DecompressInto", NULL, Lz4DecompressInto, NULL, NULL, NULL, napi_enumerable, NULL},
       {"lz4CompressCrc", NULL, Lz4CompressCrc, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -48,6 +48,21 @@ export interface Volume {
   /** Read exactly `length` bytes at `offset` (short only at end of volume is an error). */
   read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   write(offset: number, data: Buffer): Promise<void>;
+  /**
+   * Read `pieces` (ascending, non-overlapping, inside the volume) packed one
+   * after the other into `into` (at least their total length): resolves
+   * `into.subarray(0, total)`. Where the backend can do it in fewer round
+   * trips than a read per piece (one threadpool job for the whole list).
+   * Callers use readPieces() of pieces.ts, which falls back to read().
+   */
+  readPieces?(pieces: readonly ByteRange[], into: Buffer): Promise<Buffer>;
+  /**
+   * Write the consecutive bytes of `data` (exactly the pieces' total length)
+   * to `pieces` (ascending, non-overlapping, inside the volume), the batched
+   * form of write(); the bytes between pieces are left as they are (holes stay
+   * holes). Callers use writePieces() of pieces.ts, which falls back to write().
+   */
+  writePieces?(pieces: readonly ByteRange[], data: Buffer): Promise<void>;
   /** Make the range read as zeros, deallocating where the backend can. */
   zero(offset: number, length: number): Promise<void>;
   /** Make data durable (fdatasync). */
