@@ -1,8 +1,9 @@
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { Coalesced } from '../util/coalesce.js';
 import type { Volume } from '../volume/volume.js';
+import { writePieces } from '../volume/pieces.js';
 import { digestRange } from '../volume/walk.js';
-import type { ExtentMsg, Message } from '../wire/messages.js';
+import { dataBytes, runsToPieces, type ExtentMsg, type Message } from '../wire/messages.js';
 import { decompressPayload } from '../wire/payload.js';
 import type { Session } from '../wire/session.js';
 import type { Progress } from './status.js';
@@ -236,7 +237,9 @@ export class Receiver {
             if (msg.seq <= lastSeq) throw new TmError(ErrorCodes.PROTOCOL, `extent ${msg.seq} at ${msg.offset} after extent ${lastSeq}: extent numbers must go up`);
             lastSeq = msg.seq;
             await until(() => inFlight.length < maxApplies && inFlightBytes < MAX_APPLY_BYTES);
-            const e: InFlightApply = { seq: msg.seq, end: msg.offset + msg.length, length: msg.length, done: false, settled: Promise.resolve() };
+            // A data extent with runs counts the bytes it writes, not the range it spans.
+            const bytes = msg.kind === 'data' ? dataBytes(msg) : msg.length;
+            const e: InFlightApply = { seq: msg.seq, end: msg.offset + msg.length, length: bytes, done: false, settled: Promise.resolve() };
             // The frame goes back to the session once written (it may be a view of the socket's reused memory).
             // (In the handlers, not a finally() before them: a failed apply must fail the session before the next frame is handled.)
             e.settled = this.apply(msg).then(
@@ -251,7 +254,7 @@ export class Receiver {
               },
             );
             inFlight.push(e);
-            inFlightBytes += msg.length;
+            inFlightBytes += bytes;
             nextOffset = e.end;
             break;
           }
@@ -338,10 +341,11 @@ export class Receiver {
     let scratch: Buffer | undefined;
     try {
       if (msg.kind === 'data') {
-        if (msg.codec === 'lz4') scratch = this.takeScratch(msg.length);
+        if (msg.codec === 'lz4') scratch = this.takeScratch(dataBytes(msg));
         // Throws TM_ERR_CHECKSUM before anything is written.
         const raw = decompressPayload(msg, scratch);
-        await this.target.write(msg.offset, raw);
+        if (msg.runs) await writePieces(this.target, runsToPieces(msg.offset, msg.runs), raw);
+        else await this.target.write(msg.offset, raw);
         this.appliedBytes += raw.length;
       } else {
         await this.target.zero(msg.offset, msg.length);

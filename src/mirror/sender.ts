@@ -2,9 +2,10 @@ import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { bitmapRuns, type RoaringBitmap32 } from '../track/bitmap-store.js';
 import { Coalesced } from '../util/coalesce.js';
 import type { Volume } from '../volume/volume.js';
+import { readPieces } from '../volume/pieces.js';
 import { segments, type Segment } from '../volume/walk.js';
 import { isAllZero } from '../volume/zero.js';
-import type { ExtentMsg } from '../wire/messages.js';
+import { dataBytes, type ExtentMsg } from '../wire/messages.js';
 import { compressPayload, crc32c } from '../wire/payload.js';
 import type { Session } from '../wire/session.js';
 import { CompressionPolicy } from './compression.js';
@@ -17,8 +18,16 @@ import type { Progress } from './status.js';
 const READ_AHEAD = 32;
 /** ... and at most this many bytes of them (scattered small pieces: many reads in flight; 1 MiB pieces: 4). */
 const READ_AHEAD_BYTES = 4 * 1024 * 1024;
-/** Frame bytes besides the payload, counted against a bandwidth cap (an estimate: msgpack keys and ws header). */
+/** Frame bytes besides the payload, counted against a bandwidth cap (an estimate: msgpack keys and ws header) ... */
 export const FRAME_OVERHEAD = 96;
+/** ... and per piece of a data extent with runs (two msgpack integers). */
+const RUN_OVERHEAD = 10;
+/** Allocated pieces up to this long are read and sent together with their neighbours (one extent with runs) ... */
+const BATCH_PIECE_MAX = 128 * 1024;
+/** ... at most this many of them ... */
+const BATCH_PIECES = 256;
+/** ... and this many bytes in all (or maxExtent when smaller). */
+const BATCH_BYTES = 1024 * 1024;
 
 /** An extent ready to send, and the compression window its data counts in (null: none, or not data). */
 interface Prepared {
@@ -224,14 +233,15 @@ export class Sender {
         lap('apply');
         if (this.o.signal.aborted) throw new TmError(ErrorCodes.ABORTED, 'stopping');
         const msg = { ...ext, seq: ++seq } as ExtentMsg;
-        if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD, this.o.signal);
+        if (this.o.throttle) await this.o.throttle((msg.payload?.length ?? 0) + FRAME_OVERHEAD + (msg.runs ? (msg.runs.length / 2) * RUN_OVERHEAD : 0), this.o.signal);
         // The secondary's silence is counted from the moment it has something to answer.
         if (flow.bytesInFlight === 0) lastHeard = Date.now();
         const n = session.send(msg, written);
-        flow.sent(seq, n, msg.offset + msg.length, window !== null ? { window, bytes: msg.length } : undefined);
+        const bytes = msg.kind === 'data' ? dataBytes(msg) : 0;
+        flow.sent(seq, n, msg.offset + msg.length, window !== null ? { window, bytes } : undefined);
         if (msg.kind === 'data') {
-          this.counters.sentBytes += msg.length;
-          policy.sent(msg.length, msg.payload!.length);
+          this.counters.sentBytes += bytes;
+          policy.sent(bytes, msg.payload!.length);
         }
         lap('send');
       }
@@ -264,14 +274,20 @@ export class Sender {
   }
 
   /**
-   * Extents of the generation with up to READ_AHEAD pieces (READ_AHEAD_BYTES)
-   * read and compressed ahead of the socket. Pieces are read into one ring of
-   * buffers: payloads go to the socket without a copy, so a piece's buffer
-   * goes back when the frame of its last extent has been written (`written`).
+   * Extents of the generation with up to READ_AHEAD reads (READ_AHEAD_BYTES)
+   * done and compressed ahead of the socket. Small allocated pieces that
+   * follow each other (no hole between them) are read together, in one
+   * request, and sent as one extent with `runs` (up to BATCH_PIECES of them,
+   * BATCH_BYTES in all): scattered small changes cost one frame, one read
+   * request and one write request per batch instead of per piece. Pieces are
+   * read into one ring of buffers: payloads go to the socket without a copy,
+   * so a read's buffer goes back when the frame of its last extent has been
+   * written (`written`).
    */
   private async *extents(fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await this.view.allocated(this.cs);
-    // A piece takes twice its length: the bytes read, then room for their lz4 form.
+    const batchBytes = Math.min(BATCH_BYTES, this.o.maxExtent);
+    // A read takes twice its length: the bytes read, then room for their lz4 form.
     const ring = new BufferRing(2 * (READ_AHEAD_BYTES + 2 * this.o.maxExtent));
     const ahead: { p: Promise<Prepared[]>; bytes: number; buf: Buffer | null }[] = [];
     let aheadBytes = 0;
@@ -284,15 +300,38 @@ export class Sender {
       else if (buf) ring.release(buf);
       yield* prepared;
     };
-    for (const seg of this.pieces(alloc, fromChunk)) {
-      const buf = seg.hole ? null : ring.take(2 * seg.length);
-      const p = seg.hole ? Promise.resolve(this.hole(seg)) : this.prepare(seg, buf!);
+    const push = (p: Promise<Prepared[]>, bytes: number, buf: Buffer | null) => {
       p.catch(() => {}); // awaited below in order; avoid an unhandled rejection meanwhile
-      const bytes = seg.hole ? 0 : seg.length;
       ahead.push({ p, bytes, buf });
       aheadBytes += bytes;
+    };
+    let batch: Segment[] = [];
+    let inBatch = 0;
+    const flush = () => {
+      if (batch.length === 0) return;
+      const buf = ring.take(2 * inBatch);
+      push(this.prepare(batch, inBatch, buf), inBatch, buf);
+      batch = [];
+      inBatch = 0;
+    };
+    for (const seg of this.pieces(alloc, fromChunk)) {
+      if (seg.hole) {
+        flush();
+        push(Promise.resolve(this.hole(seg)), 0, null);
+      } else if (seg.length > BATCH_PIECE_MAX || seg.length > batchBytes) {
+        flush();
+        batch = [seg];
+        inBatch = seg.length;
+        flush();
+      } else {
+        if (inBatch + seg.length > batchBytes || batch.length >= BATCH_PIECES) flush();
+        // Read once it is full, or when something else follows it.
+        batch.push(seg);
+        inBatch += seg.length;
+      }
       while (ahead.length >= READ_AHEAD || aheadBytes >= READ_AHEAD_BYTES) yield* next();
     }
+    flush();
     while (ahead.length) yield* next();
   }
 
@@ -302,44 +341,78 @@ export class Sender {
   }
 
   /**
-   * Read one allocated piece into the first half of `into` (2 × its length);
-   * all-zero chunks become zero extents, the rest data, lz4-compressed into
-   * the second half when the compression policy says so and lz4 saves enough.
+   * Read allocated pieces (`total` bytes, ascending) packed into the first half
+   * of `into` (2 × total); all-zero chunks become zero extents, the rest data
+   * extents (several pieces between zero chunks: one extent with `runs`),
+   * lz4-compressed into the second half when the compression policy says so
+   * and lz4 saves enough.
    */
-  private async prepare(seg: Segment, into: Buffer): Promise<Prepared[]> {
+  private async prepare(pieces: Segment[], total: number, into: Buffer): Promise<Prepared[]> {
     const cs = this.cs;
-    const buf = await this.view.read(seg.offset, seg.length, into.subarray(0, seg.length));
-    const lz4Room = into.subarray(seg.length);
-    this.counters.readBytes += seg.length;
+    const buf = pieces.length === 1 ? await this.view.read(pieces[0]!.offset, total, into.subarray(0, total)) : await readPieces(this.view, pieces, into.subarray(0, total));
+    const lz4Room = into.subarray(total);
+    this.counters.readBytes += total;
     const out: Prepared[] = [];
-    const runs: { zero: boolean; start: number; end: number }[] = [];
-    for (let at = 0; at < buf.length; at += cs) {
-      const chunk = buf.subarray(at, Math.min(at + cs, buf.length));
-      const zero = isAllZero(chunk);
-      this.changes.recordSent((seg.offset + at) / cs, zero ? null : chunk);
-      const last = runs[runs.length - 1];
-      if (last && last.zero === zero) last.end = at + chunk.length;
-      else runs.push({ zero, start: at, end: at + chunk.length });
-    }
-    for (const r of runs) {
-      const offset = seg.offset + r.start;
-      const length = r.end - r.start;
-      if (r.zero) {
-        out.push({ ext: { type: 'extent', kind: 'zero', offset, length }, window: null });
-      } else {
-        const raw = buf.subarray(r.start, r.end);
-        const ticket = this.policy.take(length);
-        let ext: Omit<ExtentMsg, 'seq'>;
-        if (ticket.compress) {
-          const p = await compressPayload(raw, lz4Room.subarray(r.start, r.end), this.policy.goodRatio);
-          this.policy.compressed(length, p.codec === 'lz4' ? p.payload.length : length);
-          ext = { type: 'extent', kind: 'data', offset, length, codec: p.codec, crc32c: p.crc32c, payload: p.payload };
-        } else {
-          ext = { type: 'extent', kind: 'data', offset, length, codec: 'raw', crc32c: crc32c(raw), payload: raw };
+    // The data run being gathered: where its bytes start in `buf`, and its pieces as [offset, length, ...] (absolute).
+    let dataAt = -1;
+    let runs: number[] = [];
+    const addData = (offset: number, length: number, at: number) => {
+      if (dataAt < 0) dataAt = at;
+      const n = runs.length;
+      if (n > 0 && runs[n - 2]! + runs[n - 1]! === offset) runs[n - 1]! += length;
+      else runs.push(offset, length);
+    };
+    const endData = async () => {
+      if (dataAt < 0) return;
+      out.push(await this.dataExtent(runs, buf, dataAt, lz4Room));
+      dataAt = -1;
+      runs = [];
+    };
+    let at = 0;
+    for (const piece of pieces) {
+      for (let o = 0; o < piece.length; ) {
+        // A run of chunks of one kind inside the piece.
+        const first = buf.subarray(at + o, at + Math.min(o + cs, piece.length));
+        const zero = isAllZero(first);
+        this.changes.recordSent((piece.offset + o) / cs, zero ? null : first);
+        let e = o + first.length;
+        while (e < piece.length) {
+          const chunk = buf.subarray(at + e, at + Math.min(e + cs, piece.length));
+          if (isAllZero(chunk) !== zero) break;
+          this.changes.recordSent((piece.offset + e) / cs, zero ? null : chunk);
+          e += chunk.length;
         }
-        out.push({ ext, window: ticket.window });
+        if (zero) {
+          await endData();
+          out.push({ ext: { type: 'extent', kind: 'zero', offset: piece.offset + o, length: e - o }, window: null });
+        } else {
+          addData(piece.offset + o, e - o, at + o);
+        }
+        o = e;
       }
+      at += piece.length;
     }
+    await endData();
     return out;
+  }
+
+  /** A data extent of the pieces `runs` (absolute [offset, length, ...]) whose bytes lie joined in `buf` from `at`. */
+  private async dataExtent(runs: number[], buf: Buffer, at: number, lz4Room: Buffer): Promise<Prepared> {
+    const offset = runs[0]!;
+    let bytes = 0;
+    for (let i = 1; i < runs.length; i += 2) bytes += runs[i]!;
+    const length = runs[runs.length - 2]! + runs[runs.length - 1]! - offset;
+    const rel = runs.length > 2 ? runs.map((v, i) => (i % 2 === 0 ? v - offset : v)) : undefined;
+    const raw = buf.subarray(at, at + bytes);
+    const ticket = this.policy.take(bytes);
+    let ext: Omit<ExtentMsg, 'seq'>;
+    if (ticket.compress) {
+      const p = await compressPayload(raw, lz4Room.subarray(at, at + bytes), this.policy.goodRatio);
+      this.policy.compressed(bytes, p.codec === 'lz4' ? p.payload.length : bytes);
+      ext = { type: 'extent', kind: 'data', offset, length, codec: p.codec, crc32c: p.crc32c, ...(rel ? { runs: rel } : {}), payload: p.payload };
+    } else {
+      ext = { type: 'extent', kind: 'data', offset, length, codec: 'raw', crc32c: crc32c(raw), ...(rel ? { runs: rel } : {}), payload: raw };
+    }
+    return { ext, window: ticket.window };
   }
 }

@@ -7,12 +7,14 @@ import {
   MAX_ERROR_MESSAGE,
   MAX_DIVERGENT_BYTES,
   MAX_EXTENT_BYTES,
+  MAX_EXTENT_RUNS,
   MAX_HISTORY_WIRE,
   MAX_NAME_LENGTH,
   NONCE_BYTES,
   PROOF_BYTES,
   type DecodeContext,
   type ExtentMsg,
+  dataBytes,
   type Message,
   type WireGenId,
 } from './messages.js';
@@ -296,6 +298,7 @@ function checkRange(t: string, offset: number, length: number, { size, cs }: { s
 }
 
 const DATA_KEYS = ['type', 'seq', 'kind', 'offset', 'length', 'codec', 'crc32c', 'payload'] as const;
+const DATA_OPTIONAL_KEYS = ['runs'] as const;
 const EMPTY_KEYS = ['type', 'seq', 'kind', 'offset', 'length'] as const;
 
 function validateExtent(o: Obj, mode: Mode): ExtentMsg {
@@ -303,9 +306,9 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
   const kind = o.kind;
   if (kind !== 'data' && kind !== 'zero' && kind !== 'trim') fail(`extent.kind must be data, zero or trim, got ${describe(kind)}`);
   if (kind !== 'data') {
-    for (const k of ['codec', 'crc32c', 'payload']) if (Object.hasOwn(o, k)) fail(`extent.${k} is not allowed on a ${kind} extent`);
+    for (const k of ['codec', 'crc32c', 'payload', 'runs']) if (Object.hasOwn(o, k)) fail(`extent.${k} is not allowed on a ${kind} extent`);
   }
-  checkKeys(o, t, kind === 'data' ? DATA_KEYS : EMPTY_KEYS);
+  checkKeys(o, t, kind === 'data' ? DATA_KEYS : EMPTY_KEYS, kind === 'data' ? DATA_OPTIONAL_KEYS : []);
   const seq = uint(o, t, 'seq', 1);
   const offset = uint(o, t, 'offset');
   const length = uint(o, t, 'length', 1);
@@ -319,19 +322,58 @@ function validateExtent(o: Obj, mode: Mode): ExtentMsg {
   }
   if (kind !== 'data') return { type: t, seq, kind, offset, length };
 
-  if (length > MAX_EXTENT_BYTES) fail(`extent.length ${length} of a data extent exceeds ${MAX_EXTENT_BYTES} bytes`);
+  const runs = Object.hasOwn(o, 'runs') ? checkRuns(o.runs, offset, length, vol) : undefined;
+  const bytesHeld = runs ? dataBytes({ length, runs }) : length;
+  if (bytesHeld > MAX_EXTENT_BYTES) {
+    fail(runs ? `extent.runs hold ${bytesHeld} bytes, more than the ${MAX_EXTENT_BYTES} of a data extent` : `extent.length ${length} of a data extent exceeds ${MAX_EXTENT_BYTES} bytes`);
+  }
   const codec = o.codec;
   if (codec !== 'raw' && codec !== 'lz4') fail(`extent.codec must be raw or lz4, got ${describe(codec)}`);
   const crc = o.crc32c;
   if (typeof crc !== 'number' || !Number.isInteger(crc) || crc < 0 || crc > 0xffffffff) fail(`extent.crc32c must be an unsigned 32-bit integer, got ${describe(crc)}`);
   const payload = bytes(o, t, 'payload');
   if (codec === 'raw') {
-    if (payload.length !== length) fail(`extent.payload holds ${payload.length} bytes, a raw payload holds length (${length}) bytes`);
+    if (payload.length !== bytesHeld) fail(`extent.payload holds ${payload.length} bytes, a raw payload holds ${runs ? 'the bytes of its runs' : 'length'} (${bytesHeld}) bytes`);
   } else {
-    const why = lz4PayloadProblem(payload, length);
+    const why = lz4PayloadProblem(payload, bytesHeld);
     if (why) fail(why);
   }
-  return { type: t, seq, kind, offset, length, codec, crc32c: crc === 0 ? 0 : crc, payload };
+  // The payload last: encodeParts relies on it.
+  return runs
+    ? { type: t, seq, kind, offset, length, codec, crc32c: crc === 0 ? 0 : crc, runs, payload }
+    : { type: t, seq, kind, offset, length, codec, crc32c: crc === 0 ? 0 : crc, payload };
+}
+
+/**
+ * A data extent's `runs`: 2 to MAX_EXTENT_RUNS pieces as [start, length, ...]
+ * relative to `offset`, ascending and apart, the first at 0, the last ending
+ * at `length`; with the volume known, each piece starts on a chunk and ends
+ * on one or at the volume's end.
+ */
+function checkRuns(v: unknown, offset: number, length: number, vol: { size: number; cs: number } | null): number[] {
+  const t = 'extent.runs';
+  if (!Array.isArray(v)) fail(`${t} must be an array of integers, got ${describe(v)}`);
+  if (v.length < 4 || v.length > 2 * MAX_EXTENT_RUNS || v.length % 2 !== 0) {
+    fail(`${t} must hold 2 to ${MAX_EXTENT_RUNS} pieces as start, length pairs, got ${v.length} numbers`);
+  }
+  const out: number[] = new Array<number>(v.length);
+  let end = 0;
+  for (let i = 0; i < v.length; i += 2) {
+    const start = v[i] as unknown;
+    const len = v[i + 1] as unknown;
+    if (typeof start !== 'number' || !Number.isSafeInteger(start) || start < 0 || typeof len !== 'number' || !Number.isSafeInteger(len) || len < 1) {
+      fail(`${t}: piece ${i / 2} must be a start and a length >= 1 (integers), got ${describe(start)}, ${describe(len)}`);
+    }
+    if (i === 0 ? start !== 0 : start < end) fail(`${t}: piece ${i / 2} starts at ${start}, ${i === 0 ? 'the first must start at 0' : `before the end of the previous one (${end})`}`);
+    if (len > length - start) fail(`${t}: piece ${i / 2} (${start}+${len}) reaches beyond the extent's length ${length}`);
+    end = start + len;
+    if (vol && (offset + start) % vol.cs !== 0) fail(`${t}: piece ${i / 2} starts at ${offset + start}, not a multiple of the chunk size ${vol.cs}`);
+    if (vol && end !== length && (offset + end) % vol.cs !== 0) fail(`${t}: piece ${i / 2} ends at ${offset + end}, not a multiple of the chunk size ${vol.cs}`);
+    out[i] = start === 0 ? 0 : start;
+    out[i + 1] = len;
+  }
+  if (end !== length) fail(`${t}: the last piece ends at ${end}, the extent's length is ${length}`);
+  return out;
 }
 
 /**

@@ -14,9 +14,11 @@
  * (auth.ts). 4: `begin` may carry `viewAt`, and the primary sends `unchanged`
  * after a detection pass that found nothing changed (issue 15: the replica's
  * age on the secondary); a version-3 peer would refuse both, so the version
- * moved. A peer of another version is refused with TM_ERR_VERSION_MISMATCH.
+ * moved. 5: a data extent may carry `runs`, several pieces of the volume in
+ * one frame (scattered small changes); a version-4 peer would refuse it. A peer
+ * of another version is refused with TM_ERR_VERSION_MISMATCH.
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 
 /** Nonces and HMAC-SHA256 proofs are exactly this many bytes. */
 export const NONCE_BYTES = 32;
@@ -25,6 +27,8 @@ export const PROOF_BYTES = 32;
 export const MAX_NAME_LENGTH = 128;
 /** Largest data extent payload (uncompressed) a peer may send: 8 MiB. */
 export const MAX_EXTENT_BYTES = 8 * 1024 * 1024;
+/** Most pieces one data extent may carry in `runs`. */
+export const MAX_EXTENT_RUNS = 1024;
 /** Longest error message carried on the wire. */
 export const MAX_ERROR_MESSAGE = 1024;
 /**
@@ -164,6 +168,32 @@ export interface ExtentMsg {
   crc32c?: number;
   /** data only. */
   payload?: Buffer;
+  /**
+   * data only, absent when the payload covers the whole range: the pieces of
+   * [offset, offset + length) the payload holds, one after the other, as
+   * [start, length, start, length, ...] relative to `offset` (at least two
+   * pieces, ascending, not overlapping, the first at 0, the last ending at
+   * `length`). What lies between them is not part of the extent: the
+   * secondary leaves it as it is. `codec` and `crc32c` cover the joined
+   * bytes of the pieces ({@link dataBytes}).
+   */
+  runs?: number[];
+}
+
+/** The volume's byte ranges a data extent's `runs` name (absolute offsets). */
+export function runsToPieces(offset: number, runs: readonly number[]): { offset: number; length: number }[] {
+  const out = new Array<{ offset: number; length: number }>(runs.length / 2);
+  for (let i = 0; i < runs.length; i += 2) out[i / 2] = { offset: offset + runs[i]!, length: runs[i + 1]! };
+  return out;
+}
+
+/** Bytes a data extent's payload holds uncompressed: its `length`, or the sum of its runs' lengths. */
+export function dataBytes(msg: Pick<ExtentMsg, 'length' | 'runs'>): number {
+  const runs = msg.runs;
+  if (!runs) return msg.length;
+  let n = 0;
+  for (let i = 1; i < runs.length; i += 2) n += runs[i]!;
+  return n;
 }
 
 /** Primary -> secondary: all extents of the generation have been sent. */

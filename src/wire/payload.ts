@@ -1,7 +1,7 @@
 import { ErrorCodes, TmError } from '../errors.js';
 import { native } from '../native/index.js';
 import { LZ4_PREFIX_BYTES, lz4PayloadProblem } from './lz4-block.js';
-import type { ExtentMsg } from './messages.js';
+import { dataBytes, type ExtentMsg } from './messages.js';
 
 /**
  * The payload codec of data extents (docs/protocol.md): lz4 when it saves
@@ -44,36 +44,38 @@ export async function compressPayload(raw: Buffer, into?: Buffer, keepRatio = 1)
 }
 
 /**
- * The uncompressed bytes of a data extent, checked against its CRC-32C: the
+ * The uncompressed bytes of a data extent (its pieces joined when it has
+ * `runs`), checked against its CRC-32C: the
  * payload itself for `raw`; for `lz4`, the start of `scratch` when it holds
- * `length` bytes (the caller must be done with what it held before), else one
+ * that many bytes (the caller must be done with what it held before), else one
  * new buffer. lz4 is decoded by the native addon straight into that buffer.
  * Nothing of a payload that fails must be written.
  *
  * @throws TmError TM_ERR_CHECKSUM when the bytes do not match `crc32c` or lz4
- *   yields another length than `length`; TM_ERR_PROTOCOL when the lz4 payload
+ *   yields another length than the extent holds; TM_ERR_PROTOCOL when the lz4 payload
  *   is not lz4; TM_ERR_INTERNAL when called on a zero or trim extent.
  */
 export function decompressPayload(msg: ExtentMsg, scratch?: Buffer): Buffer {
-  const where = `extent at offset ${msg.offset}, length ${msg.length}`;
+  const where = `extent at offset ${msg.offset}, length ${msg.length}${msg.runs ? ` (${msg.runs.length / 2} pieces)` : ''}`;
+  const length = dataBytes(msg);
   if (msg.kind !== 'data' || !msg.payload || msg.crc32c === undefined) throw new TmError(ErrorCodes.INTERNAL, `${where}: a ${msg.kind} extent without a payload has nothing to decompress`);
   let raw: Buffer;
   if (msg.codec === 'lz4') {
     // Also checked by decode; repeated because the prefix bounds the output.
-    const why = lz4PayloadProblem(msg.payload, msg.length);
+    const why = lz4PayloadProblem(msg.payload, length);
     if (why) throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: ${why}`);
     let n: number;
     try {
-      raw = scratch && scratch.length >= msg.length ? scratch.subarray(0, msg.length) : Buffer.allocUnsafe(msg.length);
+      raw = scratch && scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
       n = native().lz4DecompressInto(msg.payload.subarray(LZ4_PREFIX_BYTES), raw);
     } catch (e) {
       throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: ${e instanceof Error ? e.message : String(e)}`);
     }
-    if (n < 0) throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: malformed lz4 block or more than ${msg.length} bytes`);
-    if (n !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the lz4 payload decompresses to ${n} bytes; nothing written`);
+    if (n < 0) throw new TmError(ErrorCodes.PROTOCOL, `${where}: the lz4 payload does not decompress: malformed lz4 block or more than ${length} bytes`);
+    if (n !== length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the lz4 payload decompresses to ${n} bytes; nothing written`);
   } else {
     raw = msg.payload;
-    if (raw.length !== msg.length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the raw payload holds ${raw.length} bytes; nothing written`);
+    if (raw.length !== length) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the raw payload holds ${raw.length} bytes; nothing written`);
   }
   if (crc32c(raw) !== msg.crc32c) throw new TmError(ErrorCodes.CHECKSUM, `${where}: the payload does not match its CRC-32C; nothing written`);
   return raw;

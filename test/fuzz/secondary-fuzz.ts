@@ -7,7 +7,8 @@
  * frames made from a valid message sequence (begin, ascending extents,
  * commit, digest requests, a second generation) mutated from a seed: field
  * changes (offsets off the chunk grid or beyond the volume, wrong lengths,
- * generations, seqs, kinds, codecs, CRCs, missing and unknown fields, other
+ * generations, seqs, kinds, codecs, CRCs, the runs of a data extent holding
+ * several pieces, missing and unknown fields, other
  * types), sequence changes (reorder, duplicate, drop, foreign frames) and byte
  * changes (bit flips, truncation, trailing bytes).
  *
@@ -172,18 +173,38 @@ function modelStep(s: ModelState, frame: Buffer, size: number): Step {
       s.lastSeq = msg.seq;
       if (msg.kind === 'data') {
         const payload = msg.payload!;
+        // The pieces the payload holds: the whole range, or its runs (checked here on their own, as the ranges above).
+        const pieces: [number, number][] = [];
+        if (msg.runs) {
+          const r = msg.runs;
+          if (r.length < 4 || r.length % 2 !== 0 || r[0] !== 0) throw new Error(`codec accepted runs ${JSON.stringify(r)}`);
+          for (let i = 0; i < r.length; i += 2) {
+            const at = offset + r[i]!;
+            const end = at + r[i + 1]!;
+            if (r[i + 1]! < 1 || (i > 0 && at < pieces[pieces.length - 1]![1]) || at % CS !== 0 || (end % CS !== 0 && end !== size)) throw new Error(`codec accepted runs ${JSON.stringify(r)} at ${offset}`);
+            pieces.push([at, end]);
+          }
+          if (pieces[pieces.length - 1]![1] !== offset + length) throw new Error(`codec accepted runs ${JSON.stringify(r)} ending short of ${offset}+${length}`);
+        } else {
+          pieces.push([offset, offset + length]);
+        }
+        const bytes = pieces.reduce((n, [a, b]) => n + b - a, 0);
         let raw: Buffer;
         if (msg.codec === 'lz4') {
-          raw = Buffer.alloc(length);
-          const n = payload.length > 4 && payload.readUInt32LE(0) === length ? native().lz4DecompressInto(payload.subarray(4), raw) : -1;
+          raw = Buffer.alloc(bytes);
+          const n = payload.length > 4 && payload.readUInt32LE(0) === bytes ? native().lz4DecompressInto(payload.subarray(4), raw) : -1;
           if (n < 0) return bad('lz4 does not decompress');
-          if (n !== length) return bad(`lz4 gives ${n} bytes`, ErrorCodes.CHECKSUM);
+          if (n !== bytes) return bad(`lz4 gives ${n} bytes`, ErrorCodes.CHECKSUM);
         } else {
-          if (payload.length !== length) throw new Error(`codec accepted a raw payload of ${payload.length} bytes for ${length}`);
+          if (payload.length !== bytes) throw new Error(`codec accepted a raw payload of ${payload.length} bytes for ${bytes}`);
           raw = payload;
         }
         if (native().crc32c(raw) !== msg.crc32c) return bad('CRC-32C mismatch', ErrorCodes.CHECKSUM);
-        raw.copy(s.content, offset);
+        let at = 0;
+        for (const [a, b] of pieces) {
+          raw.copy(s.content, a, at, at + b - a);
+          at += b - a;
+        }
       } else {
         s.content.fill(0, offset, offset + length);
       }
@@ -229,11 +250,33 @@ async function plan(rnd: () => number, s: ModelState, size: number): Promise<Obj
       if (offset >= size) break;
       const length = Math.min(size - offset, (1 + int(6)) * CS);
       const k = rnd();
-      if (k < 0.6) {
+      const bytesOf = (n: number) => {
         const c = rnd();
-        const raw = c < 0.5 ? textLike(length, rnd) : c < 0.8 ? Buffer.from(Array.from({ length }, () => int(256))) : Buffer.alloc(length, int(3));
-        const p = await compressPayload(raw);
+        return c < 0.5 ? textLike(n, rnd) : c < 0.8 ? Buffer.from(Array.from({ length: n }, () => int(256))) : Buffer.alloc(n, int(3));
+      };
+      if (k < 0.45) {
+        const p = await compressPayload(bytesOf(length));
         out.push({ type: 'extent', seq: seq++, kind: 'data', offset, length, codec: p.codec, crc32c: p.crc32c, payload: Buffer.from(p.payload) });
+      } else if (k < 0.6) {
+        // Several pieces in one extent (runs): whole chunks with gaps of whole chunks, the last may end the volume.
+        const runs: number[] = [];
+        let at = 0;
+        for (let j = 0, pieces = 2 + int(3); j < pieces && offset + at < size; j++) {
+          const len = Math.min(size - offset - at, (1 + int(2)) * CS);
+          runs.push(at, len);
+          at += len + (1 + int(2)) * CS;
+        }
+        const bytes = runs.reduce((n, v, j) => (j % 2 ? n + v : n), 0);
+        const span = runs[runs.length - 2]! + runs[runs.length - 1]!;
+        if (runs.length < 4) {
+          const p = await compressPayload(bytesOf(span));
+          out.push({ type: 'extent', seq: seq++, kind: 'data', offset, length: span, codec: p.codec, crc32c: p.crc32c, payload: Buffer.from(p.payload) });
+        } else {
+          const p = await compressPayload(bytesOf(bytes));
+          out.push({ type: 'extent', seq: seq++, kind: 'data', offset, length: span, codec: p.codec, crc32c: p.crc32c, runs, payload: Buffer.from(p.payload) });
+        }
+        offset += span;
+        continue;
       } else {
         out.push({ type: 'extent', seq: seq++, kind: k < 0.8 ? 'zero' : 'trim', offset, length });
       }
@@ -323,6 +366,14 @@ function mutate(rnd: () => number, msgs: Obj[], size: number, rate: number): Buf
           p[i] = p[i]! ^ (1 << int(8));
         }
         m.payload = rnd() < 0.8 ? p : p.subarray(0, int(p.length));
+      } else if (k === 'runs' && Array.isArray(m.runs)) {
+        const r = [...(m.runs as unknown[])];
+        const c = rnd();
+        const i = int(r.length);
+        if (c < 0.6) r[i] = oddValue(rnd, r[i], size);
+        else if (c < 0.8) r.splice(int(r.length), 1);
+        else r.push(CS, CS);
+        m.runs = rnd() < 0.05 ? oddValue(rnd, m.runs, size) : r;
       } else if (k === 'kind') m.kind = ['data', 'zero', 'trim', 'hole'][int(4)];
       else if (k === 'codec') m.codec = m.codec === 'raw' ? 'lz4' : 'raw';
       else if (k === 'type') m.type = ['begin', 'extent', 'commit', 'digest-req', 'ack'][int(5)];

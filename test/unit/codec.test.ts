@@ -6,7 +6,7 @@ import { TmError } from '../../src/errors.js';
 import { compressSync } from 'lz4-napi';
 import { decode, encode, encodeParts } from '../../src/wire/codec.js';
 import { crc32c, decompressPayload } from '../../src/wire/payload.js';
-import { MAX_EXTENT_BYTES, type DecodeContext, type ExtentMsg, type Message } from '../../src/wire/messages.js';
+import { dataBytes, MAX_EXTENT_BYTES, runsToPieces, type DecodeContext, type ExtentMsg, type Message } from '../../src/wire/messages.js';
 
 // Frames built by hand: a plain msgpackr Packr, bypassing encode()'s checks.
 const raw = new Packr({ useRecords: false });
@@ -74,6 +74,8 @@ const samples: Message[] = [
   { type: 'digests', offset: 0, length: 2 * CS, digests: Buffer.alloc(32, 7) },
   { type: 'begin', generation: 5, resumeFrom: 0, viewAt: 1_795_000_000_123 },
   { type: 'unchanged', generation: 5, viewAt: 1_795_000_001_000 },
+  // Three pieces of a data extent: chunks 1, 3-4 and the tail (runs relative to offset CS).
+  { type: 'extent', seq: 5, kind: 'data', offset: CS, length: 9 * CS + 1000, codec: 'raw', crc32c: crc32c(Buffer.concat([text, text, text, tail])), runs: [0, CS, 2 * CS, 2 * CS, 9 * CS, 1000], payload: Buffer.concat([text, text, text, tail]) },
 ];
 
 describe('codec: msgpack frames, validated before anything acts on them', () => {
@@ -379,6 +381,58 @@ describe('codec: msgpack frames, validated before anything acts on them', () => 
       lies.writeUInt32LE(0xffffffff, 0); // would make lz4 reserve 4 GiB
       refused({ ...l, payload: lies }, 'extent.payload announces 4294967295 lz4 bytes, length is 65536');
     });
+  });
+
+  describe('data extents with runs (several pieces in one frame)', () => {
+    const pieces = Buffer.concat([Buffer.alloc(CS, 1), Buffer.alloc(2 * CS, 2)]);
+    // Chunk 2, then chunks 5-6: the extent spans chunks 2..6.
+    const multi = { type: 'extent', seq: 1, kind: 'data', offset: 2 * CS, length: 5 * CS, codec: 'raw', crc32c: crc32c(pieces), runs: [0, CS, 3 * CS, 2 * CS], payload: pieces };
+
+    it('carry the bytes of their pieces only; dataBytes and runsToPieces name them', () => {
+      const m = accepted(multi) as ExtentMsg;
+      expect(m.runs).to.deep.equal([0, CS, 3 * CS, 2 * CS]);
+      expect(dataBytes(m)).to.equal(3 * CS);
+      expect(runsToPieces(m.offset, m.runs!)).to.deep.equal([
+        { offset: 2 * CS, length: CS },
+        { offset: 5 * CS, length: 2 * CS },
+      ]);
+      expect(decompressPayload(m).equals(pieces)).to.equal(true);
+      // lz4 of the joined pieces announces their bytes, not the span.
+      const packed = compressSync(pieces);
+      const l = accepted({ ...multi, codec: 'lz4', payload: packed }) as ExtentMsg;
+      expect(decompressPayload(l).equals(pieces)).to.equal(true);
+      refused({ ...multi, codec: 'lz4', payload: compressSync(Buffer.concat([pieces, Buffer.alloc(2 * CS)])) }, 'length is 196608');
+      // Pieces may touch; the span may pass 8 MiB as long as the bytes held do not.
+      expect(accepted({ ...multi, runs: [0, CS, CS, 2 * CS], length: 3 * CS })).to.include({ length: 3 * CS });
+      const huge = { volumeSize: 64 << 20, chunkSize: CS };
+      expect(accepted({ ...multi, length: 32 << 20, runs: [0, CS, (32 << 20) - 2 * CS, 2 * CS] }, huge)).to.include({ length: 32 << 20 });
+    });
+
+    it('refuses runs that do not tile the extent: wrong shape, order, overlap, bounds, chunk grid, byte count', () => {
+      refused({ ...multi, runs: 'x' }, 'extent.runs must be an array');
+      refused({ ...multi, runs: [0, 5 * CS] }, 'extent.runs must hold 2 to 1024 pieces');
+      refused({ ...multi, runs: [0, CS, 3 * CS] }, 'extent.runs must hold 2 to 1024 pieces');
+      refused({ ...multi, runs: Array.from({ length: 2 * 1025 }, (_, i) => (i % 2 ? 1 : 0)) }, 'extent.runs must hold 2 to 1024 pieces');
+      refused({ ...multi, runs: [CS, CS, 3 * CS, 2 * CS] }, 'the first must start at 0');
+      refused({ ...multi, runs: [0, 2 * CS, CS, 4 * CS] }, 'piece 1 starts at 65536, before the end of the previous one (131072)');
+      refused({ ...multi, runs: [0, CS, 3 * CS, 3 * CS] }, "reaches beyond the extent's length");
+      refused({ ...multi, runs: [0, CS, 2 * CS, 2 * CS] }, "the last piece ends at 262144, the extent's length is 327680");
+      refused({ ...multi, runs: [0, 0, 3 * CS, 2 * CS] }, 'piece 0 must be a start and a length >= 1');
+      refused({ ...multi, runs: [0, CS, -1, 2 * CS] }, 'piece 1 must be a start and a length');
+      refused({ ...multi, runs: [0, CS, 1.5, 2 * CS] }, 'piece 1 must be a start and a length');
+      refused({ ...multi, runs: [0, CS, '3', 2 * CS] }, 'piece 1 must be a start and a length');
+      refused({ ...multi, runs: [0, CS + 4096, 3 * CS, 2 * CS] }, 'piece 0 ends at 200704, not a multiple of the chunk size');
+      refused({ ...multi, runs: [0, CS, 3 * CS - 4096, 2 * CS + 4096] }, 'piece 1 starts at 323584, not a multiple of the chunk size');
+      refused({ ...multi, payload: pieces.subarray(0, 2 * CS) }, 'a raw payload holds the bytes of its runs (196608) bytes');
+      refused({ ...multi, payload: Buffer.alloc(5 * CS) }, 'extent.payload holds 327680 bytes');
+      refused({ ...zero(), runs: [0, CS, 2 * CS, CS] }, 'extent.runs is not allowed on a zero extent');
+      const huge = { volumeSize: 64 << 20, chunkSize: CS };
+      refused({ ...multi, length: 16 << 20, runs: [0, 8 << 20, 8 << 20, 8 << 20], payload: Buffer.alloc(16 << 20) }, 'extent.runs hold 16777216 bytes, more than the 8388608', huge);
+      // A piece may end the volume off the chunk grid: the tail.
+      const tailBytes = Buffer.concat([Buffer.alloc(CS, 3), tail]);
+      expect(accepted({ ...multi, offset: 8 * CS, length: 2 * CS + 1000, runs: [0, CS, 2 * CS, 1000], crc32c: crc32c(tailBytes), payload: tailBytes })).to.include({ length: 2 * CS + 1000 });
+    });
+    const zero = () => ({ type: 'extent', seq: 1, kind: 'zero', offset: 0, length: CS });
   });
 
   describe('encode', () => {

@@ -94,7 +94,8 @@ describe('failover and failback over the in-memory engine (issue 12)', function 
 
   /** An initial sync plus one generation, then site A (primary) is lost while generation 3 is being applied. */
   async function loseSiteA(): Promise<{ committedSha: string; committed: number }> {
-    pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { checkpointBytes: 32 * KiB } });
+    // Small extents (16 KiB, and batches of scattered pieces no larger): generation 3 takes many frames, so the cut lands inside it.
+    pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { checkpointBytes: 32 * KiB }, primary: { maxExtent: 16 * KiB } });
     await scribble(pair.source, 1, 40);
     await pair.startSecondary();
     await pair.startPrimary();
@@ -208,7 +209,8 @@ describe('failover and failback over the in-memory engine (issue 12)', function 
   });
 
   it('promote of a torn replica with consistency off is refused (TM_ERR_CONSISTENCY) and the secondary keeps receiving', async () => {
-    pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { consistency: 'off', checkpointBytes: 32 * KiB } });
+    // Small extents: generation 2 takes many frames, so the cut lands inside it.
+    pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { consistency: 'off', checkpointBytes: 32 * KiB }, primary: { maxExtent: 16 * KiB } });
     await scribble(pair.source, 31, 40);
     await pair.startSecondary();
     await pair.startPrimary();
