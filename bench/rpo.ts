@@ -16,7 +16,8 @@
  * Root only (loop device, mount). Needs fio (Debian package fio) and filefrag
  * (e2fsprogs). Environment: TM_BENCH_RPO_SECONDS, TM_BENCH_RPO_RATE (fio
  * --rate, default 50m), TM_BENCH_RPO_SIZE (bytes, default 1 GiB), TM_BENCH_RPO_CHUNK
- * (the mirror's chunkSize, default 64KiB), TM_BENCH_RPO_FS (xfs, the
+ * (the mirror's chunkSize, default 64KiB), TM_BENCH_RPO_SECONDARY (JSON merged into
+ * the secondary's mirror config, e.g. {"checkpoint":{"bytes":"1GiB"}}), TM_BENCH_RPO_FS (xfs, the
  * default, or btrfs: the same run on a loop-mounted btrfs, whose FICLONE
  * costs a fraction of XFS's per extent; needs btrfs-progs), TM_BENCH_KEEP.
  */
@@ -115,7 +116,9 @@ export async function rpoBench(): Promise<void> {
     // The whole file written once (random bytes), as a VM image in use would be.
     await fio(['--name=fill', `--filename=${source}`, '--rw=write', '--bs=1m', `--size=${size}`, '--end_fsync=1']);
     const chunkSize = process.env.TM_BENCH_RPO_CHUNK ?? '64KiB';
-    const cfg = await writePairConfigs({ dir, mirror: 'rpo', source, target, port: await freePort(), interval: '1s', chunkSize, extraPrimary: { tracking: { mode: 'auto', interval: '1s' } }, extraSecondary: { chunkSize } });
+    // More settings of the secondary's mirror, as JSON (e.g. {"checkpoint":{"bytes":"1GiB"}}).
+    const secondaryExtra = process.env.TM_BENCH_RPO_SECONDARY ? (JSON.parse(process.env.TM_BENCH_RPO_SECONDARY) as Record<string, unknown>) : {};
+    const cfg = await writePairConfigs({ dir, mirror: 'rpo', source, target, port: await freePort(), interval: '1s', chunkSize, extraPrimary: { tracking: { mode: 'auto', interval: '1s' } }, extraSecondary: { chunkSize, ...secondaryExtra } });
     const secondary = new DaemonProcess(cfg.secondary, cfg.secondaryState, path.join(dir, 'secondary.log'));
     daemons.push(secondary);
     await secondary.waitReady();

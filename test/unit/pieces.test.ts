@@ -10,21 +10,10 @@ import { SparseFileVolume } from '../../src/volume/sparse-file.js';
 import type { ByteRange, Volume } from '../../src/volume/volume.js';
 import { DelegatingVolume } from '../helpers/delegating-volume.js';
 import { rejection } from '../helpers/rejection.js';
+import { prng } from '../../src/util/sample.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** A small seeded PRNG (mulberry32): the same pieces on every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randomBytes(n: number): Buffer {
   return randomFillSync(Buffer.allocUnsafe(n));
