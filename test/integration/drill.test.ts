@@ -31,9 +31,10 @@ describe('integration: a failover drill on the secondary while replication goes 
   it('clones the consistent image during an apply; the clone mounts, holds every file synced before its generation, fscks clean, stays apart from the replica; stop refused while mounted', async () => {
     const fs = (sc.fs = await LoopFs.create('xfs', 3 * 1024 * MiB));
     const p = (sc.pair = await Pair.create('vm1', fs.mount));
-    // 1. The source holds an ext4, mounted on the primary's side.
+    // 1. The source holds an ext4, mounted on the primary's side. 1 GiB: the writer adds up to about
+    // 4 MB/s of files and never deletes any, and this test ran for up to 142 s (a 512 MiB ext4 once filled up).
     const fh = await fsp.open(p.source, 'w');
-    await fh.truncate(512 * MiB);
+    await fh.truncate(1024 * MiB);
     await fh.close();
     execFileSync('mkfs.ext4', ['-q', '-F', p.source], { stdio: 'pipe' });
     const src = await sc.mount(p.source, path.join(fs.dir, 'src'));
