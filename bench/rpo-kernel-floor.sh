@@ -13,7 +13,7 @@ set -e
 FS=${FS:-btrfs}; RATE2=${RATE2:-50m}; SECS=${SECS:-40}
 for t in fio:fio vmstat:procps mkfs.$FS:$([ $FS = btrfs ] && echo btrfs-progs || echo xfsprogs); do command -v ${t%%:*} >/dev/null || { echo "rpo-kernel-floor.sh needs ${t%%:*}: apt-get install -y ${t#*:}" >&2; exit 1; }; done
 D=$(mktemp -d /tmp/tm-kfloor-XXXX); truncate -s 20G $D/fs.img; DEV=$(losetup -f --show $D/fs.img)
-trap 'umount $D/mnt 2>/dev/null; losetup -d $DEV; rm -rf $D' EXIT
+trap 'cd /; umount $D/mnt; losetup -d $DEV; rm -rf $D' EXIT
 if [ $FS = btrfs ]; then mkfs.btrfs -q $DEV >/dev/null 2>&1; else mkfs.xfs -q -f -m reflink=1 $DEV; fi
 mkdir $D/mnt; mount $DEV $D/mnt; cd $D/mnt
 fio --name=fill --filename=src --rw=write --bs=1m --size=1g --end_fsync=1 >/dev/null
