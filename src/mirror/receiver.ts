@@ -237,8 +237,8 @@ export class Receiver {
             if (msg.seq <= lastSeq) throw new TmError(ErrorCodes.PROTOCOL, `extent ${msg.seq} at ${msg.offset} after extent ${lastSeq}: extent numbers must go up`);
             lastSeq = msg.seq;
             await until(() => inFlight.length < maxApplies && inFlightBytes < MAX_APPLY_BYTES);
-            // A data extent with runs counts the bytes it writes, not the range it spans.
-            const bytes = msg.kind === 'data' ? dataBytes(msg) : msg.length;
+            // A data extent with runs counts the bytes it writes, not the range it spans (others: their length).
+            const bytes = dataBytes(msg);
             const e: InFlightApply = { seq: msg.seq, end: msg.offset + msg.length, length: bytes, done: false, settled: Promise.resolve() };
             // The frame goes back to the session once written (it may be a view of the socket's reused memory).
             // (In the handlers, not a finally() before them: a failed apply must fail the session before the next frame is handled.)

@@ -318,16 +318,13 @@ export class Sender {
       if (seg.hole) {
         flush();
         push(Promise.resolve(this.hole(seg)), 0, null);
-      } else if (seg.length > BATCH_PIECE_MAX || seg.length > batchBytes) {
-        flush();
-        batch = [seg];
-        inBatch = seg.length;
-        flush();
       } else {
-        if (inBatch + seg.length > batchBytes || batch.length >= BATCH_PIECES) flush();
-        // Read once it is full, or when something else follows it.
+        // A large piece is read alone; a small one joins the batch, read once it is full or something else follows it.
+        const alone = seg.length > BATCH_PIECE_MAX || seg.length > batchBytes;
+        if (alone || inBatch + seg.length > batchBytes || batch.length >= BATCH_PIECES) flush();
         batch.push(seg);
         inBatch += seg.length;
+        if (alone) flush();
       }
       while (ahead.length >= READ_AHEAD || aheadBytes >= READ_AHEAD_BYTES) yield* next();
     }
@@ -349,7 +346,7 @@ export class Sender {
    */
   private async prepare(pieces: Segment[], total: number, into: Buffer): Promise<Prepared[]> {
     const cs = this.cs;
-    const buf = pieces.length === 1 ? await this.view.read(pieces[0]!.offset, total, into.subarray(0, total)) : await readPieces(this.view, pieces, into.subarray(0, total));
+    const buf = await readPieces(this.view, pieces, into.subarray(0, total));
     const lz4Room = into.subarray(total);
     this.counters.readBytes += total;
     const out: Prepared[] = [];
@@ -399,10 +396,9 @@ export class Sender {
   /** A data extent of the pieces `runs` (absolute [offset, length, ...]) whose bytes lie joined in `buf` from `at`. */
   private async dataExtent(runs: number[], buf: Buffer, at: number, lz4Room: Buffer): Promise<Prepared> {
     const offset = runs[0]!;
-    let bytes = 0;
-    for (let i = 1; i < runs.length; i += 2) bytes += runs[i]!;
     const length = runs[runs.length - 2]! + runs[runs.length - 1]! - offset;
     const rel = runs.length > 2 ? runs.map((v, i) => (i % 2 === 0 ? v - offset : v)) : undefined;
+    const bytes = dataBytes({ length, runs: rel });
     const raw = buf.subarray(at, at + bytes);
     const ticket = this.policy.take(bytes);
     let ext: Omit<ExtentMsg, 'seq'>;

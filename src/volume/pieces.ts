@@ -35,44 +35,46 @@ export function checkPieces(v: { readonly path: string }, pieces: readonly ByteR
 
 /**
  * Read `pieces` of `v` packed one after the other into `into`: resolves
- * `into.subarray(0, total)`.
+ * `into.subarray(0, total)`. A volume with its own readPieces checks the
+ * pieces itself; the fallback checks them here.
  *
  * @throws TmError TM_ERR_INTERNAL when `into` is shorter than the pieces' total;
  *   TM_ERR_VOLUME_RANGE for pieces out of order or outside the volume; the volume's read errors.
  */
 export async function readPieces(v: Volume, pieces: readonly ByteRange[], into: Buffer): Promise<Buffer> {
+  if (v.readPieces) return v.readPieces(pieces, into);
   const total = checkPieces(v, pieces, 'reading');
   if (into.length < total) throw new TmError(ErrorCodes.INTERNAL, `reading ${v.path}: ${pieces.length} pieces of ${total} bytes do not fit in ${into.length} bytes`);
-  if (v.readPieces) return v.readPieces(pieces, into);
-  let at = 0;
-  await settleAll(
-    pieces.map((p) => {
-      const dst = into.subarray(at, at + p.length);
-      at += p.length;
-      return v.read(p.offset, p.length, dst).then((got) => {
-        if (got.buffer !== dst.buffer || got.byteOffset !== dst.byteOffset) got.copy(dst, 0, 0, p.length);
-      });
+  await eachPiece(pieces, into, (p, dst) =>
+    v.read(p.offset, p.length, dst).then((got) => {
+      if (got.buffer !== dst.buffer || got.byteOffset !== dst.byteOffset) got.copy(dst, 0, 0, p.length);
     }),
   );
   return into.subarray(0, total);
 }
 
 /**
- * Write the consecutive bytes of `data` to `pieces` of `v`.
+ * Write the consecutive bytes of `data` to `pieces` of `v`. A volume with its
+ * own writePieces checks the pieces itself; the fallback checks them here.
  *
  * @throws TmError TM_ERR_INTERNAL when `data.length` is not the pieces' total;
  *   TM_ERR_VOLUME_RANGE for pieces out of order or outside the volume; the volume's write errors.
  */
 export async function writePieces(v: Volume, pieces: readonly ByteRange[], data: Buffer): Promise<void> {
+  if (v.writePieces) return v.writePieces(pieces, data);
   const total = checkPieces(v, pieces, 'writing');
   if (data.length !== total) throw new TmError(ErrorCodes.INTERNAL, `writing ${v.path}: ${data.length} bytes for ${pieces.length} pieces of ${total} bytes`);
-  if (v.writePieces) return v.writePieces(pieces, data);
+  await eachPiece(pieces, data, (p, src) => v.write(p.offset, src));
+}
+
+/** `op` on every piece with its slice of `buf` (the pieces packed one after the other), all at once; settles as {@link settleAll}. */
+function eachPiece(pieces: readonly ByteRange[], buf: Buffer, op: (p: ByteRange, slice: Buffer) => Promise<void>): Promise<void> {
   let at = 0;
-  await settleAll(
+  return settleAll(
     pieces.map((p) => {
-      const src = data.subarray(at, at + p.length);
+      const slice = buf.subarray(at, at + p.length);
       at += p.length;
-      return v.write(p.offset, src);
+      return op(p, slice);
     }),
   );
 }

@@ -54,6 +54,7 @@ export interface Volume {
    * `into.subarray(0, total)`. Where the backend can do it in fewer round
    * trips than a read per piece (one threadpool job for the whole list).
    * Callers use readPieces() of pieces.ts, which falls back to read().
+   * Checks the pieces and `into` as that fallback does (same codes).
    */
   readPieces?(pieces: readonly ByteRange[], into: Buffer): Promise<Buffer>;
   /**
@@ -61,6 +62,7 @@ export interface Volume {
    * to `pieces` (ascending, non-overlapping, inside the volume), the batched
    * form of write(); the bytes between pieces are left as they are (holes stay
    * holes). Callers use writePieces() of pieces.ts, which falls back to write().
+   * Checks the pieces and `data` as that fallback does (same codes).
    */
   writePieces?(pieces: readonly ByteRange[], data: Buffer): Promise<void>;
   /** Make the range read as zeros, deallocating where the backend can. */
