@@ -40,8 +40,10 @@
  * (replayed with `zero`, which punches); zeros records say it was allocated
  * but read as zeros (also replayed with `zero`: content exact, the run may
  * come back as a hole). A hole or zeros record is 36 bytes whatever the run's
- * length, so an initial sync onto an empty target journals 36 bytes per write
- * call and reads nothing.
+ * length. At begin, the target's holes (up to PRESAVED_HOLE_RECORDS runs, the
+ * largest) are saved at once, one hole record each, with one fdatasync:
+ * writes into them then wait for no record of their own, so an initial sync
+ * onto an empty target journals one record in all and reads nothing.
  *
  * ## Why a crash at any point leaves the committed image restorable
  *
@@ -123,6 +125,12 @@ const SLICE_BYTES = 8 * 1024 * 1024;
 const APPEND_BYTES = 8 * 1024 * 1024;
 /** Largest run one hole or zeros record covers (bytes; the length field is u32). */
 const MAX_RUN_BYTES = 2 ** 31;
+/**
+ * Hole records made at begin at most: the target's largest holes not saved
+ * yet are saved then, with one append and one fdatasync (36 bytes each, so
+ * at most 36 KiB), and writes into them need no record of their own.
+ */
+export const PRESAVED_HOLE_RECORDS = 1024;
 /** Window of the sequential reader of a journal file (bytes). */
 const READ_WINDOW = 4 * 1024 * 1024;
 
@@ -162,6 +170,11 @@ export interface JournalOpenOptions {
    * orders apart; with the right order the wait changes nothing but the timing.
    */
   testGapMs?: number;
+  /**
+   * Hole records made at begin, at most (default {@link PRESAVED_HOLE_RECORDS};
+   * 0: none, every call saves its own holes). See {@link JournaledVolume.begin}.
+   */
+  presaveHoles?: number;
 }
 
 /**
@@ -620,11 +633,55 @@ export class JournaledVolume implements Volume {
         throw asTmError(e, ErrorCodes.VOLUME_IO, `opening journal ${file}`);
       }
       const alloc = new RoaringBitmap32();
-      for (const r of await this.target.allocated(this.chunkSize)) alloc.addRange(r.offset / this.chunkSize, Math.ceil((r.offset + r.length) / this.chunkSize));
+      const allocated = await this.target.allocated(this.chunkSize);
+      for (const r of allocated) alloc.addRange(r.offset / this.chunkSize, Math.ceil((r.offset + r.length) / this.chunkSize));
       this.allocatedAtBegin = alloc;
       this.current = generation;
-      this.o.log?.debug({ generation, continued: had >= 0 }, 'journal begins');
+      const presaved = await this.saveHoles(generation, allocated);
+      this.o.log?.debug({ generation, continued: had >= 0, presavedHoleRecords: presaved }, 'journal begins');
     });
+  }
+
+  /**
+   * Save the target's holes at begin: the runs of chunks that no allocated
+   * range touches and that are not saved yet, the largest first, at most
+   * `presaveHoles` records, as hole records in one append covered by one
+   * fdatasync. Rollback punches them, which a hole does not mind, and writes
+   * into them then need no record and no fdatasync of their own: an initial
+   * sync onto an empty target journals one record in all instead of one per
+   * write call, each waited for before its write. Runs that touch a saved
+   * chunk are left to the calls. Returns the records made.
+   */
+  private async saveHoles(gen: number, allocated: ByteRange[]): Promise<number> {
+    const limit = this.o.presaveHoles ?? PRESAVED_HOLE_RECORDS;
+    if (limit <= 0) return 0;
+    const cs = this.chunkSize;
+    const chunks = Math.ceil(this.size / cs);
+    const runChunks = Math.max(1, Math.floor(MAX_RUN_BYTES / cs));
+    let runs: { first: number; end: number }[] = [];
+    const gap = (first: number, end: number) => {
+      if (first >= end || this.saved.intersectsWithRange(first, end)) return;
+      for (let a = first; a < end; a += runChunks) runs.push({ first: a, end: Math.min(end, a + runChunks) });
+    };
+    let at = 0; // allocated() is ascending and aligned to chunks
+    for (const r of allocated) {
+      const first = Math.floor(r.offset / cs);
+      gap(at, first);
+      at = Math.max(at, Math.ceil((r.offset + r.length) / cs));
+    }
+    gap(at, chunks);
+    if (runs.length === 0) return 0;
+    if (runs.length > limit) runs = runs.sort((x, y) => y.end - y.first - (x.end - x.first) || x.first - y.first).slice(0, limit).sort((x, y) => x.first - y.first);
+    const recs = runs.map((run) => {
+      const start = run.first * cs;
+      const rec = Buffer.allocUnsafe(RECORD_OVERHEAD);
+      writeHeader(rec, 0, RecordKind.HOLE, gen, start, Math.min(run.end * cs, this.size) - start, 0);
+      sealRecord(rec, 0, 0);
+      return rec;
+    });
+    await this.groupCommit(recs, recs.length, true);
+    for (const run of runs) this.saved.addRange(run.first, run.end);
+    return recs.length;
   }
 
   /**

@@ -64,7 +64,8 @@ describe('undo journal (JournaledVolume): the save volume of a secondary (issue 
   after(() => rmSync(root, { recursive: true, force: true }));
   beforeEach(() => (dir = path.join(root, `j${n++}`)));
 
-  const open = (target: Volume, o: Partial<JournalOpenOptions> = {}) => JournaledVolume.open(target, { dir, chunkSize: CS, committed: 0, ...o });
+  // The tests below, but those of the holes saved at begin, watch each call save its own chunks: no holes saved at begin.
+  const open = (target: Volume, o: Partial<JournalOpenOptions> = {}) => JournaledVolume.open(target, { dir, chunkSize: CS, committed: 0, presaveHoles: 0, ...o });
   const fileSize = async (f: string) => (await fsp.stat(f)).size;
   const exists = async (f: string) => fsp.stat(f).then(
     () => true,
@@ -163,7 +164,7 @@ describe('undo journal (JournaledVolume): the save volume of a secondary (issue 
     const v2 = MemoryVolume.create(32 * CS);
     await v2.write(0, pattern(4 * CS, 30));
     await v2.write(8 * CS, Buffer.alloc(2 * CS)); // allocated zeros: a zeros record, no payload
-    const jv2 = await JournaledVolume.open(v2, { dir: path.join(dir, 'b'), chunkSize: CS, committed: 0, datasync: async (fh) => (syncs.push(1), fh.datasync()) });
+    const jv2 = await JournaledVolume.open(v2, { dir: path.join(dir, 'b'), chunkSize: CS, committed: 0, presaveHoles: 0, datasync: async (fh) => (syncs.push(1), fh.datasync()) });
     await jv2.begin(1);
     syncs.length = 0;
     await jv2.write(0, pattern(16 * CS, 31));
@@ -293,6 +294,88 @@ describe('undo journal (JournaledVolume): the save volume of a secondary (issue 
     const r = await JournaledVolume.rollback(v.handle(), dir, { committed: 0 });
     expect(r).to.deep.equal({ generation: 1, generations: [1], chunks: 4 * (4 + 2), bytes: 0 });
     expect(await v.allocated()).to.deep.equal([]);
+  });
+
+  describe('holes saved at begin (presaveHoles, the default)', () => {
+    const openDefault = (target: Volume, o: Partial<JournalOpenOptions> = {}) => JournaledVolume.open(target, { dir, chunkSize: CS, committed: 0, ...o });
+
+    it('an initial sync onto an empty target journals one hole record at begin, with one fdatasync, and nothing per write', async () => {
+      const v = MemoryVolume.create(4 * MiB);
+      const syncs: number[] = [];
+      const jv = await openDefault(v.handle(), { datasync: async (fh) => (syncs.push(1), fh.datasync()) });
+      await jv.begin(1);
+      expect(jv.stats.records).to.equal(1);
+      expect(syncs.length).to.equal(1);
+      const reads = v.reads;
+      for (let at = 0; at < v.size; at += MiB) {
+        await jv.write(at, pattern(256 * KiB, at / MiB));
+        await jv.write(at + 320 * KiB, pattern(64 * KiB + 5, 9));
+        await jv.zero(at + 512 * KiB, 512 * KiB);
+      }
+      expect(v.reads).to.equal(reads);
+      expect(jv.stats.records).to.equal(1);
+      expect(syncs.length).to.equal(1);
+      expect(await fileSize(journalFile(dir, 1))).to.equal(HEAD_BYTES + RECORD_OVERHEAD);
+      await jv.close();
+      const r = await JournaledVolume.rollback(v.handle(), dir, { committed: 0 });
+      expect(r).to.deep.equal({ generation: 1, generations: [1], chunks: 4 * MiB / CS, bytes: 0 });
+      expect(await v.allocated()).to.deep.equal([]);
+    });
+
+    it('a target with data and holes: one record per hole at begin, none for writes into them, and rollback gives the exact image', async () => {
+      const v = await image();
+      const before = v.clone();
+      const jv = await openDefault(v.handle());
+      await jv.begin(1);
+      // Holes 4-5, 7-8, 10-15.
+      expect(jv.stats.records).to.equal(3);
+      expect(jv.stats.savedChunks).to.equal(10);
+      await generation(jv);
+      // generation() saves data 1, 2, 3, 6, 16 with records of their own; its holes (4-5, 10) were saved at begin.
+      expect(jv.stats.records).to.equal(3 + 5);
+      expect(jv.stats.bytes).to.equal(HEAD_BYTES + 8 * RECORD_OVERHEAD + SAVED_DATA);
+      await jv.close();
+      await JournaledVolume.rollback(v.handle(), dir, { committed: 0 });
+      expect(await sameContent(v, before)).to.equal(true);
+      expect(await v.allocated()).to.deep.equal(await before.allocated());
+    });
+
+    it('at most presaveHoles records, the largest holes first; the others are saved by the writes into them', async () => {
+      const v = await image();
+      const before = v.clone();
+      const jv = await openDefault(v.handle(), { presaveHoles: 1 });
+      await jv.begin(1);
+      expect(jv.stats.records).to.equal(1);
+      expect(jv.stats.savedChunks).to.equal(6); // 10-15
+      await jv.write(11 * CS, pattern(100, 1));
+      expect(jv.stats.records).to.equal(1);
+      await jv.write(4 * CS, pattern(100, 2));
+      expect(jv.stats.records).to.equal(2);
+      await jv.close();
+      await JournaledVolume.rollback(v.handle(), dir, { committed: 0 });
+      expect(await sameContent(v, before)).to.equal(true);
+    });
+
+    it('begun again after a restart: a hole touching a chunk saved before is left to the writes, the others are saved', async () => {
+      const v = await image();
+      const before = v.clone();
+      const jv = await open(v.handle());
+      await jv.begin(1);
+      await jv.zero(6 * CS, CS); // chunk 6 saved (its data), then punched: a hole now
+      await jv.close();
+      const again = await openDefault(v.handle());
+      await again.begin(1);
+      // Holes now 4-8 (chunk 6 punched) and 10-15: 4-8 touches saved chunk 6 and is left.
+      expect(again.stats.records).to.equal(1);
+      await again.write(7 * CS, pattern(CS, 2));
+      expect(again.stats.records).to.equal(2); // hole 7, its own record
+      await again.write(11 * CS, pattern(CS, 3));
+      expect(again.stats.records).to.equal(2);
+      await again.close();
+      await JournaledVolume.rollback(v.handle(), dir, { committed: 0 });
+      expect(await sameContent(v, before)).to.equal(true);
+      expect(await v.allocated()).to.deep.equal(await before.allocated());
+    });
   });
 
   it('a chunk that was allocated but all zeros is journaled without payload and comes back as zeros', async () => {

@@ -315,6 +315,8 @@ describe('mirror engine over MemoryVolumes and in-memory sessions (no processes)
     async function tornSecondGeneration(): Promise<MemoryVolume> {
       pair = await MemoryMirrorPair.create(2 * MiB, { secondary: { checkpointBytes: 64 * KiB } });
       await fill(pair.source, 21);
+      // Generation 2 overwrites data in the first MiB (journaled as data) and holes in the second (saved as holes at begin).
+      await pair.source.write(0, textLike(MiB, prng(20)));
       await pair.startSecondary();
       await pair.startPrimary();
       await pair.waitCommitted(1);
