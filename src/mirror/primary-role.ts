@@ -404,6 +404,7 @@ export class PrimaryRole {
         bitmap,
         resumeFrom,
         recordSent: (chunk, data, count) => source.recordSent(chunk, data, count),
+        ...(source.recordDigests ? { recordDigests: (chunk: number, digests: Buffer) => source.recordDigests!(chunk, digests) } : {}),
         ...(s.pendingGid && s.pendingGid.generation === gen ? { gid: s.pendingGid } : {}),
         ...(this.peerChanges && this.peerChanges.coveredBy === gen ? { withPeerChanges: true } : {}),
         ...(s.pendingViewAt != null && s.pending === gen ? { viewAt: s.pendingViewAt } : {}),

@@ -4,6 +4,7 @@ import { Coalesced } from '../util/coalesce.js';
 import type { Volume } from '../volume/volume.js';
 import { readPieces } from '../volume/pieces.js';
 import { segments, type Segment } from '../volume/walk.js';
+import { chunkDigests, DIGEST_BYTES, isZeroDigest } from '../volume/digest.js';
 import { isAllZero } from '../volume/zero.js';
 import { dataBytes, type ExtentMsg } from '../wire/messages.js';
 import { compressPayload, crc32c } from '../wire/payload.js';
@@ -33,8 +34,10 @@ const BATCH_BYTES = 1024 * 1024;
 interface Prepared {
   ext: Omit<ExtentMsg, 'seq'>;
   window: number | null;
-  /** Called once the frame has gone to the socket (the last extent of a piece: its read buffer goes back). */
+  /** Called once the frame has gone to the socket (its lz4 buffer goes back, and the read buffer with the last extent of a read). */
   written?: () => void;
+  /** The ring buffer its lz4 payload lies in, if any. */
+  room?: Buffer;
 }
 
 /** One generation to send: its number, its changed chunks and where the secondary's durable cursor stands. */
@@ -48,6 +51,13 @@ export interface GenerationChanges {
    * travel as zeros or a hole); the scan change source learns its digests here.
    */
   recordSent(chunk: number, data: Buffer | null, count?: number): void;
+  /**
+   * When present, the sender computes the digest of every chunk it reads
+   * (volume/digest.ts: DIGEST_BYTES each, on the threadpool) and hands the
+   * digests of each piece's chunks here instead of their data to
+   * `recordSent` (holes still go to `recordSent`).
+   */
+  recordDigests?(chunk: number, digests: Buffer): void;
   /** The generation's identity, sent in its begin (the secondary's history). */
   gid?: { node: string; generation: number; id: string };
   /** The generation also overwrites the chunks the secondary reported as divergent (begin.withPeerChanges). */
@@ -287,7 +297,7 @@ export class Sender {
   private async *extents(fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await this.view.allocated(this.cs);
     const batchBytes = Math.min(BATCH_BYTES, this.o.maxExtent);
-    // A read takes twice its length: the bytes read, then room for their lz4 form.
+    // Reads, and the lz4 form of what is compressed, both until their frames are written.
     const ring = new BufferRing(2 * (READ_AHEAD_BYTES + 2 * this.o.maxExtent));
     const ahead: { p: Promise<Prepared[]>; bytes: number; buf: Buffer | null }[] = [];
     let aheadBytes = 0;
@@ -296,8 +306,17 @@ export class Sender {
       aheadBytes -= a.bytes;
       const prepared = await a.p;
       const buf = a.buf;
-      if (buf && prepared.length > 0) prepared[prepared.length - 1]!.written = () => ring.release(buf);
-      else if (buf) ring.release(buf);
+      prepared.forEach((p, i) => {
+        const room = p.room;
+        const last = buf && i === prepared.length - 1 ? buf : undefined;
+        if (room || last) {
+          p.written = () => {
+            if (room) ring.release(room);
+            if (last) ring.release(last);
+          };
+        }
+      });
+      if (buf && prepared.length === 0) ring.release(buf);
       yield* prepared;
     };
     const push = (p: Promise<Prepared[]>, bytes: number, buf: Buffer | null) => {
@@ -309,8 +328,8 @@ export class Sender {
     let inBatch = 0;
     const flush = () => {
       if (batch.length === 0) return;
-      const buf = ring.take(2 * inBatch);
-      push(this.prepare(batch, inBatch, buf), inBatch, buf);
+      const buf = ring.take(inBatch);
+      push(this.prepare(batch, inBatch, buf, ring), inBatch, buf);
       batch = [];
       inBatch = 0;
     };
@@ -338,17 +357,19 @@ export class Sender {
   }
 
   /**
-   * Read allocated pieces (`total` bytes, ascending) packed into the first half
-   * of `into` (2 × total); all-zero chunks become zero extents, the rest data
-   * extents (several pieces between zero chunks: one extent with `runs`),
-   * lz4-compressed into the second half when the compression policy says so
-   * and lz4 saves enough.
+   * Read allocated pieces (`total` bytes, ascending) packed into `into`;
+   * all-zero chunks become zero extents, the rest data extents (several
+   * pieces between zero chunks: one extent with `runs`), lz4-compressed into
+   * a buffer of `ring` when the compression policy says so and lz4 saves
+   * enough.
    */
-  private async prepare(pieces: Segment[], total: number, into: Buffer): Promise<Prepared[]> {
+  private async prepare(pieces: Segment[], total: number, into: Buffer, ring: BufferRing): Promise<Prepared[]> {
     const cs = this.cs;
-    const buf = await readPieces(this.view, pieces, into.subarray(0, total));
-    const lz4Room = into.subarray(total);
+    const buf = await readPieces(this.view, pieces, into);
     this.counters.readBytes += total;
+    // Pieces are whole chunks but for the volume's last one: the chunks of the packed pieces follow each other in `buf`.
+    const digests = this.changes.recordDigests ? await chunkDigests(buf, cs) : null;
+    let chunkAt = 0; // the first chunk of `piece` among the digests
     const out: Prepared[] = [];
     // The data run being gathered: where its bytes start in `buf`, and its pieces as [offset, length, ...] (absolute).
     let dataAt = -1;
@@ -361,24 +382,27 @@ export class Sender {
     };
     const endData = async () => {
       if (dataAt < 0) return;
-      out.push(await this.dataExtent(runs, buf, dataAt, lz4Room));
+      out.push(await this.dataExtent(runs, buf, dataAt, ring));
       dataAt = -1;
       runs = [];
     };
     let at = 0;
     for (const piece of pieces) {
+      const chunks = Math.ceil(piece.length / cs);
+      // Whether chunk `o` (bytes into the piece) reads as zeros; without digests, the source is told its data.
+      const zeroAt = (o: number): boolean => {
+        if (digests) return isZeroDigest(digests, chunkAt + o / cs);
+        const chunk = buf.subarray(at + o, at + Math.min(o + cs, piece.length));
+        const zero = isAllZero(chunk);
+        this.changes.recordSent((piece.offset + o) / cs, zero ? null : chunk);
+        return zero;
+      };
+      if (digests) this.changes.recordDigests!(piece.offset / cs, digests.subarray(chunkAt * DIGEST_BYTES, (chunkAt + chunks) * DIGEST_BYTES));
       for (let o = 0; o < piece.length; ) {
         // A run of chunks of one kind inside the piece.
-        const first = buf.subarray(at + o, at + Math.min(o + cs, piece.length));
-        const zero = isAllZero(first);
-        this.changes.recordSent((piece.offset + o) / cs, zero ? null : first);
-        let e = o + first.length;
-        while (e < piece.length) {
-          const chunk = buf.subarray(at + e, at + Math.min(e + cs, piece.length));
-          if (isAllZero(chunk) !== zero) break;
-          this.changes.recordSent((piece.offset + e) / cs, zero ? null : chunk);
-          e += chunk.length;
-        }
+        const zero = zeroAt(o);
+        let e = Math.min(o + cs, piece.length);
+        while (e < piece.length && zeroAt(e) === zero) e = Math.min(e + cs, piece.length);
         if (zero) {
           await endData();
           out.push({ ext: { type: 'extent', kind: 'zero', offset: piece.offset + o, length: e - o }, window: null });
@@ -388,13 +412,14 @@ export class Sender {
         o = e;
       }
       at += piece.length;
+      chunkAt += chunks;
     }
     await endData();
     return out;
   }
 
   /** A data extent of the pieces `runs` (absolute [offset, length, ...]) whose bytes lie joined in `buf` from `at`. */
-  private async dataExtent(runs: number[], buf: Buffer, at: number, lz4Room: Buffer): Promise<Prepared> {
+  private async dataExtent(runs: number[], buf: Buffer, at: number, ring: BufferRing): Promise<Prepared> {
     const offset = runs[0]!;
     const length = runs[runs.length - 2]! + runs[runs.length - 1]! - offset;
     const rel = runs.length > 2 ? runs.map((v, i) => (i % 2 === 0 ? v - offset : v)) : undefined;
@@ -403,9 +428,12 @@ export class Sender {
     const ticket = this.policy.take(bytes);
     let ext: Omit<ExtentMsg, 'seq'>;
     if (ticket.compress) {
-      const p = await compressPayload(raw, lz4Room.subarray(at, at + bytes), this.policy.goodRatio);
+      const room = ring.take(bytes);
+      const p = await compressPayload(raw, room, this.policy.goodRatio);
       this.policy.compressed(bytes, p.codec === 'lz4' ? p.payload.length : bytes);
       ext = { type: 'extent', kind: 'data', offset, length, codec: p.codec, crc32c: p.crc32c, ...(rel ? { runs: rel } : {}), payload: p.payload };
+      if (p.codec === 'lz4') return { ext, window: ticket.window, room };
+      ring.release(room);
     } else {
       ext = { type: 'extent', kind: 'data', offset, length, codec: 'raw', crc32c: crc32c(raw), ...(rel ? { runs: rel } : {}), payload: raw };
     }

@@ -72,6 +72,13 @@ export interface NativeOps {
   gmacTag(key: GmacKeyHandle, dir: number, seq: number, frame: Uint8Array, frame2?: Uint8Array): Buffer;
   /** Whether `tag` is that GMAC (constant-time comparison; false for another length). */
   gmacVerify(key: GmacKeyHandle, dir: number, seq: number, frame: Uint8Array, tag: Uint8Array): boolean;
+  /**
+   * On the threadpool: the digest of each `chunkSize` bytes of `buf` (the
+   * last chunk may be short) into `out`, 16 bytes per chunk, as chunkDigest()
+   * in volume/digest.ts computes it. `out` must hold exactly that many bytes
+   * and not overlap `buf`; neither may change until it resolves.
+   */
+  chunkDigests(buf: Uint8Array, chunkSize: number, out: Uint8Array): Promise<void>;
 }
 
 /** An opaque key schedule made by {@link NativeOps.gmacKey}. */

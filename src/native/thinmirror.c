@@ -17,6 +17,7 @@
  * Also exported here, implemented in payload.c (the payload codec):
  *   crc32c(buf), crc32cPortable(buf), lz4CompressCrc(src, dst), lz4DecompressInto(src, dst)
  * and in gmac.c (the frame MAC): gmacKey(key), gmacTag(handle, dir, seq, frame[, frame2]), gmacVerify(handle, dir, seq, frame, tag)
+ * and in digest.c (chunk digests, threadpool): chunkDigests(buf, chunkSize, out)
  * Errors are Node-style: message "<syscall> failed: <strerror>", code "E...", errno, syscall.
  * Offsets and lengths are JS numbers (exact up to 2^53 bytes).
  */
@@ -36,6 +37,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "digest.h"
 #include "gmac.h"
 #include "payload.h"
 #include "pieces.h"
@@ -425,6 +427,7 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"gmacKey", NULL, GmacKey, NULL, NULL, NULL, napi_enumerable, NULL},
       {"gmacTag", NULL, GmacTag, NULL, NULL, NULL, napi_enumerable, NULL},
       {"gmacVerify", NULL, GmacVerify, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"chunkDigests", NULL, ChunkDigests, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -110,6 +110,13 @@ export class ScanSource implements ChangeSource {
     this.dirtyTo = Math.max(this.dirtyTo, chunk + count);
   }
 
+  recordDigests(chunk: number, digests: Buffer): void {
+    const count = digests.length / DIGEST_BYTES;
+    digests.copy(this.digests, chunk * DIGEST_BYTES);
+    this.dirtyFrom = Math.min(this.dirtyFrom, chunk);
+    this.dirtyTo = Math.max(this.dirtyTo, chunk + count);
+  }
+
   /**
    * Write the changed digests in place and fdatasync. The file is created whole
    * (atomically) the first time; afterwards only the dirty range is rewritten,

@@ -86,6 +86,13 @@ export interface ChangeSource {
    * (`data` null: `count` chunks from `chunk` travel as zeros / a hole).
    */
   recordSent(chunk: number, data: Buffer | null, count?: number): void;
+  /**
+   * Present on sources that keep digests (scan): the sender computed the
+   * digests of what it sends for the chunks from `chunk` (DIGEST_BYTES each,
+   * volume/digest.ts) off the main thread and hands them here instead of the
+   * data to `recordSent`.
+   */
+  recordDigests?(chunk: number, digests: Buffer): void;
   /** Make tracking state durable (after a commit, at checkpoints). */
   persist(): Promise<void>;
   /** Forget tracking state: every chunk counts as changed at the next pass. */

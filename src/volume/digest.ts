@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { native } from '../native/index.js';
 import { isAllZero } from './zero.js';
 
 /**
@@ -29,4 +30,22 @@ export function chunkDigest(data: Buffer, out: Buffer, at: number): void {
   d.copy(out, at, 0, DIGEST_BYTES);
   // A computed digest of all zero bytes would read as "zeros": keep it distinct.
   if (out.compare(ZERO_DIGEST, 0, DIGEST_BYTES, at, at + DIGEST_BYTES) === 0) out[at] = 1;
+}
+
+/**
+ * The digests of every chunk of `buf` (`chunkSize` bytes each, the last one
+ * may be short), DIGEST_BYTES each, the same bytes as {@link chunkDigest}
+ * gives: computed off the main thread, on the threadpool, in one job.
+ * `buf` must not change until it resolves.
+ */
+export async function chunkDigests(buf: Uint8Array, chunkSize: number): Promise<Buffer> {
+  const out = Buffer.allocUnsafe(Math.ceil(buf.length / chunkSize) * DIGEST_BYTES);
+  if (buf.length > 0) await native().chunkDigests(buf, chunkSize, out);
+  return out;
+}
+
+/** Whether digest number `i` of `digests` is {@link ZERO_DIGEST} (the chunk reads as zeros). */
+export function isZeroDigest(digests: Buffer, i: number): boolean {
+  const at = i * DIGEST_BYTES;
+  return digests.compare(ZERO_DIGEST, 0, DIGEST_BYTES, at, at + DIGEST_BYTES) === 0;
 }

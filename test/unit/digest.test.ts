@@ -3,7 +3,9 @@ import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { chunkDigest, DIGEST_BYTES, UNKNOWN_DIGEST, ZERO_DIGEST } from '../../src/volume/digest.js';
+import fc from 'fast-check';
+import { chunkDigest, chunkDigests, DIGEST_BYTES, isZeroDigest, UNKNOWN_DIGEST, ZERO_DIGEST } from '../../src/volume/digest.js';
+import { native } from '../../src/native/index.js';
 import { MemoryVolume } from '../../src/volume/memory.js';
 import { SparseFileVolume } from '../../src/volume/sparse-file.js';
 import type { ByteRange, Volume } from '../../src/volume/volume.js';
@@ -94,6 +96,48 @@ describe('chunk digest (volume/digest.ts)', () => {
 
   it('wire/messages DIGEST_BYTES is the same definition', () => {
     expect(WIRE_DIGEST_BYTES).to.equal(DIGEST_BYTES);
+  });
+});
+
+describe('chunkDigests(): the digests of every chunk of a buffer on the threadpool (native, OpenSSL)', () => {
+  /** chunkDigest of each chunk, one after the other: what chunkDigests must give. */
+  function oneByOne(buf: Buffer, cs: number): Buffer {
+    const out = Buffer.alloc(Math.ceil(buf.length / cs) * DIGEST_BYTES);
+    for (let at = 0, i = 0; at < buf.length; at += cs, i++) chunkDigest(buf.subarray(at, Math.min(at + cs, buf.length)), out, i * DIGEST_BYTES);
+    return out;
+  }
+
+  it('equals chunkDigest chunk by chunk: data, zero chunks, a short last chunk, a non-zero byte at either end', async () => {
+    const cs = 4 * KiB;
+    const buf = Buffer.concat([pattern(cs, 1), Buffer.alloc(cs), pattern(cs, 2), Buffer.alloc(cs), Buffer.alloc(cs), pattern(1000, 3)]);
+    buf[3 * cs] = 7; // a zero chunk but for its first byte
+    buf[5 * cs - 1] = 9; // ... its last byte
+    const d = await chunkDigests(buf, cs);
+    expect(d.length).to.equal(6 * DIGEST_BYTES);
+    expect(d.equals(oneByOne(buf, cs))).to.equal(true);
+    expect([0, 1, 2, 3, 4, 5].map((i) => isZeroDigest(d, i))).to.deep.equal([false, true, false, false, false, false]);
+    for (let i = 0; i < 6; i++) expect(d.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES).equals(expectedDigest(buf.subarray(i * cs, Math.min((i + 1) * cs, buf.length))))).to.equal(true);
+    expect((await chunkDigests(Buffer.alloc(0), cs)).length).to.equal(0);
+  });
+
+  it('equals chunkDigest for any content and chunk size (property)', async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.uint8Array({ maxLength: 20000 }), fc.integer({ min: 1, max: 5000 }), fc.boolean(), async (bytes, cs, sparse) => {
+        const buf = Buffer.from(bytes);
+        if (sparse) for (let i = 0; i < buf.length; i++) if (i % 3 !== 0) buf[i] = 0;
+        expect((await chunkDigests(buf, cs)).equals(oneByOne(buf, cs))).to.equal(true);
+      }),
+      { numRuns: 200 },
+    );
+  });
+
+  it('refuses an out buffer of the wrong size, overlapping buffers and a bad chunk size', () => {
+    const buf = Buffer.alloc(10 * KiB);
+    expect(() => native().chunkDigests(buf, 4 * KiB, Buffer.alloc(2 * DIGEST_BYTES))).to.throw(RangeError, /16 bytes per chunk/);
+    expect(() => native().chunkDigests(buf, 0, Buffer.alloc(0))).to.throw(RangeError, /chunkSize/);
+    expect(() => native().chunkDigests(buf, 1.5, Buffer.alloc(0))).to.throw(RangeError, /chunkSize/);
+    expect(() => native().chunkDigests(buf, 4 * KiB, buf.subarray(0, 3 * DIGEST_BYTES))).to.throw(RangeError, /overlap/);
+    expect(() => native().chunkDigests('x' as unknown as Buffer, 4 * KiB, Buffer.alloc(0))).to.throw(TypeError);
   });
 });
 
