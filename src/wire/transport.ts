@@ -8,7 +8,7 @@ import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { BufferRing } from '../util/buffer-ring.js';
 import { LogLimiter } from '../util/log-limit.js';
-import type { FrameChannel } from './channel.js';
+import type { FrameChannel, FrameHandlers } from './channel.js';
 import { HANDSHAKE_TIMEOUT_MS } from './handshake.js';
 import { MAX_EXTENT_BYTES, MAX_HANDSHAKE_FRAME_BYTES } from './messages.js';
 import { Session } from './session.js';
@@ -148,11 +148,177 @@ export function receiveIntoRing(ws: WebSocket, ring: BufferRing): boolean {
   return true;
 }
 
+/** Bytes of the staging buffer {@link readDirect} reads frame headers and small frames into. */
+const STAGING_BYTES = 64 * 1024;
+/** Binary frames with a payload above this go to the ring, read straight into it; smaller ones are copied out of the staging buffer. */
+const DIRECT_MIN = 4 * 1024;
+
+/** The socket's user-buffer read state (Node's `onread` option of net.Socket, `lib/net.js`), found by its symbols' names. */
+function userBufferSymbols(socket: object): { buffer: symbol; callback: symbol; gen: symbol } | null {
+  const syms = Object.getOwnPropertySymbols(socket);
+  const find = (name: string) => syms.find((x) => x.description === name);
+  const buffer = find('kBuffer');
+  const callback = find('kBufferCb');
+  const gen = find('kBufferGen');
+  return buffer && callback && gen ? { buffer, callback, gen } : null;
+}
+
+/**
+ * Read the connection's socket ourselves, once authenticated: Node reads it
+ * into buffers this function hands out (a socket's `onread`, which Node
+ * offers only when a socket is created, switched on here through the same
+ * fields), instead of a new ArrayBuffer per read that ws then joins. The
+ * payload of a binary frame above DIRECT_MIN is read straight into a buffer
+ * of `ring`, in place: no copy besides the kernel's, and no memory allocated
+ * per read, whose churn (about one GiB per GiB received) otherwise drives V8
+ * into a major GC every few MiB. Headers and small frames are read into one
+ * staging buffer; small binary frames are handed out as copies.
+ *
+ * Only whole binary frames (FIN, no RSV bit, opcode 2, masked as RFC 6455
+ * wants for the side, within ws's `_maxPayload`) are taken here, and handed
+ * to `deliver` in order. Control frames (ping, pong, close) are handed to ws's
+ * own Receiver, whole; anything else (a text or fragmented frame, an RSV
+ * bit, a wrong mask bit, an oversized length) hands that frame and the rest of
+ * the stream to ws's Receiver, which then refuses it as it would have.
+ *
+ * Switched on only at a frame boundary: ws's Receiver holds no byte, and
+ * nothing waits in the socket's own buffer (else false, nothing changed). The
+ * handshake leaves it so: the secondary protects the session on the primary's
+ * last plain frame, and the primary sends nothing more before `ready`. False
+ * too when ws or Node does not look as expected (pinned by
+ * test/unit/transport.test.ts).
+ */
+export function readDirect(ws: WebSocket, ring: BufferRing, deliver: (frame: Buffer) => void): boolean {
+  const w = ws as unknown as { _socket?: Duplex | null; _receiver?: (WsReceiverInternals & { _state?: unknown; _maxPayload?: unknown; write?: unknown }) | null; _isServer?: unknown };
+  const socket = w._socket as (Socket & { _handle?: { useUserBuffer?: (b: Uint8Array) => void } | null }) | null | undefined;
+  const receiver = w._receiver;
+  if (!socket || !receiver || typeof w._isServer !== 'boolean') return false;
+  if (typeof socket._handle?.useUserBuffer !== 'function' || typeof receiver.write !== 'function') return false;
+  if (receiver._state !== 0 || receiver._bufferedBytes !== 0 || receiver._fragmented !== 0 || typeof receiver._maxPayload !== 'number') return false;
+  if (socket.readableLength !== 0 || socket.isPaused() || socket.destroyed) return false;
+  const sym = userBufferSymbols(socket);
+  if (!sym) return false;
+  const fields = socket as unknown as Record<symbol, unknown>;
+  if (fields[sym.buffer] !== null || fields[sym.callback] !== null || fields[sym.gen] !== null) return false;
+
+  const isServer = w._isServer;
+  const toWs = (b: Buffer) => (receiver.write as (b: Buffer) => boolean).call(receiver, b);
+  const staging = Buffer.allocUnsafeSlow(STAGING_BYTES);
+  /** Bytes of the staging buffer not parsed yet: [from, have). */
+  let from = 0;
+  let have = 0;
+  /** The frame whose payload is being read into the ring: its buffer, the bytes in it, its mask. */
+  let frame: { buf: Buffer; filled: number; mask: Buffer | null } | null = null;
+  /** Everything from here on goes to ws's Receiver (a frame this path does not take). */
+  let passthrough = false;
+
+  const unmask = (b: Buffer, mask: Buffer | null) => {
+    if (!mask) return;
+    for (let i = 0; i < b.length; i++) b[i]! ^= mask[i & 3]!;
+  };
+  const done = (f: { buf: Buffer; mask: Buffer | null }) => {
+    frame = null;
+    unmask(f.buf, f.mask);
+    deliver(f.buf);
+  };
+  /** Parse the staging buffer's bytes: whole frames out, a large frame's payload into the ring. */
+  const parse = () => {
+    while (!passthrough && !frame) {
+      const n = have - from;
+      if (n < 2) return;
+      const b0 = staging[from]!;
+      const b1 = staging[from + 1]!;
+      const opcode = b0 & 0x0f;
+      const masked = (b1 & 0x80) !== 0;
+      let len = b1 & 0x7f;
+      let head = 2;
+      if (len === 126) {
+        if (n < 4) return;
+        len = staging.readUInt16BE(from + 2);
+        head = 4;
+      } else if (len === 127) {
+        if (n < 10) return;
+        const hi = staging.readUInt32BE(from + 2);
+        len = hi > 0x1fffff ? Infinity : hi * 2 ** 32 + staging.readUInt32BE(from + 6);
+        head = 10;
+      }
+      if (masked) head += 4;
+      const ours = (b0 & 0xf0) === 0x80 && opcode === 2 && masked === isServer && len <= (receiver._maxPayload as number);
+      const control = opcode >= 8 && len <= 125 && (b0 & 0x80) !== 0;
+      if (!ours && !control) {
+        // ws takes it from here and refuses what it refuses.
+        passthrough = true;
+        toWs(Buffer.from(staging.subarray(from, have)));
+        from = have = 0;
+        return;
+      }
+      if (n < head) return;
+      const mask = masked ? Buffer.from(staging.subarray(from + head - 4, from + head)) : null;
+      const zeroMask = !mask || mask.readUInt32BE(0) === 0;
+      if (ours && len > DIRECT_MIN) {
+        const f = { buf: ring.take(len), filled: 0, mask: zeroMask ? null : mask };
+        const take = Math.min(len, n - head);
+        staging.copy(f.buf, 0, from + head, from + head + take);
+        f.filled = take;
+        from += head + take;
+        if (take === len) done(f);
+        else frame = f;
+        continue;
+      }
+      if (n < head + len) return;
+      const whole = staging.subarray(from, from + head + len);
+      from += head + len;
+      if (control) toWs(Buffer.from(whole));
+      else {
+        const payload = Buffer.from(whole.subarray(head));
+        unmask(payload, zeroMask ? null : mask);
+        deliver(payload);
+      }
+    }
+  };
+  fields[sym.callback] = (nread: number, buf: Uint8Array): boolean | undefined => {
+    try {
+      if (passthrough) {
+        toWs(Buffer.from(buf.subarray(0, nread)));
+        return;
+      }
+      const f = frame as { buf: Buffer; filled: number; mask: Buffer | null } | null;
+      if (f) {
+        f.filled += nread;
+        if (f.filled === f.buf.length) done(f);
+        return;
+      }
+      have += nread;
+      parse();
+      if (from === have) from = have = 0;
+    } catch (e) {
+      socket.destroy(e instanceof Error ? e : new Error(String(e)));
+      return false;
+    }
+  };
+  // Where the next read goes: the rest of the payload being read, else the staging buffer's free end.
+  fields[sym.gen] = (): Uint8Array => {
+    const f = frame as { buf: Buffer; filled: number } | null;
+    if (f) return f.buf.subarray(f.filled);
+    if (from > 0 && (have === STAGING_BYTES || STAGING_BYTES - have < 16 * 1024)) {
+      staging.copy(staging, 0, from, have);
+      have -= from;
+      from = 0;
+    }
+    return staging.subarray(have);
+  };
+  const first = staging;
+  fields[sym.buffer] = first;
+  socket._handle.useUserBuffer(first);
+  return true;
+}
+
 /** A `ws` WebSocket as a {@link FrameChannel}. */
 export function wsChannel(ws: WebSocket): FrameChannel {
   ws.binaryType = 'nodebuffer';
   const gather = gatherWriter(ws);
   let ring: BufferRing | null = null;
+  let handlers: FrameHandlers | null = null;
   return {
     // One WebSocket message, its parts written without joining them when ws
     // allows (fragments instead would cost the receiver a copy to join them).
@@ -164,7 +330,7 @@ export function wsChannel(ws: WebSocket): FrameChannel {
       setMaxPayload(ws, MAX_FRAME_BYTES);
       // Data frames come only after authentication: only then is the ring worth its memory.
       const r = new BufferRing(RECEIVE_RING_BYTES);
-      if (receiveIntoRing(ws, r)) ring = r;
+      if ((handlers && readDirect(ws, r, (frame) => handlers!.frame(frame, true))) || receiveIntoRing(ws, r)) ring = r;
     },
     owns: (frame) => ring?.owns(frame) ?? false,
     release: (frame) => ring?.release(frame),
@@ -179,6 +345,7 @@ export function wsChannel(ws: WebSocket): FrameChannel {
     close: (code, reason) => ws.close(code, reason),
     terminate: () => ws.terminate(),
     attach(h) {
+      handlers = h;
       ws.on('message', (data: RawData, isBinary: boolean) => {
         h.frame(Array.isArray(data) ? Buffer.concat(data) : Buffer.isBuffer(data) ? data : Buffer.from(data), isBinary);
       });
