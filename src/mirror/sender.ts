@@ -297,8 +297,9 @@ export class Sender {
   private async *extents(fromChunk: number): AsyncGenerator<Prepared> {
     const alloc = await this.view.allocated(this.cs);
     const batchBytes = Math.min(BATCH_BYTES, this.o.maxExtent);
-    // Reads, and the lz4 form of what is compressed, both until their frames are written.
-    const ring = new BufferRing(2 * (READ_AHEAD_BYTES + 2 * this.o.maxExtent));
+    // Reads, and the lz4 form of what is compressed, both until their frames are written: what is read
+    // ahead, and what flow control lets wait in the socket's queue (the unacknowledged frames).
+    const ring = new BufferRing(2 * (READ_AHEAD_BYTES + this.o.maxExtent) + this.o.maxInFlight);
     const ahead: { p: Promise<Prepared[]>; bytes: number; buf: Buffer | null }[] = [];
     let aheadBytes = 0;
     const next = async function* () {
