@@ -5,11 +5,11 @@
  */
 
 export type DataKind = 'text' | 'random';
-export type LinkRun = 'thinmirror' | 'stripped' | 'nbdcopy' | 'cp' | 'rsync';
+export type LinkRun = 'thinmirror' | 'stripped' | 'checked' | 'nbdcopy' | 'cp' | 'rsync';
 export type Compression = 'auto' | 'lz4' | 'off';
 
 export const DATA_KINDS: readonly DataKind[] = ['text', 'random'];
-export const LINK_RUNS: readonly LinkRun[] = ['thinmirror', 'stripped', 'nbdcopy', 'cp', 'rsync'];
+export const LINK_RUNS: readonly LinkRun[] = ['thinmirror', 'stripped', 'checked', 'nbdcopy', 'cp', 'rsync'];
 /** The runs that also cross the shaped link (the others are local copies or the loopback ceiling). */
 export const SHAPED_RUNS: readonly LinkRun[] = ['thinmirror', 'nbdcopy'];
 
@@ -37,7 +37,7 @@ function pick<T extends string>(name: string, value: string | undefined, all: re
 /**
  * The link bench's selection from the environment:
  * TM_BENCH_LINK_DATA (text,random), TM_BENCH_LINK_CASE (loopback,shaped),
- * TM_BENCH_LINK_RUNS (thinmirror,stripped,nbdcopy,cp,rsync), all by default;
+ * TM_BENCH_LINK_RUNS (thinmirror,stripped,checked,nbdcopy,cp,rsync), all by default;
  * TM_BENCH_LINK_MBIT (the shaped link's rate, default 1000);
  * TM_BENCH_COMPRESSION (auto|lz4|off, unset by default).
  */
@@ -231,6 +231,19 @@ export function linkVerdicts(
     }
   }
   return out;
+}
+
+/**
+ * The stripped pipeline with checks against the stripped pipeline (loopback),
+ * or null without both: not a target but a ceiling. The checked run does the
+ * per-byte work thinmirror's design requires on top of the stripped one
+ * (SHA-256 chunk digests, CRC-32C and GMAC on both sides), so on the same
+ * machine thinmirror / stripped cannot exceed it unless it beats the stripped
+ * pipeline at the rest.
+ */
+export function strippedCeiling(loopback: Partial<Record<LinkRun, RunFigures>> | undefined): number | null {
+  if (!loopback?.checked || !loopback.stripped) return null;
+  return mbps(loopback.checked) / mbps(loopback.stripped);
 }
 
 /** Byte ranges merged where they overlap or touch, in ascending order. */

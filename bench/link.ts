@@ -61,6 +61,7 @@ import {
   tbfSizes,
   unionRanges,
   childCpuSeconds,
+  strippedCeiling,
   type DataKind,
   type LinkPlan,
   type LinkRun,
@@ -280,18 +281,20 @@ class LinkBench {
     }
   }
 
-  async stripped(ds: DataSet): Promise<Run> {
-    const dir = await this.runDir(`stripped-${ds.kind}`);
+  /** The stripped pipeline; `checks`: with the per-byte work of thinmirror's design (bench/stripped.ts). */
+  async stripped(ds: DataSet, checks = false): Promise<Run> {
+    const dir = await this.runDir(`stripped${checks ? '-checks' : ''}-${ds.kind}`);
+    const more = checks ? ['checks'] : [];
     const target = path.join(dir, 'target.img');
     const port = await freePort();
     const script = path.join(HERE, 'stripped.ts');
     const size = statSync(ds.source).size;
-    const recv = this.children.spawn([process.execPath, '--import', 'tsx', script, 'receive', '127.0.0.1', String(port), target, String(size)], { log: path.join(dir, 'receiver.log'), stdout: true });
+    const recv = this.children.spawn([process.execPath, '--import', 'tsx', script, 'receive', '127.0.0.1', String(port), target, String(size), ...more], { log: path.join(dir, 'receiver.log'), stdout: true });
     const recvOut = lines(recv);
     if ((await expectLine(recvOut, 'the stripped receiver', recv)) !== 'listening') throw new Error(`the stripped receiver: ${recvOut.all.join('\n')}`);
     execFileSync('sync');
     const t0 = performance.now();
-    const send = this.children.spawn([process.execPath, '--import', 'tsx', script, 'send', `ws://127.0.0.1:${port}`, ds.source], { log: path.join(dir, 'sender.log'), stdout: true });
+    const send = this.children.spawn([process.execPath, '--import', 'tsx', script, 'send', `ws://127.0.0.1:${port}`, ds.source, ...more], { log: path.join(dir, 'sender.log'), stdout: true });
     const sendOut = lines(send);
     const [sc, rc] = await Promise.all([exited(send), exited(recv)]);
     const wall = (performance.now() - t0) / 1000;
@@ -469,6 +472,7 @@ export async function linkBench(): Promise<void> {
         if (name === 'thinmirror') return bench.thinmirror(ds, where);
         if (name === 'nbdcopy') return bench.nbdcopy(ds, where);
         if (name === 'stripped') return bench.stripped(ds);
+        if (name === 'checked') return bench.stripped(ds, true);
         return bench.local(ds, name);
       };
       if (plan.loopback) for (const name of plan.runs) loopback[name] = await one(name, LOOPBACK);
@@ -482,7 +486,8 @@ export async function linkBench(): Promise<void> {
       }
       const v = linkVerdicts(kind, { loopback, shaped, linkBytesPerSecond: link?.bytesPerSecond, peakRss: rss });
       verdicts.push(...v);
-      sets.push({ kind, allocatedBytes: ds.allocatedBytes, lz4Ratio: codec.wireRatio, codec, loopback, shaped, verdicts: v });
+      const ceiling = strippedCeiling(loopback);
+      sets.push({ kind, allocatedBytes: ds.allocatedBytes, lz4Ratio: codec.wireRatio, codec, loopback, shaped, verdicts: v, ceilingVsStripped: ceiling });
       printSet(say, kind, ds, codec.wireRatio, loopback, shaped, link, v);
     }
   } finally {
@@ -544,11 +549,15 @@ function printSet(
   say(`${kind} data: ${formatBytes(ds.allocatedBytes)} allocated in 512 extents of a ${formatBytes(ds.sizeBytes)} file, lz4 keeps ${(100 * lz4Ratio).toFixed(1)}% (${(1 / lz4Ratio).toFixed(2)}:1)`);
   if (Object.keys(loopback).length) {
     say(' loopback (allocated bytes per second):');
-    for (const [name, r] of Object.entries(loopback)) row(name === 'cp' ? 'cp --sparse + fsync' : name === 'rsync' ? 'rsync --sparse + fsync' : name === 'nbdcopy' ? 'nbdcopy --flush' : name, r);
+    for (const [name, r] of Object.entries(loopback)) row(name === 'cp' ? 'cp --sparse + fsync' : name === 'rsync' ? 'rsync --sparse + fsync' : name === 'nbdcopy' ? 'nbdcopy --flush' : name === 'checked' ? 'stripped + checks' : name, r);
   }
   if (Object.keys(shaped).length) {
     say(` shaped link (${link ? `${(link.bytesPerSecond / 1e6).toFixed(1)} MB/s measured` : '?'}):`);
     for (const [name, r] of Object.entries(shaped)) row(name === 'nbdcopy' ? 'nbdcopy --flush' : name, r, link?.bytesPerSecond);
   }
   for (const x of v) say(`  ${x.met ? 'met    ' : 'NOT MET'} ${x.name}: ${x.value.toFixed(2)} (target ${x.kind === 'min' ? '>=' : '<='} ${x.target})`);
+  const ceiling = strippedCeiling(loopback);
+  if (ceiling !== null) {
+    say(`  ceiling ${kind}: stripped with checks / stripped (loopback): ${ceiling.toFixed(2)}: thinmirror / stripped cannot exceed it here without beating the stripped pipeline at the rest`);
+  }
 }

@@ -1,5 +1,6 @@
 import { expect } from 'chai';
 import {
+  strippedCeiling,
   childCpuSeconds,
   linkPlan,
   linkSetupCommands,
@@ -22,7 +23,7 @@ describe('link bench plan (bench/link-plan.ts)', () => {
     const p = linkPlan({});
     expect(p.data).to.deep.equal(['text', 'random']);
     expect(p).to.include({ loopback: true, shaped: true, compression: null, rateBits: 1e9 });
-    expect(p.runs).to.deep.equal(['thinmirror', 'stripped', 'nbdcopy', 'cp', 'rsync']);
+    expect(p.runs).to.deep.equal(['thinmirror', 'stripped', 'checked', 'nbdcopy', 'cp', 'rsync']);
   });
 
   it('narrows to one data set, one case and some runs, and refuses unknown names', () => {
@@ -89,7 +90,15 @@ describe('link bench plan (bench/link-plan.ts)', () => {
     ]);
   });
 
-  it('merges allocation maps and reads bash times', () => {
+  it('the ceiling is the stripped pipeline with checks against the stripped one, and is not a verdict', () => {
+    expect(strippedCeiling({ stripped: fig(2), checked: fig(2.5) })).to.be.closeTo(0.8, 1e-9);
+    expect(strippedCeiling({ stripped: fig(2) })).to.equal(null);
+    expect(strippedCeiling(undefined)).to.equal(null);
+    const v = linkVerdicts('text', { loopback: { thinmirror: fig(4), stripped: fig(2), checked: fig(2.5) } });
+    expect(v.map((x) => x.name)).to.deep.equal(['text: thinmirror / stripped (loopback)']);
+  });
+
+    it('merges allocation maps and reads bash times', () => {
     expect(
       unionRanges([
         { offset: 100, length: 10 },
