@@ -12,13 +12,12 @@
 #include <string.h>
 
 #include "digest.h"
+#include "payload.h"
 
 #define DIGEST_BYTES 16
 
 struct digest_work {
-  napi_async_work work;
-  napi_deferred deferred;
-  napi_ref buf_ref, out_ref; /* keep both buffers alive while the threadpool uses them */
+  struct tm_job job; /* first: the buffers are kept alive while the threadpool uses them */
   const uint8_t *buf;
   size_t len;
   size_t chunk;
@@ -68,32 +67,9 @@ static void digest_execute(napi_env env, void *data) {
 
 static void digest_complete(napi_env env, napi_status status, void *data) {
   struct digest_work *w = data;
-  if (status == napi_ok && !w->failed) {
-    napi_value undef;
-    napi_get_undefined(env, &undef);
-    napi_resolve_deferred(env, w->deferred, undef);
-  } else {
-    napi_value msg, err;
-    napi_create_string_utf8(env, status == napi_ok ? "chunkDigests: OpenSSL failed to compute SHA-256" : "chunkDigests was cancelled", NAPI_AUTO_LENGTH, &msg);
-    napi_create_error(env, NULL, msg, &err);
-    napi_reject_deferred(env, w->deferred, err);
-  }
-  napi_delete_reference(env, w->buf_ref);
-  napi_delete_reference(env, w->out_ref);
-  napi_delete_async_work(env, w->work);
-  free(w);
-}
-
-static int u8(napi_env env, napi_value v, uint8_t **data, size_t *len) {
-  bool is;
-  if (napi_is_typedarray(env, v, &is) != napi_ok || !is) return 0;
-  napi_typedarray_type t;
-  void *p;
-  napi_value ab;
-  size_t off;
-  if (napi_get_typedarray_info(env, v, &t, len, &p, &ab, &off) != napi_ok || t != napi_uint8_array) return 0;
-  *data = p;
-  return 1;
+  napi_value undef;
+  napi_get_undefined(env, &undef);
+  tm_job_finish(env, &w->job, undef, status != napi_ok ? "chunkDigests was cancelled" : w->failed ? "chunkDigests: OpenSSL failed to compute SHA-256" : NULL);
 }
 
 napi_value ChunkDigests(napi_env env, napi_callback_info info) {
@@ -103,7 +79,7 @@ napi_value ChunkDigests(napi_env env, napi_callback_info info) {
   uint8_t *buf, *out;
   size_t len, olen;
   double chunk;
-  if (argc < 3 || !u8(env, argv[0], &buf, &len) || napi_get_value_double(env, argv[1], &chunk) != napi_ok || !u8(env, argv[2], &out, &olen)) {
+  if (argc < 3 || !tm_u8_array(env, argv[0], &buf, &len) || napi_get_value_double(env, argv[1], &chunk) != napi_ok || !tm_u8_array(env, argv[2], &out, &olen)) {
     napi_throw_type_error(env, NULL, "chunkDigests(buf: Uint8Array, chunkSize: number, out: Uint8Array)");
     return NULL;
   }
@@ -130,12 +106,5 @@ napi_value ChunkDigests(napi_env env, napi_callback_info info) {
   w->len = len;
   w->chunk = cs;
   w->out = out;
-  napi_create_reference(env, argv[0], 1, &w->buf_ref);
-  napi_create_reference(env, argv[2], 1, &w->out_ref);
-  napi_value promise, name;
-  napi_create_promise(env, &w->deferred, &promise);
-  napi_create_string_utf8(env, "thinmirror.chunkDigests", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, digest_execute, digest_complete, w, &w->work);
-  napi_queue_async_work(env, w->work);
-  return promise;
+  return tm_job_start(env, &w->job, argv[0], argv[2], "thinmirror.chunkDigests", digest_execute, digest_complete);
 }

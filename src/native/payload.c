@@ -184,7 +184,7 @@ void tm_payload_init(void) {
 
 /* ---- JS bindings ---- */
 
-static int u8_array(napi_env env, napi_value v, uint8_t **data, size_t *len) {
+int tm_u8_array(napi_env env, napi_value v, uint8_t **data, size_t *len) {
   bool is;
   if (napi_is_typedarray(env, v, &is) != napi_ok || !is) return 0;
   napi_typedarray_type t;
@@ -206,7 +206,7 @@ static napi_value crc_common(napi_env env, napi_callback_info info, int portable
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   uint8_t *p;
   size_t n;
-  if (argc < 1 || !u8_array(env, argv[0], &p, &n)) {
+  if (argc < 1 || !tm_u8_array(env, argv[0], &p, &n)) {
     napi_throw_type_error(env, NULL, "crc32c(buf: Uint8Array)");
     return NULL;
   }
@@ -216,10 +216,34 @@ static napi_value crc_common(napi_env env, napi_callback_info info, int portable
 napi_value Crc32c(napi_env env, napi_callback_info info) { return crc_common(env, info, 0); }
 napi_value Crc32cPortable(napi_env env, napi_callback_info info) { return crc_common(env, info, 1); }
 
+napi_value tm_job_start(napi_env env, struct tm_job *job, napi_value buf0, napi_value buf1, const char *name, napi_async_execute_callback execute, napi_async_complete_callback complete) {
+  napi_create_reference(env, buf0, 1, &job->refs[0]);
+  napi_create_reference(env, buf1, 1, &job->refs[1]);
+  napi_value promise, resource;
+  napi_create_promise(env, &job->deferred, &promise);
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource);
+  napi_create_async_work(env, NULL, resource, execute, complete, job, &job->work);
+  napi_queue_async_work(env, job->work);
+  return promise;
+}
+
+void tm_job_finish(napi_env env, struct tm_job *job, napi_value value, const char *error) {
+  if (error) {
+    napi_value msg, err;
+    napi_create_string_utf8(env, error, NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &err);
+    napi_reject_deferred(env, job->deferred, err);
+  } else {
+    napi_resolve_deferred(env, job->deferred, value);
+  }
+  napi_delete_reference(env, job->refs[0]);
+  napi_delete_reference(env, job->refs[1]);
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
 struct lz4_work {
-  napi_async_work work;
-  napi_deferred deferred;
-  napi_ref src_ref, dst_ref; /* keep both buffers alive while the threadpool uses them */
+  struct tm_job job; /* first: the buffers are kept alive while the threadpool uses them */
   const uint8_t *src;
   size_t slen;
   uint8_t *dst;
@@ -250,31 +274,20 @@ static void lz4_execute(napi_env env, void *data) {
 
 static void lz4_complete(napi_env env, napi_status status, void *data) {
   struct lz4_work *w = data;
-  napi_value r, res[2];
+  napi_value r = NULL;
   if (status == napi_ok) {
     napi_create_array_with_length(env, 2, &r);
-    res[0] = u32(env, (uint32_t)w->n);
-    res[1] = u32(env, w->crc);
-    napi_set_element(env, r, 0, res[0]);
-    napi_set_element(env, r, 1, res[1]);
-    napi_resolve_deferred(env, w->deferred, r);
-  } else {
-    napi_value msg, err;
-    napi_create_string_utf8(env, "lz4CompressCrc was cancelled", NAPI_AUTO_LENGTH, &msg);
-    napi_create_error(env, NULL, msg, &err);
-    napi_reject_deferred(env, w->deferred, err);
+    napi_set_element(env, r, 0, u32(env, (uint32_t)w->n));
+    napi_set_element(env, r, 1, u32(env, w->crc));
   }
-  napi_delete_reference(env, w->src_ref);
-  napi_delete_reference(env, w->dst_ref);
-  napi_delete_async_work(env, w->work);
-  free(w);
+  tm_job_finish(env, &w->job, r, status == napi_ok ? NULL : "lz4CompressCrc was cancelled");
 }
 
 /* (src: Uint8Array, dst: Uint8Array) arguments; throws a TypeError naming `usage` and returns 0 when they are not. */
 static int src_dst(napi_env env, napi_callback_info info, const char *usage, napi_value argv[2], uint8_t **src, size_t *slen, uint8_t **dst, size_t *dlen) {
   size_t argc = 2;
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 2 || !u8_array(env, argv[0], src, slen) || !u8_array(env, argv[1], dst, dlen)) {
+  if (argc < 2 || !tm_u8_array(env, argv[0], src, slen) || !tm_u8_array(env, argv[1], dst, dlen)) {
     napi_throw_type_error(env, NULL, usage);
     return 0;
   }
@@ -299,14 +312,7 @@ napi_value Lz4CompressCrc(napi_env env, napi_callback_info info) {
   w->slen = slen;
   w->dst = dst;
   w->dlen = dlen;
-  napi_create_reference(env, argv[0], 1, &w->src_ref);
-  napi_create_reference(env, argv[1], 1, &w->dst_ref);
-  napi_value promise, name;
-  napi_create_promise(env, &w->deferred, &promise);
-  napi_create_string_utf8(env, "thinmirror.lz4CompressCrc", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, lz4_execute, lz4_complete, w, &w->work);
-  napi_queue_async_work(env, w->work);
-  return promise;
+  return tm_job_start(env, &w->job, argv[0], argv[1], "thinmirror.lz4CompressCrc", lz4_execute, lz4_complete);
 }
 
 napi_value Lz4DecompressInto(napi_env env, napi_callback_info info) {
