@@ -87,6 +87,13 @@ export const ErrorCodes = {
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
 
+/**
+ * Marks a TmError whichever copy of this module made it: the daemon runs from
+ * a bundle (scripts/bundle-run.mjs) with a copy of its own, while the CLI that
+ * imports it, and reports what it throws, has tsc's.
+ */
+const BRAND = Symbol.for('thinmirror.TmError');
+
 /** Base class of every error thinmirror raises on purpose. */
 export class TmError extends Error {
   readonly code: ErrorCode;
@@ -94,6 +101,11 @@ export class TmError extends Error {
     super(message, options);
     this.name = 'TmError';
     this.code = code;
+    Object.defineProperty(this, BRAND, { value: true });
+  }
+  /** `instanceof TmError` holds for a TmError of any copy of this module (see BRAND). */
+  static override [Symbol.hasInstance](x: unknown): x is TmError {
+    return typeof x === 'object' && x !== null && (x as Record<symbol, unknown>)[BRAND] === true;
   }
   /** The form used in status JSON and on the wire. */
   toJSON(): { code: ErrorCode; message: string } {
