@@ -2,7 +2,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { asTmError, ErrorCodes, TmError } from '../errors.js';
 import { writeFileAtomic } from '../util/atomic.js';
-import { chunkDigest, DIGEST_BYTES, ZERO_DIGEST } from '../volume/digest.js';
+import { chunkDigest, chunkDigests, DIGEST_BYTES, ZERO_DIGEST } from '../volume/digest.js';
 import type { Volume } from '../volume/volume.js';
 import { walk } from '../volume/walk.js';
 import { RoaringBitmap32 } from './bitmap-store.js';
@@ -106,13 +106,16 @@ export class ScanSource implements ChangeSource {
     const at = chunk * DIGEST_BYTES;
     if (data === null) this.digests.fill(0, at, at + count * DIGEST_BYTES);
     else chunkDigest(data, this.digests, at);
-    this.dirtyFrom = Math.min(this.dirtyFrom, chunk);
-    this.dirtyTo = Math.max(this.dirtyTo, chunk + count);
+    this.markDirty(chunk, count);
   }
 
   recordDigests(chunk: number, digests: Buffer): void {
-    const count = digests.length / DIGEST_BYTES;
     digests.copy(this.digests, chunk * DIGEST_BYTES);
+    this.markDirty(chunk, digests.length / DIGEST_BYTES);
+  }
+
+  /** The digests of `count` chunks from `chunk` changed: the next persist() writes them. */
+  private markDirty(chunk: number, count: number): void {
     this.dirtyFrom = Math.min(this.dirtyFrom, chunk);
     this.dirtyTo = Math.max(this.dirtyTo, chunk + count);
   }
@@ -164,7 +167,7 @@ export class ScanSource implements ChangeSource {
     this.digests.fill(0);
     for await (const w of walk(this.volume, { from: 0, to: this.volume.size, window: SCAN_READ_BYTES, chunkSize: cs })) {
       if (w.data === null) continue;
-      for (let at = 0; at < w.length; at += cs) chunkDigest(w.data.subarray(at, Math.min(at + cs, w.length)), this.digests, ((w.offset + at) / cs) * DIGEST_BYTES);
+      (await chunkDigests(w.data.subarray(0, w.length), cs)).copy(this.digests, (w.offset / cs) * DIGEST_BYTES);
     }
     this.fileComplete = false;
     await this.persist();

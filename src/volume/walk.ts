@@ -1,6 +1,5 @@
 import { ErrorCodes, TmError } from '../errors.js';
-import { Pacer } from '../util/pace.js';
-import { chunkDigest, DIGEST_BYTES } from './digest.js';
+import { chunkDigests, DIGEST_BYTES } from './digest.js';
 import type { ByteRange, Volume } from './volume.js';
 
 /**
@@ -136,8 +135,8 @@ export async function* walk(volume: Volume, o: WalkOptions): AsyncGenerator<Walk
  * The digests of the chunks of [offset, offset + length): DIGEST_BYTES per
  * chunk, in order (the last chunk may be short: the volume's tail). Holes give
  * the zero digest without being read; allocated data is read in 4 MiB windows.
- * `alloc`: as for {@link walk} (default: the map of this range only). Yields
- * to the event loop between chunks every few ms.
+ * `alloc`: as for {@link walk} (default: the map of this range only). Each
+ * window is hashed on the threadpool (chunkDigests), off the event loop.
  *
  * @throws TmError TM_ERR_VOLUME_RANGE outside the volume; TM_ERR_INTERNAL if
  *   `offset` or a piece of `alloc` is not on a chunk boundary; what
@@ -148,16 +147,11 @@ export async function digestRange(volume: Volume, offset: number, length: number
   if (offset % cs !== 0) throw new TmError(ErrorCodes.INTERNAL, `digestRange: offset ${offset} is not a multiple of the chunk size ${cs}`);
   if (!Number.isSafeInteger(length) || length < 0) throw new TmError(ErrorCodes.VOLUME_RANGE, `digests of ${offset}+${length} are outside volume ${volume.path} (${volume.size} bytes)`);
   const out = Buffer.alloc(Math.ceil(length / cs) * DIGEST_BYTES, 0);
-  // Hashing 4 MiB of small chunks takes ms of the main thread: it yields between chunks every few ms.
-  const pacer = new Pacer();
   for await (const w of walk(volume, { from: offset, to: offset + length, window: DIGEST_READ_BYTES, chunkSize: cs, alloc })) {
     if (w.data === null) continue; // zero digests already
     if (w.offset % cs !== 0) throw new TmError(ErrorCodes.INTERNAL, `digestRange: allocated piece at ${w.offset} is not on a chunk boundary (map not aligned to ${cs})`);
-    const base = (w.offset - offset) / cs;
-    for (let at = 0, c = base; at < w.length; at += cs, c++) {
-      chunkDigest(w.data.subarray(at, Math.min(at + cs, w.length)), out, c * DIGEST_BYTES);
-      await pacer.pace();
-    }
+    // Hashed on the threadpool, one job per window: the main thread does not wait on it.
+    (await chunkDigests(w.data.subarray(0, w.length), cs)).copy(out, ((w.offset - offset) / cs) * DIGEST_BYTES);
   }
   return out;
 }
