@@ -253,10 +253,10 @@ export function readDirect(ws: WebSocket, ring: BufferRing, deliver: (frame: Buf
         return;
       }
       if (n < head) return;
-      const mask = masked ? Buffer.from(staging.subarray(from + head - 4, from + head)) : null;
-      const zeroMask = !mask || mask.readUInt32BE(0) === 0;
+      // The zero mask (ours) leaves the payload as it is: no mask to apply.
+      const mask = masked && staging.readUInt32BE(from + head - 4) !== 0 ? Buffer.from(staging.subarray(from + head - 4, from + head)) : null;
       if (ours && len > DIRECT_MIN) {
-        const f = { buf: ring.take(len), filled: 0, mask: zeroMask ? null : mask };
+        const f = { buf: ring.take(len), filled: 0, mask };
         const take = Math.min(len, n - head);
         staging.copy(f.buf, 0, from + head, from + head + take);
         f.filled = take;
@@ -271,7 +271,7 @@ export function readDirect(ws: WebSocket, ring: BufferRing, deliver: (frame: Buf
       if (control) toWs(Buffer.from(whole));
       else {
         const payload = Buffer.from(whole.subarray(head));
-        unmask(payload, zeroMask ? null : mask);
+        unmask(payload, mask);
         deliver(payload);
       }
     }
@@ -300,16 +300,15 @@ export function readDirect(ws: WebSocket, ring: BufferRing, deliver: (frame: Buf
   fields[sym.gen] = (): Uint8Array => {
     const f = frame as { buf: Buffer; filled: number } | null;
     if (f) return f.buf.subarray(f.filled);
-    if (from > 0 && (have === STAGING_BYTES || STAGING_BYTES - have < 16 * 1024)) {
+    if (from > 0 && STAGING_BYTES - have < 16 * 1024) {
       staging.copy(staging, 0, from, have);
       have -= from;
       from = 0;
     }
     return staging.subarray(have);
   };
-  const first = staging;
-  fields[sym.buffer] = first;
-  socket._handle.useUserBuffer(first);
+  fields[sym.buffer] = staging;
+  socket._handle.useUserBuffer(staging);
   return true;
 }
 
