@@ -488,7 +488,7 @@ export async function linkBench(): Promise<void> {
       verdicts.push(...v);
       const ceiling = strippedCeiling(loopback);
       sets.push({ kind, allocatedBytes: ds.allocatedBytes, lz4Ratio: codec.wireRatio, codec, loopback, shaped, verdicts: v, ceilingVsStripped: ceiling });
-      printSet(say, kind, ds, codec.wireRatio, loopback, shaped, link, v);
+      printSet(say, kind, ds, codec.wireRatio, loopback, shaped, link, v, ceiling);
     }
   } finally {
     process.off('SIGINT', onSignal);
@@ -526,6 +526,7 @@ function printSet(
   shaped: Partial<Record<LinkRun, Run>>,
   link: { bytesPerSecond: number } | null,
   v: Verdict[],
+  ceiling: number | null,
 ): void {
   const gib = ds.allocatedBytes / GiB;
   const row = (name: string, r: Run | undefined, ref?: number) => {
@@ -556,7 +557,6 @@ function printSet(
     for (const [name, r] of Object.entries(shaped)) row(name === 'nbdcopy' ? 'nbdcopy --flush' : name, r, link?.bytesPerSecond);
   }
   for (const x of v) say(`  ${x.met ? 'met    ' : 'NOT MET'} ${x.name}: ${x.value.toFixed(2)} (target ${x.kind === 'min' ? '>=' : '<='} ${x.target})`);
-  const ceiling = strippedCeiling(loopback);
   if (ceiling !== null) {
     say(`  ceiling ${kind}: stripped with checks / stripped (loopback): ${ceiling.toFixed(2)}: thinmirror / stripped cannot exceed it here without beating the stripped pipeline at the rest`);
   }
