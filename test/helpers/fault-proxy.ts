@@ -123,6 +123,8 @@ class Pipe {
       .catch(() => this.conn.destroy())
       .finally(() => {
         this.pumping = false;
+        // A pump() that came while this one was ending (a resume) found it busy: it would be lost.
+        if (!this.dead && !this.proxy.isStalled && this.queue.length > 0) this.pump();
       });
   }
 
